@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Both set up a project-local .venv first
+# (idempotent: a stamp file skips the install when pyproject.toml has not changed).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.mqb-installed
+export WANDB_MODE ?= offline
+
+.PHONY: setup demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m mqb.demo
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check mqb tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/quant_overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

@@ -1,0 +1,48 @@
+"""mqb.quant: the quantization engine (usable without Hydra or Lightning).
+
+    from mqb.quant import QuantRecipe, quantize, calibrate, dequantize, summarize, fake_quantize
+"""
+
+from mqb.quant.api import calibrate, dequantize, plan, quantizable_layers, quantize, quantized_layers
+from mqb.quant.attention import QuantAttention, register_attention
+from mqb.quant.fake_quant import fake_quantize, quant_scale, quantize_dequantize
+from mqb.quant.layers import LayerInfo, QuantLayer
+from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer
+from mqb.quant.realizability import Realizability, realizability
+from mqb.quant.recipe import LayerPlan, LayerRule, QuantRecipe
+from mqb.quant.schemes import SCHEMES
+from mqb.quant.spec import FORMATS, GRANULARITIES, OBSERVERS, PRECISIONS, Precision, QuantSpec, get_precision
+from mqb.quant.summary import QuantSummary, summarize
+
+__all__ = [
+    "FORMATS",
+    "GRANULARITIES",
+    "OBSERVERS",
+    "PRECISIONS",
+    "SCHEMES",
+    "LayerInfo",
+    "LayerPlan",
+    "LayerRule",
+    "Precision",
+    "QuantAttention",
+    "QuantLayer",
+    "QuantRecipe",
+    "QuantSpec",
+    "QuantSummary",
+    "Realizability",
+    "TensorQuantizer",
+    "WeightQuantizer",
+    "calibrate",
+    "dequantize",
+    "fake_quantize",
+    "get_precision",
+    "plan",
+    "quant_scale",
+    "quantizable_layers",
+    "quantize",
+    "quantize_dequantize",
+    "quantized_layers",
+    "realizability",
+    "register_attention",
+    "summarize",
+]

@@ -1,0 +1,162 @@
+"""The public engine API: quantize, calibrate, dequantize, inspect.
+
+    model = quantize(model, QuantRecipe.from_precision("w8a8", granularity="adaptive"))
+    calibrate(model, calibration_batches)          # static activation ranges (min-max by default)
+    dequantize(model, ["conv1x3x3"])              # back to float for a layer group (sensitivity studies)
+    print(summarize(model))
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from mqb.quant.attention import QuantAttention, describe_attention, swap_in_attention, swap_out_attention
+from mqb.quant.layers import LayerInfo, QuantLayer, describe_layer, swap_in, swap_out
+from mqb.quant.quantizer import TensorQuantizer
+from mqb.quant.recipe import LayerPlan, QuantRecipe
+from mqb.quant.selectors import VALID_SELECTORS, matches_any, validate_selector
+
+QuantModule = QuantLayer | QuantAttention
+
+
+def describe(name: str, module: nn.Module) -> LayerInfo | None:
+    """A :class:`LayerInfo` for any float layer mqb can quantize (conv, conv-transpose, linear, attention)."""
+    return describe_layer(name, module) or describe_attention(name, module)
+
+
+def quantizable_layers(model: nn.Module) -> list[LayerInfo]:
+    """Every float layer of ``model`` that mqb knows how to quantize, in module order."""
+    return [info for name, module in model.named_modules() if (info := describe(name, module)) is not None]
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
+    """(name, layer) for every quantized layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantLayer, QuantAttention)):
+            yield name, module
+
+
+def plan(model: nn.Module, recipe: QuantRecipe) -> list[LayerPlan]:
+    """What :func:`quantize` would do, layer by layer, without changing the model."""
+    return [p for info in quantizable_layers(model) if (p := recipe.plan(info)) is not None]
+
+
+def quantize(model: nn.Module, recipe: QuantRecipe, *, inplace: bool = True) -> nn.Module:
+    """Replace the layers selected by ``recipe`` with fake-quantized twins and return the model.
+
+    Static activation scales must then be calibrated with :func:`calibrate`; weight scales are computed from
+    the weights at the first forward. Raises ``ValueError`` if the model is already quantized.
+    """
+    if not isinstance(recipe, QuantRecipe):
+        raise TypeError(f"recipe must be a mqb.quant.QuantRecipe, got {type(recipe).__name__}")
+    already = [name for name, _ in quantized_layers(model)]
+    if already:
+        raise ValueError(f"model is already quantized ({len(already)} layers, e.g. {already[0]!r}); dequantize first")
+    if not inplace:
+        model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for layer_plan in plan(model, recipe):
+        module = modules[layer_plan.info.name]
+        if layer_plan.info.kind == "attention":
+            swap_in_attention(module, layer_plan.info, layer_plan.activation)
+        else:
+            swap_in(module, layer_plan.info, layer_plan.weight, layer_plan.activation)
+    return model
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        if "image" not in batch:
+            raise ValueError(f"calibration batch is a dict without an 'image' key (keys: {sorted(batch)})")
+        return model(batch["image"])
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return model(batch[0])
+    raise TypeError(
+        f"cannot feed a calibration batch of type {type(batch).__name__}: pass tensors, (image, ...) tuples, "
+        "dicts with 'image', or forward=callable(model, batch)"
+    )
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    max_batches: int | None = None,
+) -> nn.Module:
+    """Observe the float model on ``batches`` and freeze the static activation ranges.
+
+    During calibration every quantizer passes tensors through unchanged, so the statistics are those of the
+    float model (as in the paper and in ModelOpt/TensorRT). ``forward(model, batch)`` customises how a batch is
+    run, e.g. sliding-window inference over a whole volume. The model's train/eval state is restored.
+    """
+    layers = [layer for _, layer in quantized_layers(model)]
+    if not layers:
+        raise ValueError("calibrate: the model has no quantized layers; call mqb.quant.quantize first")
+    quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
+    run = forward or _default_forward
+    was_training = model.training
+    model.eval()
+    for q in quantizers:
+        q.begin_calibration()
+    for layer in layers:
+        if isinstance(layer, QuantAttention):
+            layer.set_calibrating(True)
+    seen = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                run(model, batch)
+                seen += 1
+        if seen == 0:
+            raise ValueError("calibrate: the calibration batches were empty")
+        for q in model.modules():
+            if isinstance(q, TensorQuantizer):
+                q.end_calibration()
+    finally:
+        for layer in layers:
+            if isinstance(layer, QuantAttention):
+                layer.set_calibrating(False)
+        for q in model.modules():
+            if isinstance(q, TensorQuantizer) and q.mode == "calibrate":
+                q._observer = None
+                q.mode = "quantize"
+        model.train(was_training)
+    return model
+
+
+def dequantize(model: nn.Module, layers: Iterable[str] | str = ("all",)) -> list[str]:
+    """Return the quantized layers matching any selector in ``layers`` to float; returns their names.
+
+    Raises ``ValueError`` if a selector is invalid or matches no quantized layer (a typo would otherwise
+    silently leave everything quantized).
+    """
+    selectors = (layers,) if isinstance(layers, str) else tuple(layers)
+    for s in selectors:
+        validate_selector(s)
+    quantized = list(quantized_layers(model))
+    chosen: dict[str, QuantModule] = {}
+    for selector in selectors:
+        hit = {n: m for n, m in quantized if matches_any((selector,), m.mqb_info)}
+        if not hit:
+            kinds = sorted({t for _, m in quantized for t in m.mqb_info.tags if not t.startswith("type:")})
+            raise ValueError(
+                f"dequantize: selector {selector!r} matches no quantized layer; quantized layer tags: {kinds}; "
+                f"valid selectors: {VALID_SELECTORS}"
+            )
+        chosen.update(hit)
+    for module in chosen.values():
+        if isinstance(module, QuantAttention):
+            swap_out_attention(module)
+        else:
+            swap_out(module)
+    return list(chosen)

@@ -1,0 +1,242 @@
+"""Quantized layers: Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear, swapped in place.
+
+``quantize`` changes the class of a float layer to its quantized twin (e.g. ``nn.Conv3d`` ->
+:class:`QuantConv3d`, a subclass) and attaches ``weight_quantizer`` / ``input_quantizer`` submodules. The
+layer keeps its parameters under the same names, so checkpoints and optimizers keep working, and
+``dequantize`` restores the original class exactly. Norms, activations and pooling stay in float.
+
+Axes: Conv weights are (C_out, C_in/g, *k): per-channel axis 0, reduction axis 1. ConvTranspose weights are
+(C_in, C_out/g, *k): per-output-channel axis 1, reduction axis 0. Linear weights are (out, in): axis 0 / 1.
+Conv activations are (N, C, *spatial): channel / reduction axis 1. Linear activations are (..., hidden).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer
+from mqb.quant.spec import QuantSpec
+
+LAYER_KINDS = ("conv", "conv_transpose", "linear", "attention")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """What a quantizable layer is: name, kind, kernel shape, channels and groups."""
+
+    name: str
+    kind: str
+    type_name: str
+    kernel: tuple[int, ...] = ()
+    in_channels: int = 0
+    out_channels: int = 0
+    groups: int = 1
+
+    @property
+    def depthwise(self) -> bool:
+        """A convolution with one input channel per group (C_in == groups > 1)."""
+        return self.kind in ("conv", "conv_transpose") and self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1(x1) convolution that mixes channels (not depthwise): a GEMM over channels at each voxel."""
+        return self.kind == "conv" and all(k == 1 for k in self.kernel) and not self.depthwise
+
+    @property
+    def kernel_tag(self) -> str:
+        """``conv1x3x3``, ``conv3x3x3``, ``conv_transpose2x2x2`` ... ('' for non-convolutions)."""
+        if self.kind not in ("conv", "conv_transpose"):
+            return ""
+        return self.kind + "x".join(str(k) for k in self.kernel)
+
+    @property
+    def tags(self) -> frozenset[str]:
+        """The selector words this layer answers to (see :mod:`mqb.quant.selectors`)."""
+        tags = {self.kind, f"type:{self.type_name}"}
+        if self.kernel_tag:
+            tags.add(self.kernel_tag)
+        if self.depthwise:
+            tags.add("depthwise")
+        elif self.groups > 1:
+            tags.add("grouped")
+        if self.pointwise:
+            tags.add("pointwise")
+        return frozenset(tags)
+
+    def describe_kernel(self) -> str:
+        if self.kind in ("conv", "conv_transpose"):
+            extra = " dw" if self.depthwise else (f" g{self.groups}" if self.groups > 1 else "")
+            return "x".join(str(k) for k in self.kernel) + extra
+        return "-"
+
+
+def axis_for(kind: str, role: str, granularity: str) -> int | None:
+    """The axis a quantizer needs: channel axis for per-channel, reduction axis for per-group."""
+    if granularity not in ("per_channel", "per_group"):
+        return None
+    per_channel = granularity == "per_channel"
+    if role == "weight":
+        if kind == "conv_transpose":
+            return 1 if per_channel else 0
+        return 0 if per_channel else 1
+    return -1 if kind == "linear" else 1
+
+
+class QuantLayer(nn.Module):
+    """Mixin of the quantized twins. ``float_class`` is the class restored by ``dequantize``."""
+
+    float_class: ClassVar[type[nn.Module]]
+    kind: ClassVar[str]
+    weight_quantizer: WeightQuantizer | None
+    input_quantizer: TensorQuantizer | None
+    mqb_info: LayerInfo
+
+    def attach_quantizers(self, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
+        name = self.mqb_info.name
+        self.register_module(
+            "weight_quantizer",
+            WeightQuantizer(weight, axis_for(self.kind, "weight", weight.granularity), f"{name}.weight")
+            if weight is not None
+            else None,
+        )
+        self.register_module(
+            "input_quantizer",
+            TensorQuantizer(activation, axis_for(self.kind, "input", activation.granularity), f"{name}.input")
+            if activation is not None
+            else None,
+        )
+
+    def detach_quantizers(self) -> None:
+        for attr in ("weight_quantizer", "input_quantizer"):
+            self._modules.pop(attr, None)
+
+    @property
+    def weight_spec(self) -> QuantSpec | None:
+        return self.weight_quantizer.spec if self.weight_quantizer is not None else None
+
+    @property
+    def activation_spec(self) -> QuantSpec | None:
+        return self.input_quantizer.spec if self.input_quantizer is not None else None
+
+    def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xq = self.input_quantizer(x) if self.input_quantizer is not None else x
+        wq = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
+        return xq, wq
+
+
+class _QuantConv(QuantLayer):
+    kind = "conv"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, wq = self.quantized_operands(x)
+        return self._conv_forward(xq, wq, self.bias)  # type: ignore[attr-defined]
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    float_class = nn.Conv1d
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    float_class = nn.Conv2d
+
+
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    float_class = nn.Conv3d
+
+
+class _QuantConvTranspose(QuantLayer):
+    kind = "conv_transpose"
+    _functional: ClassVar = None
+    _spatial_dims: ClassVar[int] = 0
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        output_padding = self._output_padding(  # type: ignore[attr-defined]
+            x, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation
+        )
+        xq, wq = self.quantized_operands(x)
+        return type(self)._functional(
+            xq, wq, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+        )
+
+
+class QuantConvTranspose1d(_QuantConvTranspose, nn.ConvTranspose1d):
+    float_class = nn.ConvTranspose1d
+    _functional = F.conv_transpose1d
+    _spatial_dims = 1
+
+
+class QuantConvTranspose2d(_QuantConvTranspose, nn.ConvTranspose2d):
+    float_class = nn.ConvTranspose2d
+    _functional = F.conv_transpose2d
+    _spatial_dims = 2
+
+
+class QuantConvTranspose3d(_QuantConvTranspose, nn.ConvTranspose3d):
+    float_class = nn.ConvTranspose3d
+    _functional = F.conv_transpose3d
+    _spatial_dims = 3
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    float_class = nn.Linear
+    kind = "linear"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq, wq = self.quantized_operands(x)
+        return F.linear(xq, wq, self.bias)
+
+
+#: Float layer class -> quantized twin. Matching is by exact type, so subclasses with their own forward are
+#: never silently replaced.
+QUANT_LAYERS: dict[type[nn.Module], type[QuantLayer]] = {
+    cls.float_class: cls
+    for cls in (
+        QuantConv1d,
+        QuantConv2d,
+        QuantConv3d,
+        QuantConvTranspose1d,
+        QuantConvTranspose2d,
+        QuantConvTranspose3d,
+        QuantLinear,
+    )
+}
+
+
+def describe_layer(name: str, module: nn.Module) -> LayerInfo | None:
+    """A :class:`LayerInfo` for a quantizable float layer (conv, conv-transpose or linear), else ``None``."""
+    quant_cls = QUANT_LAYERS.get(type(module))
+    if quant_cls is None:
+        return None
+    if quant_cls.kind == "linear":
+        assert isinstance(module, nn.Linear)
+        return LayerInfo(name, "linear", type(module).__name__, (), module.in_features, module.out_features, 1)
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    return LayerInfo(
+        name,
+        quant_cls.kind,
+        type(module).__name__,
+        tuple(int(k) for k in module.kernel_size),
+        module.in_channels,
+        module.out_channels,
+        module.groups,
+    )
+
+
+def swap_in(module: nn.Module, info: LayerInfo, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
+    """Turn a float layer into its quantized twin in place."""
+    quant_cls = QUANT_LAYERS[type(module)]
+    module.__class__ = quant_cls
+    module.mqb_info = info
+    module.attach_quantizers(weight, activation)  # type: ignore[operator]
+
+
+def swap_out(module: QuantLayer) -> None:
+    """Restore the float class of a quantized layer in place (parameters untouched)."""
+    module.detach_quantizers()
+    del module.mqb_info
+    module.__class__ = module.float_class
