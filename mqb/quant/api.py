@@ -60,13 +60,27 @@ def quantize(model: nn.Module, recipe: QuantRecipe, *, inplace: bool = True) -> 
     if not inplace:
         model = copy.deepcopy(model)
     modules = dict(model.named_modules())
-    for layer_plan in plan(model, recipe):
-        module = modules[layer_plan.info.name]
-        if layer_plan.info.kind == "attention":
-            swap_in_attention(module, layer_plan.info, layer_plan.activation)
-        else:
-            swap_in(module, layer_plan.info, layer_plan.weight, layer_plan.activation)
+    done: list[nn.Module] = []
+    try:
+        for layer_plan in plan(model, recipe):
+            module = modules[layer_plan.info.name]
+            if layer_plan.info.kind == "attention":
+                swap_in_attention(module, layer_plan.info, layer_plan.activation)
+            else:
+                swap_in(module, layer_plan.info, layer_plan.weight, layer_plan.activation)
+            done.append(module)
+    except Exception:
+        for module in done:  # leave nothing half-quantized
+            _swap_out(module)
+        raise
     return model
+
+
+def _swap_out(module: nn.Module) -> None:
+    if isinstance(module, QuantAttention):
+        swap_out_attention(module)
+    elif isinstance(module, QuantLayer):
+        swap_out(module)
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -155,8 +169,5 @@ def dequantize(model: nn.Module, layers: Iterable[str] | str = ("all",)) -> list
             )
         chosen.update(hit)
     for module in chosen.values():
-        if isinstance(module, QuantAttention):
-            swap_out_attention(module)
-        else:
-            swap_out(module)
+        _swap_out(module)
     return list(chosen)

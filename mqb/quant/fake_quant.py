@@ -20,8 +20,10 @@ from mqb.quant.spec import QuantSpec
 
 
 def _safe_scale(scale: torch.Tensor) -> torch.Tensor:
-    """Scale 0 (an all-zero group) becomes 1 so that zeros map to zero without dividing by zero."""
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    """Scale 0 (an all-zero group) becomes 1 so that zeros map to zero without dividing by zero; scales below
+    the smallest normal float are raised to it so that their reciprocal stays finite."""
+    tiny = torch.finfo(scale.dtype).tiny
+    return torch.where(scale > 0, torch.clamp(scale, min=tiny), torch.ones_like(scale))
 
 
 def int_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:

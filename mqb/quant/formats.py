@@ -74,7 +74,7 @@ def e8m0_block_scale(block_amax: torch.Tensor, element_emax: int) -> torch.Tenso
     safe = torch.where(block_amax > 0, block_amax, torch.ones_like(block_amax))
     _, exponent = torch.frexp(safe)
     shared = torch.clamp(exponent - 1 - element_emax, -127, 127)
-    return torch.exp2(shared.to(block_amax.dtype))
+    return torch.where(block_amax > 0, torch.exp2(shared.to(block_amax.dtype)), torch.ones_like(block_amax))
 
 
 #: Element codecs of the block formats: (element rounding function, emax of the element format).

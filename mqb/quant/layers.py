@@ -75,6 +75,14 @@ class LayerInfo:
         return "-"
 
 
+VALID_WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+VALID_ACTIVATION_GRANULARITIES = {
+    "conv": ("per_tensor", "per_channel", "per_voxel", "per_group"),
+    "conv_transpose": ("per_tensor", "per_channel", "per_voxel", "per_group"),
+    "linear": ("per_tensor", "per_channel", "per_token", "per_group"),
+}
+
+
 def axis_for(kind: str, role: str, granularity: str) -> int | None:
     """The axis a quantizer needs: channel axis for per-channel, reduction axis for per-group."""
     if granularity not in ("per_channel", "per_group"):
@@ -98,6 +106,15 @@ class QuantLayer(nn.Module):
 
     def attach_quantizers(self, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
         name = self.mqb_info.name
+        for role, spec, valid in (
+            ("weight", weight, VALID_WEIGHT_GRANULARITIES),
+            ("activation", activation, VALID_ACTIVATION_GRANULARITIES[self.kind]),
+        ):
+            if spec is not None and spec.granularity not in valid:
+                raise ValueError(
+                    f"{name}: {role} granularity {spec.granularity!r} is invalid for a {self.kind} layer; "
+                    f"valid: {', '.join(repr(v) for v in valid)}"
+                )
         self.register_module(
             "weight_quantizer",
             WeightQuantizer(weight, axis_for(self.kind, "weight", weight.granularity), f"{name}.weight")
@@ -229,10 +246,15 @@ def describe_layer(name: str, module: nn.Module) -> LayerInfo | None:
 
 def swap_in(module: nn.Module, info: LayerInfo, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
     """Turn a float layer into its quantized twin in place."""
-    quant_cls = QUANT_LAYERS[type(module)]
-    module.__class__ = quant_cls
+    float_cls = type(module)
+    module.__class__ = QUANT_LAYERS[float_cls]
     module.mqb_info = info
-    module.attach_quantizers(weight, activation)  # type: ignore[operator]
+    try:
+        module.attach_quantizers(weight, activation)  # type: ignore[operator]
+    except Exception:
+        del module.mqb_info
+        module.__class__ = float_cls
+        raise
 
 
 def swap_out(module: QuantLayer) -> None:
