@@ -180,7 +180,8 @@ class EntropyObserver(HistogramObserver):
             better = kl < best_kl
             best_kl = torch.where(better, kl, best_kl)
             best_i = torch.where(better, torch.full_like(best_i, i), best_i)
-        return {"amax": (best_i.float() + 0.5) * self.width}
+        assert self.max_seen is not None
+        return {"amax": torch.minimum((best_i.float() + 0.5) * self.width, self.max_seen)}
 
 
 Observer = MinMaxObserver | PercentileObserver | MSEObserver | EntropyObserver
