@@ -35,9 +35,9 @@ class Realizability:
 
 
 def _weight_issue(info: LayerInfo, spec: QuantSpec) -> str | None:
-    if spec.granularity in ("per_tensor", "per_channel"):
+    if spec.granularity in ("per_tensor", "per_channel", "per_group"):
         return None
-    return f"weight {spec.granularity} is not a per-output scale"
+    return f"weight {spec.granularity} scales are neither per-output nor blocks along the reduction axis"
 
 
 def _activation_issue(info: LayerInfo, spec: QuantSpec) -> str | None:
