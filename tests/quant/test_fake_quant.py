@@ -82,3 +82,10 @@ def test_idempotent_sign_symmetric_and_zero_kept(vals, bits, granularity):
     torch.testing.assert_close(twice, once, rtol=1e-5, atol=1e-6 * max(step, 1e-30))
     assert torch.equal(fake_quantize(-x, bits=bits, granularity=granularity, **kw), -once)
     assert torch.all(once[x == 0] == 0)
+
+
+def test_autograd_path_gives_identical_values():
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(5))
+    plain = fake_quantize(x, bits=4, granularity="per_channel", axis=0)
+    tracked = fake_quantize(x.clone().requires_grad_(True), bits=4, granularity="per_channel", axis=0)
+    assert torch.equal(plain, tracked.detach())
