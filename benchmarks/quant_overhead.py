@@ -78,7 +78,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["swinunetr", "dynunet"])
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r}"
+    )
     figures = {}
     for name in args.models:
         ratios = measure(name, args.size, args.rounds)

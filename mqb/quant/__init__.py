@@ -1,6 +1,6 @@
 """mqb.quant: the quantization engine (usable without Hydra or Lightning).
 
-    from mqb.quant import QuantRecipe, quantize, calibrate, dequantize, summarize, fake_quantize
+from mqb.quant import QuantRecipe, quantize, calibrate, dequantize, summarize, fake_quantize
 """
 
 from mqb.quant.api import calibrate, dequantize, plan, quantizable_layers, quantize, quantized_layers

@@ -1,9 +1,9 @@
 """The public engine API: quantize, calibrate, dequantize, inspect.
 
-    model = quantize(model, QuantRecipe.from_precision("w8a8", granularity="adaptive"))
-    calibrate(model, calibration_batches)          # static activation ranges (min-max by default)
-    dequantize(model, ["conv1x3x3"])              # back to float for a layer group (sensitivity studies)
-    print(summarize(model))
+model = quantize(model, QuantRecipe.from_precision("w8a8", granularity="adaptive"))
+calibrate(model, calibration_batches)          # static activation ranges (min-max by default)
+dequantize(model, ["conv1x3x3"])              # back to float for a layer group (sensitivity studies)
+print(summarize(model))
 """
 
 from __future__ import annotations

@@ -140,7 +140,9 @@ def fake_quantize(
     return quantize_dequantize(x, spec, axis=axis)
 
 
-def quant_scale(x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor", axis: int | None = None) -> torch.Tensor:
+def quant_scale(
+    x: torch.Tensor, bits: int = 8, granularity: str = "per_tensor", axis: int | None = None
+) -> torch.Tensor:
     """The symmetric INT scales S (eq. 1) that :func:`fake_quantize` uses, keepdim-shaped against ``x``."""
     QuantSpec(bits=bits, granularity=granularity)  # validates the arguments
     return int_scale(absmax(x, granularity, axis), bits)

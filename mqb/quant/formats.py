@@ -98,7 +98,9 @@ def quantize_mx_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def quantize_nvfp4_blocks(blocks: torch.Tensor, tensor_amax: torch.Tensor) -> torch.Tensor:
     """Fake-quantize ``blocks`` (..., 16) as NVFP4: E2M1 elements, E4M3 block scale, FP32 tensor scale."""
-    global_scale = torch.where(tensor_amax > 0, tensor_amax / (E2M1.max_value * E4M3.max_value), torch.ones_like(tensor_amax))
+    global_scale = torch.where(
+        tensor_amax > 0, tensor_amax / (E2M1.max_value * E4M3.max_value), torch.ones_like(tensor_amax)
+    )
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = round_minifloat(block_amax / E2M1.max_value / global_scale, E4M3) * global_scale
     safe = torch.where(block_scale > 0, block_scale, torch.ones_like(block_scale))

@@ -37,7 +37,9 @@ def reduce_dims(x: torch.Tensor, granularity: str, axis: int | None) -> tuple[in
         return tuple(d for d in range(x.ndim) if d != keep)
     if granularity == "per_token":
         if x.ndim < 2:
-            raise ValueError(f"granularity='per_token' needs a tensor (..., tokens, hidden); got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"granularity='per_token' needs a tensor (..., tokens, hidden); got shape {tuple(x.shape)}"
+            )
         return (x.ndim - 1,)
     if granularity == "per_voxel":
         if x.ndim < 3:

@@ -82,4 +82,6 @@ def realizability(info: LayerInfo, weight: QuantSpec | None, activation: QuantSp
         return Realizability("fp8-kernel", "FP8 tensor cores (Ada/Hopper/Blackwell)")
     bits = sorted({s.bits for s in specs})
     what = "weight-only " if activation is None else ""
-    return Realizability("integer-kernel", f"{what}INT{'/'.join(map(str, bits))} GEMM/conv with scales applied to outputs")
+    return Realizability(
+        "integer-kernel", f"{what}INT{'/'.join(map(str, bits))} GEMM/conv with scales applied to outputs"
+    )

@@ -82,7 +82,9 @@ class QuantRecipe:
             raise ValueError("QuantRecipe needs a weight or an activation spec (both are None: nothing to do)")
 
     @classmethod
-    def from_precision(cls, precision: str | Precision, granularity: str = "per_channel", **kwargs: object) -> QuantRecipe:
+    def from_precision(
+        cls, precision: str | Precision, granularity: str = "per_channel", **kwargs: object
+    ) -> QuantRecipe:
         """A recipe from a precision preset (``w8a8``, ``w4a4``, ``w4a8``, ``w8a16``, ``fp8``, ``mxfp4`` ...)."""
         p = get_precision(precision) if isinstance(precision, str) else precision
         return cls(weight=p.weight, activation=p.activation, granularity=granularity, **kwargs)  # type: ignore[arg-type]

@@ -74,8 +74,15 @@ class QuantSummary:
         rows = []
         for group, g in self.groups().items():
             status = ", ".join(f"{s}: {n}" for s, n in sorted(g["status"].items()))  # type: ignore[union-attr]
-            rows.append([group, str(g["layers"]), " | ".join(sorted(g["weight"])),  # type: ignore[arg-type]
-                         " | ".join(sorted(g["activation"])), status])  # type: ignore[arg-type]
+            rows.append(
+                [
+                    group,
+                    str(g["layers"]),
+                    " | ".join(sorted(g["weight"])),  # type: ignore[arg-type]
+                    " | ".join(sorted(g["activation"])),
+                    status,
+                ]
+            )  # type: ignore[arg-type]
         return _table(["group", "layers", "weight", "activation", "realizability"], rows)
 
     def __str__(self) -> str:

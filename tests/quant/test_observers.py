@@ -56,7 +56,7 @@ def test_mse_clips_outliers_and_beats_minmax_on_the_data():
 
 
 def test_entropy_clips_long_tail():
-    g = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
     x = torch.distributions.Laplace(0.0, 1.0).sample((1, 100000))
     x[0, 0] = 40.0
     obs = EntropyObserver(levels=128)

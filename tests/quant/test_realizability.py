@@ -26,11 +26,23 @@ def _status(model: nn.Module) -> dict[str, str]:
     [
         ("w4a4", "per_tensor", ["integer-kernel"] * 5),
         # per-input-channel activation scales are not foldable except on depthwise convs
-        ("w4a4", "per_channel", ["simulation-only", "simulation-only", "integer-kernel", "simulation-only", "integer-kernel"]),
+        (
+            "w4a4",
+            "per_channel",
+            ["simulation-only", "simulation-only", "integer-kernel", "simulation-only", "integer-kernel"],
+        ),
         # adaptive: per-voxel on 1x1x1 (a GEMM row scale) is executable; per-channel elsewhere is not
-        ("w4a4", "adaptive", ["integer-kernel", "simulation-only", "integer-kernel", "simulation-only", "integer-kernel"]),
+        (
+            "w4a4",
+            "adaptive",
+            ["integer-kernel", "simulation-only", "integer-kernel", "simulation-only", "integer-kernel"],
+        ),
         # per-voxel on k>1 kernels needs eq. 4's per-kernel-offset products
-        ("w8a8", "per_voxel", ["integer-kernel", "simulation-only", "integer-kernel", "simulation-only", "integer-kernel"]),
+        (
+            "w8a8",
+            "per_voxel",
+            ["integer-kernel", "simulation-only", "integer-kernel", "simulation-only", "integer-kernel"],
+        ),
         ("w8a16", "per_channel", ["integer-kernel"] * 5),
         ("mxfp4", "per_channel", ["block-scaled"] * 5),
         ("fp8", "per_tensor", ["fp8-kernel"] * 5),
