@@ -20,6 +20,7 @@ demo: setup
 	$(PY) -m mqb.demo
 
 test: setup
+	$(PY) -m ruff check mqb tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
 test-all: setup
