@@ -69,6 +69,7 @@ class SegmentationDataModule(L.LightningDataModule):
         roi_size: training patch size.
         cache_dir: root of the on-disk preprocessing cache (``None`` disables it).
         num_workers / batch_size / samples_per_volume: training loader settings.
+        nsd_tolerance_mm: NSD tolerance per foreground class (or one value for all), in mm.
     """
 
     def __init__(
@@ -87,6 +88,7 @@ class SegmentationDataModule(L.LightningDataModule):
         batch_size: int = 2,
         samples_per_volume: int = 2,
         in_channels: int = 1,
+        nsd_tolerance_mm: Sequence[float] = (2.0,),
     ) -> None:
         super().__init__()
         if len(class_names) != num_classes:
@@ -107,6 +109,12 @@ class SegmentationDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.batch_size = batch_size
         self.samples_per_volume = samples_per_volume
+        self.nsd_tolerance_mm = [float(t) for t in nsd_tolerance_mm]
+        if len(self.nsd_tolerance_mm) not in (1, self.num_classes - 1):
+            raise ValueError(
+                f"dataset {name!r}: nsd_tolerance_mm has {len(self.nsd_tolerance_mm)} values; "
+                f"valid: 1 (all classes) or {self.num_classes - 1} (one per foreground class)"
+            )
         self._splits: dict[str, list[dict[str, str]]] | None = None
 
     # -- splits --------------------------------------------------------------------------------------------
@@ -125,7 +133,7 @@ class SegmentationDataModule(L.LightningDataModule):
         chain: list[Any] = [
             T.LoadImaged(keys=keys, image_only=True),
             T.EnsureChannelFirstd(keys=keys),
-            T.Orientationd(keys=keys, axcodes="RAS"),
+            T.Orientationd(keys=keys, axcodes="RAS", labels=None),
         ]
         if self.pixdim:
             chain.append(T.Spacingd(keys=keys, pixdim=self.pixdim, mode=("bilinear", "nearest")))

@@ -3,7 +3,15 @@
 from mqb.quant import QuantRecipe, quantize, calibrate, dequantize, summarize, fake_quantize
 """
 
-from mqb.quant.api import calibrate, dequantize, plan, quantizable_layers, quantize, quantized_layers
+from mqb.quant.api import (
+    calibrate,
+    dequantize,
+    needs_calibration,
+    plan,
+    quantizable_layers,
+    quantize,
+    quantized_layers,
+)
 from mqb.quant.attention import QuantAttention, register_attention
 from mqb.quant.fake_quant import fake_quantize, quant_scale, quantize_dequantize
 from mqb.quant.layers import LayerInfo, QuantLayer
@@ -36,6 +44,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "get_precision",
+    "needs_calibration",
     "plan",
     "quant_scale",
     "quantizable_layers",

@@ -83,6 +83,15 @@ def _swap_out(module: nn.Module) -> None:
         swap_out(module)
 
 
+def needs_calibration(model: nn.Module) -> bool:
+    """Whether any quantized layer of ``model`` has static activation ranges that :func:`calibrate` must set."""
+    for _, layer in quantized_layers(model):
+        spec = layer.activation_spec
+        if spec is not None and not spec.dynamic:
+            return True
+    return False
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return model(batch)

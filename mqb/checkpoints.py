@@ -1,0 +1,97 @@
+"""Loading and saving network weights safely (no code execution), with clear errors.
+
+Accepted files: safetensors; PyTorch files read with ``torch.load(weights_only=True)`` holding a state dict
+directly or under ``state_dict`` (Lightning, prefix ``net.`` stripped), ``network_weights`` (nnU-Net v2),
+``model`` or ``state_dict_ema``. A file that needs code execution to unpickle is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+_NESTED_KEYS = ("state_dict", "network_weights", "model", "state_dict_ema")
+_PREFIXES = ("net.", "module.", "model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable, unsafe or does not match the network."""
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file as a flat state dict (see module doc for the accepted layouts)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (model.checkpoint); give a path to a file")
+    if p.suffix == ".safetensors":
+        try:
+            return load_file(str(p))
+        except Exception as err:  # noqa: BLE001
+            raise CheckpointError(f"checkpoint {str(p)!r} is not a readable safetensors file: {err}") from None
+    try:
+        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(
+            f"checkpoint {str(p)!r} cannot be loaded safely (torch.load weights_only=True refused it or it is "
+            f"corrupt): {str(err).splitlines()[0]}. mqb never unpickles code; re-save the weights as a state dict "
+            "or safetensors"
+        ) from None
+    for key in _NESTED_KEYS:
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"checkpoint {str(p)!r} holds no state dict of tensors")
+    return obj
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Strictly load ``path`` into ``net``; mismatches raise :class:`CheckpointError` listing the keys."""
+    state = read_state_dict(path)
+    expected = set(net.state_dict())
+    for prefix in _PREFIXES:
+        if not (set(state) & expected) and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} does not match {type(net).__name__}: "
+            f"{len(missing)} missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}, "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )
+    own = net.state_dict()
+    wrong = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+    if wrong:
+        shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:5]]
+        raise CheckpointError(f"checkpoint {str(path)!r} has {len(wrong)} tensors of the wrong shape: {shapes}")
+    net.load_state_dict(state, strict=True)
+
+
+def save_weights(net: nn.Module, path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
+    """Save ``net``'s state dict as safetensors (atomically), with ``metadata`` also in a ``.json`` sidecar."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    tmp = p.with_name(p.name + ".tmp")
+    save_file(state, str(tmp), metadata={"mqb": json.dumps(metadata, sort_keys=True, default=str)})
+    tmp.replace(p)
+    sidecar = p.with_suffix(".json")
+    tmp_json = sidecar.with_name(sidecar.name + ".tmp")
+    tmp_json.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    tmp_json.replace(sidecar)

@@ -1,0 +1,136 @@
+"""Structured configs (Hydra ConfigStore schemas) for ``mqb.eval`` and ``mqb.train``.
+
+The YAML files in ``conf/`` are merged onto these dataclasses, so an unknown key or a wrongly typed value
+fails at composition time, before any work, with Hydra's message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+#: Config groups of mqb.eval (each a folder under conf/).
+EVAL_GROUPS = ("model", "dataset", "precision", "granularity", "method", "calibration", "logger", "experiment")
+
+
+@dataclass
+class SpecConfig:
+    """One tensor's quantizer (``mqb.quant.QuantSpec``); the granularity comes from the ``granularity`` group."""
+
+    _target_: str = "mqb.quant.QuantSpec"
+    bits: int = 8
+    format: str = "int"
+    symmetric: bool = True
+    dynamic: bool | None = None
+    group_size: int | None = None
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = MISSING
+    weight: SpecConfig | None = None
+    activation: SpecConfig | None = None
+    compute_dtype: str = "float32"
+
+
+@dataclass
+class GranularityConfig:
+    name: str = MISSING
+    scheme: str = MISSING
+
+
+@dataclass
+class LayerRuleConfig:
+    select: str = MISSING
+    precision: str | None = None
+    granularity: str | None = None
+
+
+@dataclass
+class MethodConfig:
+    name: str = "rtn"
+    include: list[str] = field(default_factory=lambda: ["conv", "conv_transpose", "linear"])
+    exclude: list[str] = field(default_factory=list)
+    attention: bool = False
+    rules: list[LayerRuleConfig] = field(default_factory=list)
+
+
+@dataclass
+class CalibrationConfig:
+    name: str = "minmax"
+    observer: str = "minmax"
+    percentile: float = 99.99
+    num_volumes: int = 4
+
+
+@dataclass
+class EvalSettings:
+    sw_batch_size: int = 2
+    overlap: float = 0.25
+    mode: str = "gaussian"
+
+
+@dataclass
+class TrainerSettings:
+    accelerator: str = "cpu"
+    devices: int = 1
+    progress: bool = True
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = "outputs"
+    cache_dir: str = ".cache/mqb"
+    checkpoints: str = "${paths.cache_dir}/checkpoints"
+    shared_data: str = "../shared/data"
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int = 300
+    lr: float = 2e-3
+    batch_size: int = 2
+    samples_per_volume: int = 2
+    val_every: int = 100
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    model: Any = MISSING
+    dataset: Any = MISSING
+    precision: PrecisionConfig = MISSING
+    granularity: GranularityConfig = MISSING
+    method: MethodConfig = MISSING
+    calibration: CalibrationConfig = MISSING
+    logger: Any = None
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    results_dir: str = "${paths.output_dir}/results"
+    resume: bool = True
+    seed: int = 0
+    auto_train: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: Any = MISSING
+    dataset: Any = MISSING
+    logger: Any = None
+    train: TrainSettings = field(default_factory=TrainSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    output: str = "${paths.checkpoints}/${dataset.name}/${model.name}.safetensors"
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schemas (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="train_schema", node=TrainConfig)

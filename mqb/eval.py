@@ -1,0 +1,443 @@
+"""``python -m mqb.eval``: FP32 baseline (cached) + quantized evaluation, one JSON record per config.
+
+    python -m mqb.eval                                           # defaults: unet, synthetic, w8a8, per_channel
+    python -m mqb.eval -m model=unetr,swinunetr_t precision=w4a4 granularity=adaptive
+    python -m mqb.eval --help                                    # groups and choices
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+import mqb
+from mqb.checkpoints import CheckpointError, file_sha256, load_weights
+from mqb.config import EVAL_GROUPS, register_configs
+from mqb.data.module import SegmentationDataModule
+from mqb.lit.callbacks import QuantizationCallback
+from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
+from mqb.quant import LayerRule, QuantRecipe
+from mqb.quant.spec import Precision
+from mqb.results import (
+    config_id,
+    git_commit,
+    host_info,
+    read_records,
+    stable_hash,
+    write_json_atomic,
+)
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+# -- configuration -> objects -----------------------------------------------------------------------------
+def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
+    """The quantization recipe of a config, or ``None`` for float precisions (fp32/fp16/bf16)."""
+    p = cfg.precision
+    if p.weight is None and p.activation is None:
+        return None
+    weight = instantiate(p.weight) if p.weight is not None else None
+    activation = instantiate(p.activation) if p.activation is not None else None
+    if activation is not None:
+        activation = activation.replace(observer=cfg.calibration.observer, percentile=cfg.calibration.percentile)
+    method = cfg.method
+    if method.name != "rtn":
+        raise ValueError(f"method={method.name!r} is not available yet; valid: 'rtn'")
+    rules = tuple(LayerRule(r.select, r.precision, r.granularity) for r in method.rules)
+    return QuantRecipe(
+        weight=weight,
+        activation=activation,
+        granularity=cfg.granularity.scheme,
+        include=tuple(method.include),
+        exclude=tuple(method.exclude),
+        attention=bool(method.attention),
+        rules=rules,
+    )
+
+
+def resolve_checkpoint(cfg: DictConfig) -> Path | None:
+    """``model.checkpoint``: a path (must exist), ``auto`` (the trained checkpoint cache), or null (untrained)."""
+    value = cfg.model.get("checkpoint")
+    if value in (None, "", "none", "null"):
+        return None
+    if value != "auto":
+        path = Path(str(value)).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"model.checkpoint={str(value)!r} does not exist; give a weights file or 'auto'")
+        return path
+    path = Path(cfg.paths.checkpoints) / cfg.dataset.name / f"{cfg.model.name}.safetensors"
+    if path.is_file():
+        return path
+    if cfg.auto_train:
+        from mqb.train import fit
+
+        console.print(f"[yellow]no checkpoint for {cfg.model.name} on {cfg.dataset.name}: training one -> {path}")
+        fit(cfg.model, cfg.dataset, cfg.train, path, progress=cfg.trainer.progress)
+        return path
+    return None
+
+
+def build_logger(cfg: DictConfig, run_dir: Path, sweep: str) -> Any:
+    """The experiment logger, or ``None``. W&B runs offline unless a key is configured (never hangs)."""
+    lcfg = cfg.get("logger")
+    if not lcfg or "_target_" not in lcfg:
+        return None
+    kwargs: dict[str, Any] = {}
+    if lcfg._target_.endswith("WandbLogger"):
+        offline = lcfg.get("offline")
+        if offline is None:
+            offline = not wandb_key_available()
+        name = f"{cfg.model.name}-{cfg.precision.name}-{cfg.granularity.name}-{cfg.method.name}"
+        tags = [cfg.model.name, cfg.precision.name, cfg.granularity.name, cfg.method.name, cfg.dataset.name]
+        kwargs = {
+            "offline": bool(offline),
+            "name": lcfg.get("name") or name,
+            "group": lcfg.get("group") or sweep,
+            "tags": list(lcfg.get("tags") or []) + tags,
+            "save_dir": str(run_dir),
+        }
+    return instantiate(lcfg, **kwargs)
+
+
+def wandb_key_available() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
+        return False
+    try:
+        import netrc
+
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def _trainer(cfg: DictConfig, logger: Any, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    return L.Trainer(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        logger=logger if logger is not None else False,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.progress,
+        default_root_dir=str(run_dir),
+    )
+
+
+def _evaluator(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, dtype: str) -> SegmentationEvaluator:
+    return SegmentationEvaluator(
+        net,
+        class_names=dm.class_names,
+        roi_size=dm.roi_size,
+        sw_batch_size=cfg.eval.sw_batch_size,
+        overlap=cfg.eval.overlap,
+        mode=cfg.eval.mode,
+        nsd_tolerance_mm=dm.nsd_tolerance_mm,
+        compute_dtype=dtype,
+    )
+
+
+def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
+    """Cache key of the FP32 baseline: model, checkpoint bytes, dataset, evaluation settings, mqb version."""
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    assert isinstance(dataset, dict)
+    for key in ("num_workers", "batch_size", "samples_per_volume", "cache_dir"):
+        dataset.pop(key, None)
+    if isinstance(dataset.get("source"), dict):
+        dataset["source"].pop("cache_dir", None)
+    return stable_hash(
+        {
+            "model": OmegaConf.to_container(cfg.model.net, resolve=True),
+            "checkpoint": checkpoint_sha,
+            "dataset": dataset,
+            "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+            "mqb": mqb.__version__,
+        },
+        length=24,
+    )
+
+
+def _delta_pct(base: float | None, value: float | None, higher_is_better: bool = True) -> float | None:
+    if base is None or value is None or base == 0:
+        return None
+    drop = (base - value) if higher_is_better else (value - base)
+    return 100.0 * drop / abs(base)
+
+
+# -- one job ----------------------------------------------------------------------------------------------
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Run one config end to end and return its record (also written to disk)."""
+    t0 = time.perf_counter()
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.paths.output_dir)
+    sweep = Path(HydraConfig.get().sweep.dir).name if _is_multirun() else run_dir.name
+    recipe = build_recipe(cfg)  # validates precision/granularity/method before any work
+    checkpoint = resolve_checkpoint(cfg)
+    untrained = checkpoint is None
+    if untrained:
+        console.print(
+            f"[bold red]WARNING: {cfg.model.name} has no checkpoint for {cfg.dataset.name}: evaluating an UNTRAINED "
+            "network (results are flagged untrained: true and mean nothing). Train one with "
+            f"`python -m mqb.train model={cfg.model.name} dataset={cfg.dataset.name}` or pass model.checkpoint=PATH."
+        )
+    checkpoint_sha = file_sha256(checkpoint) if checkpoint is not None else None
+    dm: SegmentationDataModule = instantiate(cfg.dataset)
+    dm.prepare_data()
+    net = instantiate(cfg.model.net)
+    if checkpoint is not None:
+        load_weights(net, checkpoint)
+    net.eval()
+    float_net = copy.deepcopy(net)
+
+    timings: dict[str, float] = {}
+    bkey = baseline_key(cfg, checkpoint_sha)
+    baseline_file = Path(cfg.paths.cache_dir) / "baselines" / f"{bkey}.json"
+    if baseline_file.is_file():
+        baseline = json.loads(baseline_file.read_text())
+        timings["baseline_seconds"] = 0.0
+        baseline_cached = True
+    else:
+        start = time.perf_counter()
+        evaluator = _evaluator(cfg, float_net, dm, "float32")
+        _trainer(cfg, None, run_dir, []).test(evaluator, datamodule=dm, verbose=False)
+        baseline = evaluator.results
+        write_json_atomic(baseline_file, baseline)
+        timings["baseline_seconds"] = time.perf_counter() - start
+        baseline_cached = False
+
+    logger = build_logger(cfg, run_dir, sweep)
+    summary = None
+    if recipe is None and cfg.precision.compute_dtype == "float32":
+        metrics = baseline
+        timings["eval_seconds"] = 0.0
+        if logger is not None:
+            logger.log_metrics({f"test/{k}": v for k, v in baseline.items() if k in ("dsc", "nsd", "hd95") and v})
+    else:
+        callbacks: list[L.Callback] = []
+        quant_cb = None
+        if recipe is not None:
+            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype)
+            quant_cb = QuantizationCallback(
+                recipe,
+                lambda: dm.calib_dataloader(cfg.calibration.num_volumes),
+                calibration_forward(evaluator),
+                progress=cfg.trainer.progress,
+            )
+            callbacks.append(quant_cb)
+        else:
+            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype)
+        start = time.perf_counter()
+        _trainer(cfg, logger, run_dir, callbacks).test(evaluator, datamodule=dm, verbose=False)
+        metrics = evaluator.results
+        timings["eval_seconds"] = time.perf_counter() - start
+        if quant_cb is not None:
+            timings["calibration_seconds"] = quant_cb.calibration_seconds
+            timings["eval_seconds"] -= quant_cb.calibration_seconds
+            summary = quant_cb.summary
+    assert metrics is not None and baseline is not None
+    delta = {
+        "dsc": _delta_pct(baseline["dsc"], metrics["dsc"]),
+        "nsd": _delta_pct(baseline["nsd"], metrics["nsd"]),
+        "hd95": _delta_pct(baseline["hd95"], metrics["hd95"], higher_is_better=False),
+    }
+    timings["total_seconds"] = time.perf_counter() - t0
+    record = {
+        "id": config_id(cfg),
+        "status": "success",
+        "created": datetime.now(timezone.utc).isoformat(),
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "precision": cfg.precision.name,
+        "granularity": cfg.granularity.name if recipe is not None else "-",
+        "method": cfg.method.name if recipe is not None else "-",
+        "untrained": untrained,
+        "checkpoint": {"path": str(checkpoint) if checkpoint else None, "sha256": checkpoint_sha},
+        "metrics": metrics,
+        "baseline": {"key": bkey, "cached": baseline_cached, **{k: baseline[k] for k in ("dsc", "nsd", "hd95")}},
+        "delta_pct": delta,
+        "realizability": _realizability(summary),
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "host": host_info(),
+        "git": git_commit(),
+        "sweep": sweep,
+        "run_dir": str(run_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    if logger is not None:
+        _log_final(logger, record, baseline)
+    return record
+
+
+def _realizability(summary: Any) -> dict[str, Any] | None:
+    if summary is None:
+        return None
+    groups = {
+        name: {
+            "layers": g["layers"],
+            "weight": sorted(g["weight"]),
+            "activation": sorted(g["activation"]),
+            "status": dict(g["status"]),
+        }
+        for name, g in summary.groups().items()
+    }
+    return {"groups": groups, "layers": summary.records()}
+
+
+def _log_final(logger: Any, record: dict[str, Any], baseline: dict[str, Any]) -> None:
+    flat = {f"delta_pct/{k}": v for k, v in record["delta_pct"].items() if v is not None}
+    flat.update({f"baseline/{k}": baseline[k] for k in ("dsc", "nsd", "hd95") if baseline[k] is not None})
+    flat.update({f"timings/{k}": v for k, v in record["timings"].items()})
+    logger.log_metrics(flat)
+    logger.log_hyperparams(record["config"])
+    if hasattr(logger, "log_table"):
+        rows = [
+            [name, v.get("dsc"), v.get("nsd"), v.get("hd95"), baseline["per_class"][name].get("dsc")]
+            for name, v in record["metrics"]["per_class"].items()
+        ]
+        logger.log_table(key="per_class", columns=["class", "dsc", "nsd", "hd95", "fp32_dsc"], data=rows)
+        logger.experiment.summary.update({"untrained": record["untrained"]})
+    logger.finalize("success")
+    if hasattr(logger, "experiment") and hasattr(logger.experiment, "finish"):
+        logger.experiment.finish()
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> Table:
+    """A rich table in the paper's format: DSC (Δ%) / NSD (Δ%) per model, precision, granularity."""
+    table = Table(title=title)
+    for col in ("model", "dataset", "precision", "granularity", "method", "DSC (↓Δ%)", "NSD (↓Δ%)", "HD95 mm", "note"):
+        table.add_column(col)
+
+    def fmt(value: float | None, delta: float | None) -> str:
+        if value is None:
+            return "-"
+        return f"{value:.3f} ({delta:.1f}%)" if delta is not None else f"{value:.3f}"
+
+    for r in records:
+        if r.get("status") != "success":
+            table.add_row(r.get("model", "?"), r.get("dataset", "?"), r.get("precision", "?"), r.get("granularity", "?"),
+                          r.get("method", "?"), "-", "-", "-", f"[red]FAILED: {r.get('error', '')[:60]}")
+            continue
+        m, d = r["metrics"], r["delta_pct"]
+        note = "[red]UNTRAINED" if r.get("untrained") else ""
+        hd = f"{m['hd95']:.1f}" if m.get("hd95") is not None else "-"
+        table.add_row(r["model"], r["dataset"], r["precision"], r["granularity"], r["method"],
+                      fmt(m["dsc"], d["dsc"]), fmt(m["nsd"], d["nsd"]), hd, note)
+    return table
+
+
+# -- job wrapper: resume, atomic records, errors ----------------------------------------------------------
+def run_job(cfg: DictConfig) -> dict[str, Any] | None:
+    results_dir = Path(cfg.results_dir)
+    cid = config_id(cfg)
+    success, failure = results_dir / f"{cid}.json", results_dir / f"{cid}.error.json"
+    if cfg.resume and success.is_file():
+        console.print(f"[green]skip {cid}: a success record exists ({success})")
+        return json.loads(success.read_text())
+    try:
+        record = evaluate(cfg)
+    except Exception as err:  # noqa: BLE001  (recorded, then re-raised or reported)
+        error = {
+            "id": cid,
+            "status": "error",
+            "created": datetime.now(timezone.utc).isoformat(),
+            "model": cfg.model.get("name"),
+            "dataset": cfg.dataset.get("name"),
+            "precision": cfg.precision.get("name"),
+            "granularity": cfg.granularity.get("name"),
+            "method": cfg.method.get("name"),
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+            "sweep": Path(HydraConfig.get().sweep.dir).name if _is_multirun() else None,
+            "config": OmegaConf.to_container(cfg, resolve=False),
+        }
+        write_json_atomic(failure, error)
+        raise
+    write_json_atomic(Path(record["run_dir"]) / "record.json", record)
+    write_json_atomic(success, record)
+    failure.unlink(missing_ok=True)
+    if not _is_multirun():
+        console.print(results_table([record]))
+    return record
+
+
+class SweepSummaryCallback(Callback):
+    """Hydra callback: print the sweep's results table at the end of a multirun and save it as CSV/Markdown."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = Path(config.hydra.sweep.dir).name
+        records = [r for r in read_records(config.results_dir) if r.get("sweep") == sweep]
+        if records:
+            console.print(results_table(records, title=f"mqb sweep {sweep}"))
+        failed = [r for r in records if r.get("status") != "success"]
+        if failed:
+            console.print(f"[red]{len(failed)} config(s) failed; see the .error.json records in {config.results_dir}")
+            sys.exit(1)
+
+
+def _check_group_choices(argv: list[str]) -> list[str]:
+    """Our message for a wrong group choice (Hydra's follows): which group, which value, the valid values."""
+    problems = []
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key not in EVAL_GROUPS or not value or value.startswith(("choice(", "range(", "glob(")):
+            continue
+        valid = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice and choice != "null" and choice not in valid:
+                problems.append(f"mqb.eval: unknown {key} {choice!r} in '{arg}'; valid {key} choices: {', '.join(valid)}")
+    return problems
+
+
+@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_job(cfg)
+    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        if _is_multirun():
+            console.print(f"[red]config failed (error record written): {type(err).__name__}: {err}")
+            return
+        print(f"mqb.eval: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:  # noqa: BLE001
+        if _is_multirun():
+            console.print(f"[red]config failed (error record written): {type(err).__name__}: {err}")
+            return
+        raise
+
+
+def main() -> None:
+    for problem in _check_group_choices(sys.argv[1:]):
+        print(problem, file=sys.stderr)
+    _hydra_main()
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""``SegmentationEvaluator``: sliding-window inference + DSC / NSD / HD95 per case and class."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import lightning as L
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from mqb.metrics import aggregate, case_metrics, spacing_from_affine
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class SegmentationEvaluator(L.LightningModule):
+    """Evaluate a segmentation network on whole volumes.
+
+    Args:
+        net: the network (``B, C_in, *roi -> B, num_classes, *roi``).
+        class_names: one name per class, background first.
+        roi_size / sw_batch_size / overlap / mode: MONAI ``sliding_window_inference`` settings.
+        nsd_tolerance_mm: NSD tolerance per foreground class (or one value for all).
+        compute_dtype: ``float32``, ``float16`` or ``bfloat16`` (network weights and inputs cast to it).
+    """
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        class_names: Sequence[str],
+        roi_size: Sequence[int],
+        sw_batch_size: int = 2,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+        nsd_tolerance_mm: Sequence[float] = (2.0,),
+        compute_dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        if compute_dtype not in DTYPES:
+            raise ValueError(f"compute_dtype={compute_dtype!r} is invalid; valid: {', '.join(DTYPES)}")
+        self.net = net
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.roi_size = tuple(int(r) for r in roi_size)
+        self.sw_batch_size = sw_batch_size
+        self.overlap = overlap
+        self.mode = mode
+        self.nsd_tolerance_mm = list(nsd_tolerance_mm)
+        self.compute_dtype = DTYPES[compute_dtype]
+        self.case_results: list[dict[str, np.ndarray]] = []
+        self.case_ids: list[str] = []
+        self.results: dict[str, object] | None = None
+
+    def sliding_window(self, image: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """Logits for a whole volume (B, C_in, X, Y, Z) by Gaussian-weighted sliding windows."""
+        predictor = net if net is not None else self.net
+        return sliding_window_inference(
+            image.to(self.compute_dtype),
+            roi_size=self.roi_size,
+            sw_batch_size=self.sw_batch_size,
+            predictor=predictor,
+            overlap=self.overlap,
+            mode=self.mode,
+        )
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.sliding_window(image)
+
+    def on_test_start(self) -> None:
+        if self.compute_dtype != torch.float32:
+            self.net.to(self.compute_dtype)
+
+    def on_test_epoch_start(self) -> None:
+        self.case_results, self.case_ids, self.results = [], [], None
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        image, label = batch["image"], batch["label"]
+        prediction = self(image).float().argmax(dim=1)
+        affines = image.affine if hasattr(image, "affine") else torch.eye(4).expand(image.shape[0], 4, 4)
+        cases = batch.get("case", [f"volume{batch_idx}_{i}" for i in range(image.shape[0])])
+        for i in range(image.shape[0]):
+            affine = affines[i] if affines.ndim == 3 else affines
+            metrics = case_metrics(
+                prediction[i], label[i, 0], self.num_classes, spacing_from_affine(affine), self.nsd_tolerance_mm
+            )
+            self.case_results.append(metrics)
+            self.case_ids.append(str(cases[i]))
+            self.log("test/case_dsc", float(np.nanmean(metrics["dsc"])), batch_size=1, on_step=True, on_epoch=False)
+
+    def on_test_epoch_end(self) -> None:
+        self.results = aggregate(self.case_results, self.class_names)
+        self.results["per_case"] = {
+            case: {m: [None if np.isnan(v) else float(v) for v in r[m]] for m in r}
+            for case, r in zip(self.case_ids, self.case_results, strict=True)
+        }
+        for metric in ("dsc", "nsd", "hd95"):
+            value = self.results[metric]
+            if value is not None:
+                self.log(f"test/{metric}", float(value), batch_size=1)
+
+
+def calibration_forward(evaluator: SegmentationEvaluator):
+    """``forward(model, batch)`` for :func:`mqb.quant.calibrate`: sliding windows over calibration volumes."""
+    return lambda model, batch: evaluator.sliding_window(batch["image"].to(evaluator.device), model)
+

@@ -1,0 +1,119 @@
+"""Result records: stable config ids, atomic JSON writes, reading a results directory."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import mqb
+
+#: Top-level keys that do not change what is computed (outputs, logging, resuming).
+VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer")
+#: Keys at any depth that only say where things are cached or how fast data loads.
+NESTED_VOLATILE_KEYS = ("cache_dir", "num_workers")
+#: Groups that do not matter when nothing is quantized (fp32/fp16/bf16).
+QUANT_ONLY_KEYS = ("granularity", "method", "calibration")
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
+def config_id(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus output/logging keys (and quantization keys for float precisions)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.pop("logger", None)  # may interpolate Hydra's runtime output dir
+    data = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(data, dict)
+    for key in VOLATILE_KEYS:
+        data.pop(key, None)
+    _drop_nested(data, NESTED_VOLATILE_KEYS)
+    precision = data.get("precision") or {}
+    if precision.get("weight") is None and precision.get("activation") is None:
+        for key in QUANT_ONLY_KEYS:
+            data.pop(key, None)
+    return stable_hash(data)
+
+
+def _drop_nested(data: Any, keys: tuple[str, ...]) -> None:
+    if isinstance(data, dict):
+        for key in keys:
+            data.pop(key, None)
+        for value in data.values():
+            _drop_nested(value, keys)
+    elif isinstance(data, list):
+        for value in data:
+            _drop_nested(value, keys)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write JSON to a unique temporary file in the same folder, fsync, then rename over ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def read_records(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All success and error records of a results directory, sorted by creation time."""
+    folder = Path(results_dir)
+    if not folder.is_dir():
+        return []
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError:
+            continue
+    return sorted(records, key=lambda r: r.get("created", ""))
+
+
+def git_commit() -> dict[str, Any]:
+    root = Path(mqb.__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": None}
+
+
+def host_info() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mqb": mqb.__version__,
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info

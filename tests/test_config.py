@@ -1,0 +1,102 @@
+"""Every config group choice composes (Hydra compose API) and builds what it describes."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from mqb.config import register_configs
+from mqb.eval import CONF_DIR, _check_group_choices, build_recipe
+from mqb.quant import QuantRecipe
+from mqb.results import config_id
+
+register_configs()
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides))
+
+
+def test_groups_have_the_required_choices():
+    assert {"fp32", "fp16", "bf16", "w8a8", "w4a4", "w4a8", "w8a16", "fp8", "mxfp4", "nvfp4"} <= set(_choices("precision"))
+    assert {"per_tensor", "per_channel", "adaptive"} <= set(_choices("granularity"))
+    assert {"unet", "unetr", "swinunetr_t", "swinunetr_s", "swinunetr_b", "segresnet"} <= set(_choices("model"))
+    assert {"wandb", "csv", "none"} <= set(_choices("logger"))
+
+
+@pytest.mark.parametrize("precision", _choices("precision"))
+def test_precision_choices_build_recipes(precision):
+    cfg = _compose(f"precision={precision}")
+    recipe = build_recipe(cfg)
+    if precision in ("fp32", "fp16", "bf16"):
+        assert recipe is None
+    else:
+        assert isinstance(recipe, QuantRecipe)
+        assert recipe.weight is not None
+
+
+@pytest.mark.parametrize("granularity", _choices("granularity"))
+@pytest.mark.parametrize("calibration", _choices("calibration"))
+def test_granularity_and_calibration_choices(granularity, calibration):
+    cfg = _compose(f"granularity={granularity}", f"calibration={calibration}")
+    recipe = build_recipe(cfg)
+    assert recipe.granularity == granularity and recipe.activation.observer == calibration
+
+
+@pytest.mark.parametrize("model", _choices("model"))
+def test_model_choices_instantiate_and_run(model):
+    cfg = _compose(f"model={model}", "dataset.roi_size=[64,64,64]")
+    net = instantiate(cfg.model.net).eval()
+    if model in ("unetr", "swinunetr_b"):  # large: instantiate only
+        assert sum(p.numel() for p in net.parameters()) > 1e6
+        return
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, 64, 64, 64))
+    assert out.shape == (1, cfg.dataset.num_classes, 64, 64, 64)
+
+
+@pytest.mark.parametrize("model,params", [("swinunetr_t", 4.1e6), ("swinunetr_s", 15.7e6), ("swinunetr_b", 62.2e6)])
+def test_swinunetr_sizes_match_the_paper(model, params):
+    cfg = _compose(f"model={model}", "dataset.num_classes=14", "dataset.class_names=[" + ",".join("c%d" % i for i in range(14)) + "]")
+    n = sum(p.numel() for p in instantiate(cfg.model.net).parameters())
+    assert abs(n - params) / params < 0.03
+
+
+def test_experiment_presets_compose():
+    for name in _choices("experiment"):
+        cfg = _compose(f"experiment={name}")
+        assert cfg.precision.name
+
+
+def test_wrong_key_fails_at_composition():
+    with pytest.raises(ConfigCompositionException, match="bitz"):
+        _compose("precision.weight.bitz=3")
+    with pytest.raises(ConfigCompositionException, match="w3a3"):
+        _compose("precision=w3a3")
+
+
+def test_our_message_for_a_wrong_group_choice():
+    msgs = _check_group_choices(["-m", "model=unetr,medformerx", "precision=w3a3", "seed=1", "hydra/launcher=basic"])
+    assert len(msgs) == 2
+    assert "unknown model 'medformerx'" in msgs[0] and "swinunetr_t" in msgs[0]
+    assert "unknown precision 'w3a3'" in msgs[1] and "w4a4" in msgs[1]
+
+
+def test_config_id_ignores_outputs_and_float_quant_keys():
+    a = _compose("paths.output_dir=/tmp/a")
+    b = _compose("paths.output_dir=/tmp/b", "resume=false", "logger=none")
+    assert config_id(a) == config_id(b)
+    assert config_id(a) != config_id(_compose("granularity=adaptive"))
+    fp_a = _compose("precision=fp32", "granularity=adaptive")
+    fp_b = _compose("precision=fp32", "granularity=per_tensor")
+    assert config_id(fp_a) == config_id(fp_b)
+    assert OmegaConf.select(a, "results_dir") == str(Path("/tmp/a") / "results")
