@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) -m mqb.demo
+	$(PY) -m mqb.eval -m experiment=demo
 
 test: setup
 	$(PY) -m ruff check mqb tests benchmarks

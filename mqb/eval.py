@@ -354,6 +354,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     results_dir = Path(cfg.results_dir)
     cid = config_id(cfg)
     success, failure = results_dir / f"{cid}.json", results_dir / f"{cid}.error.json"
+    if HydraConfig.initialized():  # lets the sweep summary find skipped configs too
+        job_dir = Path(HydraConfig.get().runtime.output_dir)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "record_id.txt").write_text(cid)
     if cfg.resume and success.is_file():
         console.print(f"[green]skip {cid}: a success record exists ({success})")
         return json.loads(success.read_text())
@@ -388,8 +392,10 @@ class SweepSummaryCallback(Callback):
     """Hydra callback: print the sweep's results table at the end of a multirun and save it as CSV/Markdown."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep = Path(config.hydra.sweep.dir).name
-        records = [r for r in read_records(config.results_dir) if r.get("sweep") == sweep]
+        sweep_dir = Path(config.hydra.sweep.dir)
+        ids = {p.read_text().strip() for p in sweep_dir.glob("*/record_id.txt")}
+        records = [r for r in read_records(config.results_dir) if r.get("id") in ids]
+        sweep = sweep_dir.name
         if records:
             console.print(results_table(records, title=f"mqb sweep {sweep}"))
         failed = [r for r in records if r.get("status") != "success"]

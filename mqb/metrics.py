@@ -17,6 +17,7 @@ mHD95) averages the per-class means over classes that have at least one non-excl
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -63,11 +64,16 @@ def case_metrics(
     gt_oh = one_hot(gt, num_classes).float()
     spacing = [float(s) for s in spacing]
 
-    dsc = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(pred_oh, gt_oh)[0]
-    nsd = SurfaceDiceMetric(tolerances, include_background=False, reduction="none")(pred_oh, gt_oh, spacing=spacing)[0]
-    hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
-        pred_oh, gt_oh, spacing=spacing
-    )[0]
+    with warnings.catch_warnings():  # MONAI warns on empty structures; the policy below handles them
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        dsc = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(pred_oh, gt_oh)[0]
+        nsd = SurfaceDiceMetric(tolerances, include_background=False, reduction="none")(
+            pred_oh, gt_oh, spacing=spacing
+        )[0]
+        hd95 = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")(
+            pred_oh, gt_oh, spacing=spacing
+        )[0]
 
     in_gt = gt_oh[0, 1:].flatten(1).any(dim=1)
     in_pred = pred_oh[0, 1:].flatten(1).any(dim=1)

@@ -1,0 +1,102 @@
+"""The real CLI: mqb.train then a `python -m mqb.eval -m` sweep, resume, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Tiny synthetic data: 8 cases of 48x48x32, 32^3 windows.
+TINY = [
+    "dataset.source.num_cases=8",
+    "dataset.source.shape=[48,48,32]",
+    "dataset.roi_size=[32,32,32]",
+    "dataset.splits={test: 2, calib: 2, val: 1}",
+    "trainer.progress=false",
+]
+
+
+def run_cli(module: str, *args: str, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module, *args, f"paths.output_dir={tmp / 'out'}", f"paths.cache_dir={tmp / 'cache'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def records(results: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Briefly trained unet and segresnet checkpoints for the tiny synthetic data."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    for model in ("unet", "segresnet"):
+        run_cli("mqb.train", f"model={model}", "train.max_steps=40", "train.val_every=40", *TINY, tmp=tmp)
+        assert (tmp / "cache" / "checkpoints" / "synthetic" / f"{model}.safetensors").is_file()
+    return tmp
+
+
+@pytest.mark.slow
+def test_sweep_two_models_two_granularities(trained):
+    tmp = trained
+    args = ["-m", "model=unet,segresnet", "precision=w8a8", "granularity=per_channel,adaptive", "logger=csv", *TINY]
+    run_cli("mqb.eval", *args, "hydra/launcher=basic", tmp=tmp)
+    run_cli("mqb.eval", "-m", "model=unet,segresnet", "precision=fp32", *TINY, tmp=tmp)
+    results = tmp / "out" / "results"
+    recs = records(results)
+    assert len(recs) == 6 and all(r["status"] == "success" for r in recs)
+    assert len({r["id"] for r in recs}) == 6
+    for r in recs:
+        assert r["untrained"] is False
+        for metric in ("dsc", "nsd"):
+            assert 0.0 <= r["metrics"][metric] <= 1.0
+        for values in r["metrics"]["per_class"].values():
+            assert values["dsc"] is None or 0.0 <= values["dsc"] <= 1.0
+        if r["precision"] == "fp32":
+            assert r["delta_pct"]["dsc"] == 0.0 and r["delta_pct"]["nsd"] == 0.0
+            assert r["baseline"]["cached"] is True  # computed once by the W8A8 sweep
+        else:
+            assert abs(r["delta_pct"]["dsc"]) < 5.0, r["delta_pct"]
+            assert r["realizability"]["groups"]
+            assert r["timings"]["calibration_seconds"] > 0
+        assert r["config"]["dataset"]["source"]["num_cases"] == 8
+    # resuming the same sweep runs nothing new and writes no second record
+    proc = run_cli("mqb.eval", *args, tmp=tmp)
+    assert proc.stdout.count("skip") == 4
+    assert len(records(results)) == 6
+
+
+def test_unknown_model_fails_with_both_messages(tmp_path):
+    proc = run_cli("mqb.eval", "model=medformerx", *TINY, tmp=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "unknown model 'medformerx'" in proc.stderr and "valid model choices" in proc.stderr
+    assert "Could not find 'model/medformerx'" in proc.stderr  # Hydra's own message
+    assert not (tmp_path / "out" / "results").exists()
+
+
+def test_unsupported_precision_fails(tmp_path):
+    proc = run_cli("mqb.eval", "precision=w3a3", *TINY, tmp=tmp_path, check=False)
+    assert proc.returncode != 0 and "unknown precision 'w3a3'" in proc.stderr and "w4a4" in proc.stderr
+
+
+def test_missing_checkpoint_is_a_clear_error_and_no_success_record(tmp_path):
+    proc = run_cli("mqb.eval", "model.checkpoint=/nonexistent/unet.pt", *TINY, tmp=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "model.checkpoint='/nonexistent/unet.pt' does not exist" in proc.stderr
+    results = tmp_path / "out" / "results"
+    assert [p.name.endswith(".error.json") for p in results.glob("*.json")] == [True]
