@@ -210,6 +210,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     float_net = copy.deepcopy(net)
 
     timings: dict[str, float] = {}
+    calibration_cached = None
     bkey = baseline_key(cfg, checkpoint_sha)
     baseline_file = Path(cfg.paths.cache_dir) / "baselines" / f"{bkey}.json"
     if baseline_file.is_file():
@@ -237,11 +238,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         quant_cb = None
         if recipe is not None:
             evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype)
+            range_key = stable_hash({"baseline": bkey, "calibration": cfg.calibration.num_volumes, "v": 1}, 24)
             quant_cb = QuantizationCallback(
                 recipe,
                 lambda: dm.calib_dataloader(cfg.calibration.num_volumes),
                 calibration_forward(evaluator),
                 progress=cfg.trainer.progress,
+                range_cache=Path(cfg.paths.cache_dir) / "calibration" / f"{range_key}.pt",
             )
             callbacks.append(quant_cb)
         else:
@@ -252,6 +255,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         timings["eval_seconds"] = time.perf_counter() - start
         if quant_cb is not None:
             timings["calibration_seconds"] = quant_cb.calibration_seconds
+            calibration_cached = quant_cb.calibration_cached
             timings["eval_seconds"] -= quant_cb.calibration_seconds
             summary = quant_cb.summary
     assert metrics is not None and baseline is not None
@@ -277,6 +281,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "delta_pct": delta,
         "realizability": _realizability(summary),
         "timings": {k: round(v, 3) for k, v in timings.items()},
+        "data": {
+            "test_cases": [c["case"] for c in dm.splits["test"]],
+            "calibration_cases": [c["case"] for c in dm.splits["calib"]][: cfg.calibration.num_volumes],
+            "calibration_cached": calibration_cached,
+        },
         "host": host_info(),
         "git": git_commit(),
         "sweep": sweep,

@@ -75,6 +75,7 @@ def test_sweep_two_models_two_granularities(trained):
             assert r["realizability"]["groups"]
             assert r["timings"]["calibration_seconds"] > 0
         assert r["config"]["dataset"]["source"]["num_cases"] == 8
+        assert r["data"]["test_cases"] and not set(r["data"]["test_cases"]) & set(r["data"]["calibration_cases"])
     # resuming the same sweep runs nothing new and writes no second record
     proc = run_cli("mqb.eval", *args, tmp=tmp)
     assert proc.stdout.count("skip") == 4

@@ -4,7 +4,9 @@ from mqb.quant import QuantRecipe, quantize, calibrate, dequantize, summarize, f
 """
 
 from mqb.quant.api import (
+    apply_input_ranges,
     calibrate,
+    collect_input_ranges,
     dequantize,
     needs_calibration,
     plan,
@@ -40,7 +42,9 @@ __all__ = [
     "Realizability",
     "TensorQuantizer",
     "WeightQuantizer",
+    "apply_input_ranges",
     "calibrate",
+    "collect_input_ranges",
     "dequantize",
     "fake_quantize",
     "get_precision",

@@ -157,6 +157,75 @@ def calibrate(
     return model
 
 
+def collect_input_ranges(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-channel min/max of the input of every conv / conv-transpose / linear layer of a float model.
+
+    One pass serves every min-max recipe: per-tensor ranges are the extremes of the per-channel ones, and the
+    bit width does not enter min-max calibration. Apply them with :func:`apply_input_ranges`.
+    """
+    modules = dict(model.named_modules())
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+
+    def make_hook(name: str, axis: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            dims = [d for d in range(x.ndim) if d != axis % x.ndim]
+            lo, hi = x.amin(dim=dims).float(), x.amax(dim=dims).float()
+            old = stats.get(name)
+            if old is not None:
+                lo, hi = torch.minimum(old["lo"], lo), torch.maximum(old["hi"], hi)
+            stats[name] = {"lo": lo, "hi": hi}
+
+        return hook
+
+    hooks = [
+        modules[info.name].register_forward_pre_hook(make_hook(info.name, -1 if info.kind == "linear" else 1))
+        for info in quantizable_layers(model)
+        if info.kind != "attention"
+    ]
+    run = forward or _default_forward
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not stats:
+        raise ValueError("collect_input_ranges: no quantizable layer saw any data")
+    return stats
+
+
+def apply_input_ranges(model: nn.Module, ranges: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Set every static min-max activation range of a quantized model from :func:`collect_input_ranges` output.
+
+    Equivalent to :func:`calibrate` with the same batches for min-max observers (tested). Raises ``ValueError``
+    for a static quantizer that needs another observer or a layer missing from ``ranges``.
+    """
+    for name, layer in quantized_layers(model):
+        spec = layer.activation_spec
+        if spec is None or spec.dynamic:
+            continue
+        if isinstance(layer, QuantAttention) or spec.observer != "minmax":
+            raise ValueError(f"{name}: static {spec.observer} ranges cannot come from per-channel min/max statistics")
+        if name not in ranges:
+            raise ValueError(f"{name}: no collected input range (was the model changed after collection?)")
+        lo, hi = ranges[name]["lo"], ranges[name]["hi"]
+        if spec.granularity == "per_tensor":
+            lo, hi = lo.min().reshape(1), hi.max().reshape(1)
+        amax = torch.maximum(lo.abs(), hi.abs())
+        ndim = 2 if layer.mqb_info.kind == "linear" else 2 + len(layer.mqb_info.kernel)
+        layer.input_quantizer.load_ranges({"amax": amax, "lo": lo, "hi": hi}, ndim)
+
+
 def dequantize(model: nn.Module, layers: Iterable[str] | str = ("all",)) -> list[str]:
     """Return the quantized layers matching any selector in ``layers`` to float; returns their names.
 

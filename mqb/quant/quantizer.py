@@ -100,6 +100,13 @@ class TensorQuantizer(nn.Module):
         self._observer = None
         self.mode = "quantize"
 
+    def load_ranges(self, ranges: dict[str, torch.Tensor], ndim: int) -> None:
+        """Set static ranges from per-group ``amax``/``lo``/``hi`` vectors (G,) for tensors of rank ``ndim``."""
+        for key, value in ranges.items():
+            setattr(self, key, _broadcast_shape(value, self.spec.granularity, self.axis, ndim))
+        self._observer = None
+        self.mode = "quantize"
+
     def set_range(self, x: torch.Tensor) -> None:
         """Set the static range directly from one tensor (used for weights)."""
         mode = self.mode

@@ -8,6 +8,8 @@ from torch import nn
 
 from mqb.quant import (
     LayerRule,
+    apply_input_ranges,
+    collect_input_ranges,
     QuantRecipe,
     QuantSpec,
     calibrate,
@@ -171,3 +173,25 @@ def test_selectors_include_exclude_and_rules():
     assert layers["5"].activation_spec.granularity == "per_tensor"  # rule
     only_names = quantize(_toy(), QuantRecipe(include=("name:[03]",)))
     assert sorted(dict(quantized_layers(only_names))) == ["0", "3"]
+
+
+@pytest.mark.parametrize("scheme", ["per_tensor", "per_channel", "adaptive"])
+def test_collected_ranges_equal_calibration(scheme):
+    batches = [torch.randn(1, 2, 4, 6, 6), torch.randn(1, 2, 4, 6, 6) * 3]
+    ranges = collect_input_ranges(_toy(), batches)
+    a = quantize(_toy(), QuantRecipe.from_precision("w4a4", granularity=scheme))
+    calibrate(a, batches)
+    b = quantize(_toy(), QuantRecipe.from_precision("w8a8", granularity=scheme))
+    apply_input_ranges(b, ranges)
+    for (name, la), (_, lb) in zip(quantized_layers(a), quantized_layers(b), strict=True):
+        qa, qb = la.input_quantizer, lb.input_quantizer
+        if qa.spec.dynamic:
+            assert qb.amax is None
+            continue
+        assert qa.amax.shape == qb.amax.shape and torch.equal(qa.amax, qb.amax), name
+
+
+def test_apply_ranges_refuses_other_observers():
+    model = quantize(_toy(), QuantRecipe(activation=QuantSpec(bits=8, observer="percentile")))
+    with pytest.raises(ValueError, match="static percentile ranges"):
+        apply_input_ranges(model, collect_input_ranges(_toy(), [torch.randn(1, 2, 4, 6, 6)]))

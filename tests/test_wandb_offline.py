@@ -1,0 +1,66 @@
+"""A real W&B run in offline mode (no key, no network, no WANDB_* variables), read back from its run file."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+from tests.test_eval_cli import TINY, records, run_cli
+
+BLOCK = 32768  # the .wandb file is a LevelDB-style log: 7-byte file header, 32 KiB blocks of chunked records
+
+
+def read_wandb_records(path: Path) -> list[pb.Record]:
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, chunks, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        chunk, pos = data[pos : pos + length], pos + length
+        if kind == 0:
+            break
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind == 3:
+            pending += chunk
+        elif kind == 4:
+            chunks.append(pending + chunk)
+    out = []
+    for chunk in chunks:
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        out.append(record)
+    return out
+
+
+def test_offline_wandb_run_is_written_and_readable(tmp_path):
+    proc = run_cli("mqb.eval", "logger=wandb", "model.checkpoint=null", *TINY, tmp=tmp_path)
+    assert "wandb sync" in proc.stdout + proc.stderr  # tells the user how to upload later
+    (record,) = records(tmp_path / "out" / "results")
+    run_files = list(Path(record["run_dir"]).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    parsed = read_wandb_records(run_files[0])
+    run = next(r.run for r in parsed if r.WhichOneof("record_type") == "run")
+    assert run.display_name == "unet-w8a8-per_channel-rtn"
+    assert {"unet", "w8a8", "per_channel", "rtn", "synthetic"} <= set(run.tags)
+    history = {}
+    for r in parsed:
+        if r.WhichOneof("record_type") == "history":
+            history.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
+    assert abs(history["test/dsc"] - record["metrics"]["dsc"]) < 1e-6
+    assert abs(history["baseline/dsc"] - record["baseline"]["dsc"]) < 1e-6
+    config = next(r.config for r in parsed if r.WhichOneof("record_type") == "config")
+    keys = {item.key or "/".join(item.nested_key) for item in config.update}
+    assert {"model", "precision", "granularity"} <= keys
+    summary_keys = {u.key or "/".join(u.nested_key) for r in parsed if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    assert "untrained" in summary_keys and record["untrained"] is True
