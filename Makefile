@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mqb-installed
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-slow test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: setup
 	$(PY) -m ruff check mqb tests benchmarks
 	$(PY) -m pytest -q -m "not slow"
 
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
 test-all: setup
 	$(PY) -m pytest -q
 
@@ -31,6 +34,7 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/quant_overhead.py
+	$(PY) benchmarks/eval_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

@@ -7,6 +7,8 @@
    adaptive, UNet, synthetic data) vs the same 6 configs as 6 separate ``python -m mqb.eval`` processes, each
    side starting from an empty cache; ratio of wall times. Target <= 0.6.
 
+Both use the UNet that ``make demo`` trains on the synthetic data (trained here first if missing).
+
 Last line: ``eval_ratio=<x> sweep_ratio=<y>``.
 """
 
@@ -26,13 +28,15 @@ from hydra.utils import instantiate
 from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 
+from mqb.checkpoints import load_weights
 from mqb.config import register_configs
 from mqb.eval import CONF_DIR, _evaluator, _trainer
 from mqb.metrics import case_metrics, spacing_from_affine
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["precision=w8a8,w4a4", "granularity=per_tensor,per_channel,adaptive"]
-COMMON = ["model=unet", "model.checkpoint=null", "logger=none", "trainer.progress=false"]
+CHECKPOINT = ROOT / ".cache" / "mqb" / "checkpoints" / "synthetic" / "unet.safetensors"
+COMMON = ["model=unet", f"model.checkpoint={CHECKPOINT}", "logger=none", "trainer.progress=false"]
 
 
 def plain_loop(net: torch.nn.Module, dm, roi, sw_batch: int, overlap: float) -> float:
@@ -62,6 +66,7 @@ def measure_eval(rounds: int, tmp: Path) -> float:
     dm.prepare_data()
     dm.cache_dir = None  # both sides load from the NIfTI files through the same transforms
     net = instantiate(cfg.model.net).eval()
+    load_weights(net, CHECKPOINT)
     plain_t, mqb_t = [], []
     plain_loop(net, dm, dm.roi_size, cfg.eval.sw_batch_size, cfg.eval.overlap)  # warm-up
     for _ in range(rounds):
@@ -90,10 +95,17 @@ def measure_sweep(tmp: Path) -> float:
     return sweep / separate
 
 
+def ensure_checkpoint() -> None:
+    """A trained UNet (the one `make demo` trains): untrained networks give noisy masks, unrepresentative timings."""
+    if not CHECKPOINT.is_file():
+        subprocess.run([sys.executable, "-m", "mqb.train", "model=unet", "trainer.progress=false"], cwd=ROOT, check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    ensure_checkpoint()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         eval_ratio = measure_eval(args.rounds, tmp)
