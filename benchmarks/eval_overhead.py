@@ -46,8 +46,13 @@ def plain_loop(net: torch.nn.Module, dm, roi, sw_batch: int, overlap: float) -> 
         for batch in loader:
             logits = sliding_window_inference(batch["image"], roi, sw_batch, net, overlap, mode="gaussian")
             pred = logits.argmax(1)[0]
-            case_metrics(pred, batch["label"][0, 0], dm.num_classes, spacing_from_affine(batch["image"].affine[0]),
-                         dm.nsd_tolerance_mm)
+            case_metrics(
+                pred,
+                batch["label"][0, 0],
+                dm.num_classes,
+                spacing_from_affine(batch["image"].affine[0]),
+                dm.nsd_tolerance_mm,
+            )
     return time.perf_counter() - start
 
 
@@ -73,8 +78,11 @@ def measure_eval(rounds: int, tmp: Path) -> float:
         plain_t.append(plain_loop(net, dm, dm.roi_size, cfg.eval.sw_batch_size, cfg.eval.overlap))
         mqb_t.append(mqb_loop(cfg, net, dm, tmp / "run"))
     p, m = statistics.median(plain_t), statistics.median(mqb_t)
-    print(f"FP32 eval of {len(dm.splits['test'])} volumes: plain MONAI loop {p:.2f}s, mqb.eval loop {m:.2f}s "
-          f"({m / p:.3f}x) [median of {rounds}]", flush=True)
+    print(
+        f"FP32 eval of {len(dm.splits['test'])} volumes: plain MONAI loop {p:.2f}s, mqb.eval loop {m:.2f}s "
+        f"({m / p:.3f}x) [median of {rounds}]",
+        flush=True,
+    )
     return m / p
 
 
@@ -98,7 +106,9 @@ def measure_sweep(tmp: Path) -> float:
 def ensure_checkpoint() -> None:
     """A trained UNet (the one `make demo` trains): untrained networks give noisy masks, unrepresentative timings."""
     if not CHECKPOINT.is_file():
-        subprocess.run([sys.executable, "-m", "mqb.train", "model=unet", "trainer.progress=false"], cwd=ROOT, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "mqb.train", "model=unet", "trainer.progress=false"], cwd=ROOT, check=True
+        )
 
 
 def main() -> None:

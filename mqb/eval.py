@@ -1,8 +1,8 @@
 """``python -m mqb.eval``: FP32 baseline (cached) + quantized evaluation, one JSON record per config.
 
-    python -m mqb.eval                                           # defaults: unet, synthetic, w8a8, per_channel
-    python -m mqb.eval -m model=unetr,swinunetr_t precision=w4a4 granularity=adaptive
-    python -m mqb.eval --help                                    # groups and choices
+python -m mqb.eval                                           # defaults: unet, synthetic, w8a8, per_channel
+python -m mqb.eval -m model=unetr,swinunetr_t precision=w4a4 granularity=adaptive
+python -m mqb.eval --help                                    # groups and choices
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from mqb.data.module import SegmentationDataModule
 from mqb.lit.callbacks import QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.quant import LayerRule, QuantRecipe
-from mqb.quant.spec import Precision
 from mqb.results import (
     config_id,
     git_commit,
@@ -268,7 +267,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     record = {
         "id": config_id(cfg),
         "status": "success",
-        "created": datetime.now(timezone.utc).isoformat(),
+        "created": datetime.now(UTC).isoformat(),
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
         "precision": cfg.precision.name,
@@ -347,14 +346,32 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
 
     for r in records:
         if r.get("status") != "success":
-            table.add_row(r.get("model", "?"), r.get("dataset", "?"), r.get("precision", "?"), r.get("granularity", "?"),
-                          r.get("method", "?"), "-", "-", "-", f"[red]FAILED: {r.get('error', '')[:60]}")
+            table.add_row(
+                r.get("model", "?"),
+                r.get("dataset", "?"),
+                r.get("precision", "?"),
+                r.get("granularity", "?"),
+                r.get("method", "?"),
+                "-",
+                "-",
+                "-",
+                f"[red]FAILED: {r.get('error', '')[:60]}",
+            )
             continue
         m, d = r["metrics"], r["delta_pct"]
         note = "[red]UNTRAINED" if r.get("untrained") else ""
         hd = f"{m['hd95']:.1f}" if m.get("hd95") is not None else "-"
-        table.add_row(r["model"], r["dataset"], r["precision"], r["granularity"], r["method"],
-                      fmt(m["dsc"], d["dsc"]), fmt(m["nsd"], d["nsd"]), hd, note)
+        table.add_row(
+            r["model"],
+            r["dataset"],
+            r["precision"],
+            r["granularity"],
+            r["method"],
+            fmt(m["dsc"], d["dsc"]),
+            fmt(m["nsd"], d["nsd"]),
+            hd,
+            note,
+        )
     return table
 
 
@@ -376,7 +393,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         error = {
             "id": cid,
             "status": "error",
-            "created": datetime.now(timezone.utc).isoformat(),
+            "created": datetime.now(UTC).isoformat(),
             "model": cfg.model.get("name"),
             "dataset": cfg.dataset.get("name"),
             "precision": cfg.precision.get("name"),
@@ -425,7 +442,9 @@ def _check_group_choices(argv: list[str]) -> list[str]:
         valid = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
         for choice in value.split(","):
             if choice and choice != "null" and choice not in valid:
-                problems.append(f"mqb.eval: unknown {key} {choice!r} in '{arg}'; valid {key} choices: {', '.join(valid)}")
+                problems.append(
+                    f"mqb.eval: unknown {key} {choice!r} in '{arg}'; valid {key} choices: {', '.join(valid)}"
+                )
     return problems
 
 

@@ -10,7 +10,7 @@ loads with ``model.checkpoint=PATH``.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def fit(
         "best_val_dsc": module.best_val_dsc,
         "train_seconds": round(time.perf_counter() - start, 1),
         "git": git_commit(),
-        "created": datetime.now(timezone.utc).isoformat(),
+        "created": datetime.now(UTC).isoformat(),
     }
     save_weights(net, output, metadata)
     return metadata

@@ -27,7 +27,9 @@ def _compose(*overrides: str):
 
 
 def test_groups_have_the_required_choices():
-    assert {"fp32", "fp16", "bf16", "w8a8", "w4a4", "w4a8", "w8a16", "fp8", "mxfp4", "nvfp4"} <= set(_choices("precision"))
+    assert {"fp32", "fp16", "bf16", "w8a8", "w4a4", "w4a8", "w8a16", "fp8", "mxfp4", "nvfp4"} <= set(
+        _choices("precision")
+    )
     assert {"per_tensor", "per_channel", "adaptive"} <= set(_choices("granularity"))
     assert {"unet", "unetr", "swinunetr_t", "swinunetr_s", "swinunetr_b", "segresnet"} <= set(_choices("model"))
     assert {"wandb", "csv", "none"} <= set(_choices("logger"))
@@ -66,7 +68,11 @@ def test_model_choices_instantiate_and_run(model):
 
 @pytest.mark.parametrize("model,params", [("swinunetr_t", 4.1e6), ("swinunetr_s", 15.7e6), ("swinunetr_b", 62.2e6)])
 def test_swinunetr_sizes_match_the_paper(model, params):
-    cfg = _compose(f"model={model}", "dataset.num_classes=14", "dataset.class_names=[" + ",".join("c%d" % i for i in range(14)) + "]")
+    cfg = _compose(
+        f"model={model}",
+        "dataset.num_classes=14",
+        "dataset.class_names=[" + ",".join(f"c{i}" for i in range(14)) + "]",
+    )
     n = sum(p.numel() for p in instantiate(cfg.model.net).parameters())
     assert abs(n - params) / params < 0.03
 

@@ -25,7 +25,9 @@ def run_cli(module: str, *args: str, tmp: Path, check: bool = True) -> subproces
     cmd = [sys.executable, "-m", module, *args, f"paths.output_dir={tmp / 'out'}", f"paths.cache_dir={tmp / 'cache'}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 

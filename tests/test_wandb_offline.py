@@ -56,11 +56,18 @@ def test_offline_wandb_run_is_written_and_readable(tmp_path):
     history = {}
     for r in parsed:
         if r.WhichOneof("record_type") == "history":
-            history.update({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item})
+            history.update(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            )
     assert abs(history["test/dsc"] - record["metrics"]["dsc"]) < 1e-6
     assert abs(history["baseline/dsc"] - record["baseline"]["dsc"]) < 1e-6
     config = next(r.config for r in parsed if r.WhichOneof("record_type") == "config")
     keys = {item.key or "/".join(item.nested_key) for item in config.update}
     assert {"model", "precision", "granularity"} <= keys
-    summary_keys = {u.key or "/".join(u.nested_key) for r in parsed if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    summary_keys = {
+        u.key or "/".join(u.nested_key)
+        for r in parsed
+        if r.WhichOneof("record_type") == "summary"
+        for u in r.summary.update
+    }
     assert "untrained" in summary_keys and record["untrained"] is True

@@ -29,9 +29,7 @@ class CaseSource(Protocol):
     def cases(self) -> list[dict[str, str]]: ...
 
 
-def split_cases(
-    cases: Sequence[dict[str, str]], sizes: dict[str, int], seed: int
-) -> dict[str, list[dict[str, str]]]:
+def split_cases(cases: Sequence[dict[str, str]], sizes: dict[str, int], seed: int) -> dict[str, list[dict[str, str]]]:
     """Disjoint seeded splits. ``sizes`` gives val/calib/test counts; train gets the rest (or ``sizes['train']``).
 
     Raises ``ValueError`` when the requested sizes exceed the number of cases.

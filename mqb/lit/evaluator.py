@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import lightning as L
 import numpy as np
 import torch
@@ -102,4 +103,3 @@ class SegmentationEvaluator(L.LightningModule):
 def calibration_forward(evaluator: SegmentationEvaluator):
     """``forward(model, batch)`` for :func:`mqb.quant.calibrate`: sliding windows over calibration volumes."""
     return lambda model, batch: evaluator.sliding_window(batch["image"].to(evaluator.device), model)
-

@@ -8,11 +8,11 @@ from torch import nn
 
 from mqb.quant import (
     LayerRule,
-    apply_input_ranges,
-    collect_input_ranges,
     QuantRecipe,
     QuantSpec,
+    apply_input_ranges,
     calibrate,
+    collect_input_ranges,
     dequantize,
     fake_quantize,
     quantize,
