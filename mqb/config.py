@@ -64,6 +64,7 @@ class CalibrationConfig:
     observer: str = "minmax"
     percentile: float = 99.99
     num_volumes: int = 4
+    seed: int = 0
 
 
 @dataclass

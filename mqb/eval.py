@@ -210,6 +210,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     timings: dict[str, float] = {}
     calibration_cached = None
+    calib = dm.calibration_indices(cfg.calibration.num_volumes, cfg.calibration.seed)
     bkey = baseline_key(cfg, checkpoint_sha)
     baseline_file = Path(cfg.paths.cache_dir) / "baselines" / f"{bkey}.json"
     if baseline_file.is_file():
@@ -237,10 +238,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         quant_cb = None
         if recipe is not None:
             evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype)
-            range_key = stable_hash({"baseline": bkey, "calibration": cfg.calibration.num_volumes, "v": 1}, 24)
+            range_key = stable_hash({"baseline": bkey, "calibration": calib, "v": 1}, 24)
             quant_cb = QuantizationCallback(
                 recipe,
-                lambda: dm.calib_dataloader(cfg.calibration.num_volumes),
+                lambda: dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed),
                 calibration_forward(evaluator),
                 progress=cfg.trainer.progress,
                 range_cache=Path(cfg.paths.cache_dir) / "calibration" / f"{range_key}.pt",
@@ -282,7 +283,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "data": {
             "test_cases": [c["case"] for c in dm.splits["test"]],
-            "calibration_cases": [c["case"] for c in dm.splits["calib"]][: cfg.calibration.num_volumes],
+            "calibration_cases": [dm.splits["calib"][i]["case"] for i in calib],
             "calibration_cached": calibration_cached,
         },
         "host": host_info(),

@@ -169,10 +169,10 @@ class SegmentationDataModule(L.LightningDataModule):
         cache = Path(self.cache_dir) / "persistent" / self.name
         return PersistentDataset(data, transforms, cache_dir=cache, hash_transform=pickle_hashing)
 
-    def _eval_loader(self, split: str, limit: int | None = None) -> DataLoader:
+    def _eval_loader(self, split: str, indices: Sequence[int] | None = None) -> DataLoader:
         dataset = self._dataset(split, self.eval_transforms())
-        if limit is not None:
-            dataset = torch.utils.data.Subset(dataset, range(min(limit, len(dataset))))
+        if indices is not None:
+            dataset = torch.utils.data.Subset(dataset, list(indices))
         return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=self.num_workers)
 
     # -- loaders -------------------------------------------------------------------------------------------
@@ -190,6 +190,12 @@ class SegmentationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
 
-    def calib_dataloader(self, num_volumes: int | None = None) -> DataLoader:
+    def calibration_indices(self, num_volumes: int | None = None, seed: int = 0) -> list[int]:
+        """A seeded choice of ``num_volumes`` calibration volumes (all of them when ``None``)."""
+        total = len(self.splits["calib"])
+        count = total if num_volumes is None else min(int(num_volumes), total)
+        return sorted(np.random.default_rng(seed).permutation(total)[:count].tolist())
+
+    def calib_dataloader(self, num_volumes: int | None = None, seed: int = 0) -> DataLoader:
         """Calibration volumes: never the test split (disjoint by construction)."""
-        return self._eval_loader("calib", num_volumes)
+        return self._eval_loader("calib", self.calibration_indices(num_volumes, seed))
