@@ -449,8 +449,8 @@ def _check_group_choices(argv: list[str]) -> list[str]:
     return problems
 
 
-@hydra.main(config_path="../conf", config_name="eval", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
+def run_task(cfg: DictConfig) -> None:
+    """The Hydra task: one config. Module-level and undecorated so launchers pickle it by reference."""
     try:
         run_job(cfg)
     except (CheckpointError, ValueError, FileNotFoundError) as err:
@@ -466,6 +466,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         raise
 
 
+_hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")(run_task)
+
+
 def main() -> None:
     for problem in _check_group_choices(sys.argv[1:]):
         print(problem, file=sys.stderr)
@@ -475,4 +478,8 @@ def main() -> None:
 register_configs()
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module, not this __main__ copy: launchers (submitit) pickle the task function, which
+    # must be pickled by reference to mqb.eval, not by value with this module's globals.
+    from mqb.eval import main as _main
+
+    _main()

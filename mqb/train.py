@@ -24,6 +24,8 @@ from mqb.config import register_configs
 from mqb.lit.trainer import SegmentationTrainer
 from mqb.results import git_commit
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
 
 def fit(
     model_cfg: DictConfig,
@@ -77,8 +79,8 @@ def fit(
     return metadata
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_task(cfg: DictConfig) -> None:
+    """The Hydra task (module-level and undecorated so launchers pickle it by reference)."""
     metadata = fit(
         cfg.model,
         cfg.dataset,
@@ -91,7 +93,13 @@ def main(cfg: DictConfig) -> None:
     print(f"saved {cfg.output} (steps {metadata['steps']}, best val DSC {metadata['best_val_dsc']})")
 
 
+main = hydra.main(config_path=str(CONF_DIR), config_name="train", version_base="1.3")(run_task)
+
 register_configs()
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module, not this __main__ copy: launchers (submitit) pickle the task function, which
+    # must be pickled by reference to mqb.train, not by value with this module's globals.
+    from mqb.train import main as _main
+
+    _main()

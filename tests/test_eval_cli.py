@@ -84,6 +84,16 @@ def test_sweep_two_models_two_granularities(trained):
     assert len(records(results)) == 6
 
 
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_a_sweep(tmp_path):
+    args = ["-m", "hydra/launcher=submitit_local", "precision=w8a8,w4a4", "model.checkpoint=null", *TINY]
+    run_cli("mqb.eval", *args, tmp=tmp_path)
+    recs = records(tmp_path / "out" / "results")
+    assert sorted(r["precision"] for r in recs) == ["w4a4", "w8a8"]
+    assert all(r["status"] == "success" and r["untrained"] for r in recs)
+    assert len({r["baseline"]["key"] for r in recs}) == 1
+
+
 def test_unknown_model_fails_with_both_messages(tmp_path):
     proc = run_cli("mqb.eval", "model=medformerx", *TINY, tmp=tmp_path, check=False)
     assert proc.returncode != 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,7 +102,8 @@ class SyntheticPhantoms:
 
 
 def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
-    tmp = path.with_name(path.stem + ".tmp.nii")
+    """Write to a unique temporary name, then rename: concurrent jobs never see a half-written file."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.nii")
     nib.save(img, tmp)
     tmp.replace(path)
 
