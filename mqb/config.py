@@ -7,6 +7,7 @@ fails at composition time, before any work, with Hydra's message naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -86,7 +87,7 @@ class PathsConfig:
     output_dir: str = "outputs"
     cache_dir: str = ".cache/mqb"
     checkpoints: str = "${paths.cache_dir}/checkpoints"
-    shared_data: str = "../shared/data"
+    shared_data: str = str(Path(__file__).resolve().parents[2] / "shared" / "data")
 
 
 @dataclass

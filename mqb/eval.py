@@ -32,6 +32,7 @@ import mqb
 from mqb.checkpoints import CheckpointError, file_sha256, load_weights
 from mqb.config import EVAL_GROUPS, register_configs
 from mqb.data.module import SegmentationDataModule
+from mqb.data.sources import DatasetError
 from mqb.lit.callbacks import QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.quant import LayerRule, QuantRecipe
@@ -45,6 +46,8 @@ from mqb.results import (
 )
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+#: Bumped whenever evaluation results change for the same inputs, invalidating cached baselines.
+PIPELINE_VERSION = 2
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
@@ -171,6 +174,7 @@ def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
             "dataset": dataset,
             "eval": OmegaConf.to_container(cfg.eval, resolve=True),
             "mqb": mqb.__version__,
+            "pipeline": PIPELINE_VERSION,
         },
         length=24,
     )
@@ -224,6 +228,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         baseline = evaluator.results
         write_json_atomic(baseline_file, baseline)
         timings["baseline_seconds"] = time.perf_counter() - start
+        timings["baseline_data_seconds"] = evaluator.data_seconds
         baseline_cached = False
 
     logger = build_logger(cfg, run_dir, sweep)
@@ -253,6 +258,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         _trainer(cfg, logger, run_dir, callbacks).test(evaluator, datamodule=dm, verbose=False)
         metrics = evaluator.results
         timings["eval_seconds"] = time.perf_counter() - start
+        timings["data_seconds"] = evaluator.data_seconds
         if quant_cb is not None:
             timings["calibration_seconds"] = quant_cb.calibration_seconds
             calibration_cached = quant_cb.calibration_cached
@@ -400,7 +406,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
             "precision": cfg.precision.get("name"),
             "granularity": cfg.granularity.get("name"),
             "method": cfg.method.get("name"),
-            "error": f"{type(err).__name__}: {err}",
+            "error": f"{type(_user_error(err) or err).__name__}: {_user_error(err) or err}",
             "traceback": traceback.format_exc(),
             "sweep": Path(HydraConfig.get().sweep.dir).name if _is_multirun() else None,
             "config": OmegaConf.to_container(cfg, resolve=False),
@@ -431,6 +437,16 @@ class SweepSummaryCallback(Callback):
             sys.exit(1)
 
 
+def _user_error(err: BaseException) -> BaseException | None:
+    """The bad-input error behind ``err`` (also when wrapped by MONAI/Lightning), or ``None`` for a bug."""
+    seen = err
+    while seen is not None:
+        if isinstance(seen, (CheckpointError, DatasetError, ValueError, FileNotFoundError)):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _check_group_choices(argv: list[str]) -> list[str]:
     """Our message for a wrong group choice (Hydra's follows): which group, which value, the valid values."""
     problems = []
@@ -453,16 +469,14 @@ def run_task(cfg: DictConfig) -> None:
     """The Hydra task: one config. Module-level and undecorated so launchers pickle it by reference."""
     try:
         run_job(cfg)
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
-        if _is_multirun():
-            console.print(f"[red]config failed (error record written): {type(err).__name__}: {err}")
-            return
-        print(f"mqb.eval: error: {err}", file=sys.stderr)
-        sys.exit(2)
     except Exception as err:  # noqa: BLE001
+        user_error = _user_error(err)
         if _is_multirun():
-            console.print(f"[red]config failed (error record written): {type(err).__name__}: {err}")
+            console.print(f"[red]config failed (error record written): {user_error or err}")
             return
+        if user_error is not None:
+            print(f"mqb.eval: error: {user_error}", file=sys.stderr)
+            sys.exit(2)
         raise
 
 

@@ -65,6 +65,8 @@ def test_sweep_two_models_two_granularities(trained):
     assert len({r["id"] for r in recs}) == 6
     for r in recs:
         assert r["untrained"] is False
+        for case in r["metrics"]["per_case"].values():  # the real voxel spacing reached the metrics
+            assert case["spacing_mm"] == [1.5, 1.5, 2.0]
         for metric in ("dsc", "nsd"):
             assert 0.0 <= r["metrics"][metric] <= 1.0
         for values in r["metrics"]["per_class"].values():

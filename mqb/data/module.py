@@ -11,16 +11,22 @@ seeded train / val / calibration / test sets and builds MONAI pipelines:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
+import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as T
 from monai.data import DataLoader, Dataset, PersistentDataset
+from monai.data.meta_tensor import MetaTensor
 from monai.data.utils import pickle_hashing
+from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
+
+from mqb.data.sources import DatasetError
 
 SPLITS = ("train", "val", "calib", "test")
 
@@ -29,27 +35,137 @@ class CaseSource(Protocol):
     def cases(self) -> list[dict[str, str]]: ...
 
 
-def split_cases(cases: Sequence[dict[str, str]], sizes: dict[str, int], seed: int) -> dict[str, list[dict[str, str]]]:
-    """Disjoint seeded splits. ``sizes`` gives val/calib/test counts; train gets the rest (or ``sizes['train']``).
+def split_cases(
+    cases: Sequence[dict[str, str]],
+    sizes: dict[str, int],
+    seed: int,
+    pinned: dict[str, list[str]] | None = None,
+) -> dict[str, list[dict[str, str]]]:
+    """Disjoint splits.
 
-    Raises ``ValueError`` when the requested sizes exceed the number of cases.
+    Cases that carry a ``"split"`` key, or are named in ``pinned`` (``{"test": [case, ...], ...}``, e.g. from
+    ``dataset.split_file``), keep that split. The others are assigned by a seeded permutation: ``sizes`` gives
+    the val/calib/test counts and train gets the rest (or ``sizes['train']``). Raises ``ValueError`` when the
+    requested sizes exceed the available cases or a pinned case does not exist.
     """
-    unknown = set(sizes) - set(SPLITS)
+    unknown = set(sizes) - set(SPLITS) | (set(pinned or {}) - set(SPLITS))
     if unknown:
         raise ValueError(f"dataset.splits has unknown split(s) {sorted(unknown)}; valid: {list(SPLITS)}")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    fixed = {k: int(sizes.get(k, 0)) for k in ("test", "calib", "val")}
+    by_name = {c["case"]: c for c in cases}
+    if len(by_name) != len(cases):
+        raise ValueError("dataset: case names are not unique")
+    out: dict[str, list[dict[str, str]]] = {name: [] for name in SPLITS}
+    assigned: set[str] = set()
+    for name, members in (pinned or {}).items():
+        for case in members:
+            if case not in by_name:
+                raise ValueError(f"dataset.split_file pins case {case!r} to {name!r} but the dataset has no such case")
+            if case in assigned:
+                raise ValueError(f"dataset.split_file pins case {case!r} to more than one split")
+            out[name].append(by_name[case])
+            assigned.add(case)
+    for c in cases:
+        if "split" in c and c["case"] not in assigned:
+            if c["split"] not in SPLITS:
+                raise ValueError(f"case {c['case']!r} has split {c['split']!r}; valid: {list(SPLITS)}")
+            out[c["split"]].append(c)
+            assigned.add(c["case"])
+    free = [c for c in cases if c["case"] not in assigned]
+    order = np.random.default_rng(seed).permutation(len(free))
+    fixed = {k: max(0, int(sizes.get(k, 0)) - len(out[k])) for k in ("test", "calib", "val")}
     need = sum(fixed.values()) + (int(sizes["train"]) if "train" in sizes else 0)
-    if need > len(cases) or any(v < 0 for v in fixed.values()):
-        raise ValueError(f"dataset.splits {dict(sizes)} asks for {need} cases but the source has {len(cases)}")
-    out: dict[str, list[dict[str, str]]] = {}
+    if need > len(free) or any(int(v) < 0 for v in sizes.values()):
+        raise ValueError(f"dataset.splits {dict(sizes)} asks for {need} unpinned cases but only {len(free)} are left")
     start = 0
     for name in ("test", "calib", "val"):
-        out[name] = [cases[i] for i in order[start : start + fixed[name]]]
+        out[name] += [free[i] for i in order[start : start + fixed[name]]]
         start += fixed[name]
     rest = order[start:] if "train" not in sizes else order[start : start + int(sizes["train"])]
-    out["train"] = [cases[i] for i in rest]
+    out["train"] += [free[i] for i in rest]
     return out
+
+
+try:  # numpy >= 2
+    from numpy._core import multiarray as np_multiarray
+except ImportError:  # numpy 1.26
+    from numpy.core import multiarray as np_multiarray  # type: ignore[no-redef]
+
+#: What a cached MetaTensor item holds besides tensors: allow-listed for ``torch.load(weights_only=True)``.
+_CACHE_SAFE_GLOBALS = [
+    MetaTensor,
+    TraceKeys,
+    SpaceKeys,
+    MetaKeys,
+    np.dtype,
+    np.ndarray,
+    np_multiarray._reconstruct,
+    *(
+        type(np.dtype(t))
+        for t in ("float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "bool")
+    ),
+]
+
+
+class MetaPersistentDataset(PersistentDataset):
+    """``PersistentDataset`` whose cached items keep their MetaTensor metadata (affine -> voxel spacing) and
+    are still read with ``weights_only=True`` (only the data types above are allowed, no code)."""
+
+    def _cachecheck(self, item_transformed: Any) -> Any:
+        with torch.serialization.safe_globals(_CACHE_SAFE_GLOBALS):
+            return super()._cachecheck(item_transformed)
+
+
+class CheckLabelsd(T.MapTransform):
+    """Fail with the case and file when a label map holds values outside ``0..num_classes-1``."""
+
+    def __init__(self, num_classes: int, key: str = "label") -> None:
+        super().__init__([key], allow_missing_keys=True)
+        self.num_classes = num_classes
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        for key in self.key_iterator(data):
+            label = data[key]
+            values = torch.unique(torch.as_tensor(label))
+            bad = values[(values < 0) | (values >= self.num_classes) | (values != values.round())]
+            if bad.numel():
+                path = getattr(label, "meta", {}).get("filename_or_obj", "?")
+                shown = [int(v) if float(v).is_integer() else float(v) for v in bad[:10].tolist()]
+                raise DatasetError(
+                    f"case {data.get('case', '?')!r}: label file {str(path)!r} has values {shown} outside "
+                    f"the class table 0..{self.num_classes - 1}"
+                )
+        return data
+
+
+def validate_cases(cases: Sequence[dict[str, str]]) -> None:
+    """Check every case's files up front from their headers: readable NIfTI, image/label shape and affine agree."""
+    for c in cases:
+        headers = {}
+        for role in ("image", "label"):
+            if role not in c:
+                continue
+            path = c[role]
+            if not Path(path).is_file():
+                raise DatasetError(f"case {c['case']!r}: {role} file {path!r} is missing")
+            try:
+                headers[role] = nib.load(path)
+                headers[role].header.get_data_shape()
+            except Exception as err:  # noqa: BLE001
+                raise DatasetError(
+                    f"case {c['case']!r}: {role} file {path!r} is not a readable NIfTI ({err})"
+                ) from None
+        if "label" in headers:
+            image, label = headers["image"], headers["label"]
+            if image.shape[:3] != label.shape[:3]:
+                raise DatasetError(
+                    f"case {c['case']!r}: image {c['image']!r} shape {image.shape} != label {c['label']!r} shape "
+                    f"{label.shape}"
+                )
+            if not np.allclose(image.affine, label.affine, atol=1e-3):
+                raise DatasetError(
+                    f"case {c['case']!r}: image {c['image']!r} and label {c['label']!r} have different affines "
+                    "(not aligned in space)"
+                )
 
 
 class SegmentationDataModule(L.LightningDataModule):
@@ -68,6 +184,11 @@ class SegmentationDataModule(L.LightningDataModule):
         cache_dir: root of the on-disk preprocessing cache (``None`` disables it).
         num_workers / batch_size / samples_per_volume: training loader settings.
         nsd_tolerance_mm: NSD tolerance per foreground class (or one value for all), in mm.
+        split_file: JSON ``{"test": [case, ...], "calib": [...], ...}`` pinning cases to splits.
+        test_cases / calib_cases: keep only the first N cases of the test / calibration split (quick runs).
+        validate: check every case's headers (shape, affine, readability) before any work.
+        root: the dataset folder (``dataset.root``; the source reads it, kept here for records).
+        axcodes: orientation every volume is brought to (``RAS``; ``LIA`` for FreeSurfer-conformed brain models).
     """
 
     def __init__(
@@ -75,7 +196,7 @@ class SegmentationDataModule(L.LightningDataModule):
         name: str,
         source: CaseSource,
         num_classes: int,
-        class_names: Sequence[str],
+        class_names: Sequence[str] | None,
         splits: dict[str, int],
         split_seed: int = 0,
         intensity: dict[str, Any] | None = None,
@@ -87,8 +208,16 @@ class SegmentationDataModule(L.LightningDataModule):
         samples_per_volume: int = 2,
         in_channels: int = 1,
         nsd_tolerance_mm: Sequence[float] = (2.0,),
+        split_file: str | None = None,
+        test_cases: int | None = None,
+        calib_cases: int | None = None,
+        validate: bool = True,
+        axcodes: str = "RAS",
+        root: str | None = None,
     ) -> None:
         super().__init__()
+        if class_names is None:
+            class_names = list(source.class_names)  # type: ignore[attr-defined]
         if len(class_names) != num_classes:
             raise ValueError(
                 f"dataset {name!r}: class_names has {len(class_names)} entries but num_classes={num_classes}"
@@ -113,13 +242,33 @@ class SegmentationDataModule(L.LightningDataModule):
                 f"dataset {name!r}: nsd_tolerance_mm has {len(self.nsd_tolerance_mm)} values; "
                 f"valid: 1 (all classes) or {self.num_classes - 1} (one per foreground class)"
             )
+        self.split_file = split_file
+        self.test_cases = test_cases
+        self.calib_cases = calib_cases
+        self.validate = validate
+        self.axcodes = axcodes
+        self.root = root
         self._splits: dict[str, list[dict[str, str]]] | None = None
 
     # -- splits --------------------------------------------------------------------------------------------
     @property
     def splits(self) -> dict[str, list[dict[str, str]]]:
         if self._splits is None:
-            self._splits = split_cases(self.source.cases(), self.split_sizes, self.split_seed)
+            cases = self.source.cases()
+            pinned = None
+            if self.split_file:
+                path = Path(self.split_file)
+                if not path.is_file():
+                    raise DatasetError(f"dataset.split_file {str(path)!r} does not exist")
+                pinned = json.loads(path.read_text())
+            splits = split_cases(cases, self.split_sizes, self.split_seed, pinned)
+            if self.test_cases is not None:
+                splits["test"] = splits["test"][: self.test_cases]
+            if self.calib_cases is not None:
+                splits["calib"] = splits["calib"][: self.calib_cases]
+            if self.validate:
+                validate_cases([c for split in splits.values() for c in split])
+            self._splits = splits
         return self._splits
 
     def prepare_data(self) -> None:
@@ -129,16 +278,28 @@ class SegmentationDataModule(L.LightningDataModule):
     def eval_transforms(self) -> T.Compose:
         keys = ["image", "label"]
         chain: list[Any] = [
-            T.LoadImaged(keys=keys, image_only=True),
-            T.EnsureChannelFirstd(keys=keys),
-            T.Orientationd(keys=keys, axcodes="RAS", labels=None),
+            T.LoadImaged(keys=keys, image_only=True, allow_missing_keys=True),
+            CheckLabelsd(self.num_classes),
+            T.EnsureChannelFirstd(keys=keys, allow_missing_keys=True),
+            T.Orientationd(keys=keys, axcodes=self.axcodes, labels=None, allow_missing_keys=True),
         ]
         if self.pixdim:
-            chain.append(T.Spacingd(keys=keys, pixdim=self.pixdim, mode=("bilinear", "nearest")))
+            chain.append(
+                T.Spacingd(keys=keys, pixdim=self.pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True)
+            )
         if self.intensity:
-            chain.append(T.ScaleIntensityRanged(keys=["image"], **self.intensity))
-        chain.append(T.EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=True))
+            chain.append(self.intensity_transform())
+        chain.append(
+            T.EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=True, allow_missing_keys=True)
+        )
         return T.Compose(chain)
+
+    def intensity_transform(self) -> T.MapTransform:
+        """``{"a_min", "a_max", ...}``: fixed window (CT); ``{"lower", "upper", ...}``: percentile window (MRI)."""
+        assert self.intensity is not None
+        if "lower" in self.intensity:
+            return T.ScaleIntensityRangePercentilesd(keys=["image"], **self.intensity)
+        return T.ScaleIntensityRanged(keys=["image"], **self.intensity)
 
     def train_transforms(self) -> T.Compose:
         keys = ["image", "label"]
@@ -167,7 +328,8 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.cache_dir is None:
             return Dataset(data, transforms)
         cache = Path(self.cache_dir) / "persistent" / self.name
-        return PersistentDataset(data, transforms, cache_dir=cache, hash_transform=pickle_hashing)
+        # track_meta: cached items keep their MetaTensor affine (voxel spacing for NSD/HD95)
+        return MetaPersistentDataset(data, transforms, cache_dir=cache, hash_transform=pickle_hashing, track_meta=True)
 
     def _eval_loader(self, split: str, indices: Sequence[int] | None = None) -> DataLoader:
         dataset = self._dataset(split, self.eval_transforms())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -51,6 +53,7 @@ class SegmentationEvaluator(L.LightningModule):
         self.case_results: list[dict[str, np.ndarray]] = []
         self.case_ids: list[str] = []
         self.results: dict[str, object] | None = None
+        self.data_seconds = 0.0
 
     def sliding_window(self, image: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits for a whole volume (B, C_in, X, Y, Z) by Gaussian-weighted sliding windows."""
@@ -73,6 +76,16 @@ class SegmentationEvaluator(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.case_results, self.case_ids, self.results = [], [], None
+        self.case_spacing: list[tuple[float, float, float]] = []
+        self.data_seconds = 0.0
+        self._last_batch_end = time.perf_counter()
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Time since the previous batch finished = time spent loading this one."""
+        self.data_seconds += time.perf_counter() - self._last_batch_end
+
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._last_batch_end = time.perf_counter()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
@@ -81,9 +94,9 @@ class SegmentationEvaluator(L.LightningModule):
         cases = batch.get("case", [f"volume{batch_idx}_{i}" for i in range(image.shape[0])])
         for i in range(image.shape[0]):
             affine = affines[i] if affines.ndim == 3 else affines
-            metrics = case_metrics(
-                prediction[i], label[i, 0], self.num_classes, spacing_from_affine(affine), self.nsd_tolerance_mm
-            )
+            spacing = spacing_from_affine(affine)
+            metrics = case_metrics(prediction[i], label[i, 0], self.num_classes, spacing, self.nsd_tolerance_mm)
+            self.case_spacing.append(spacing)
             self.case_results.append(metrics)
             self.case_ids.append(str(cases[i]))
             self.log("test/case_dsc", float(np.nanmean(metrics["dsc"])), batch_size=1, on_step=True, on_epoch=False)
@@ -91,8 +104,11 @@ class SegmentationEvaluator(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.results = aggregate(self.case_results, self.class_names)
         self.results["per_case"] = {
-            case: {m: [None if np.isnan(v) else float(v) for v in r[m]] for m in r}
-            for case, r in zip(self.case_ids, self.case_results, strict=True)
+            case: {
+                "spacing_mm": list(spacing),
+                **{m: [None if np.isnan(v) else float(v) for v in r[m]] for m in r},
+            }
+            for case, r, spacing in zip(self.case_ids, self.case_results, self.case_spacing, strict=True)
         }
         for metric in ("dsc", "nsd", "hd95"):
             value = self.results[metric]
