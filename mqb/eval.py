@@ -41,6 +41,7 @@ from mqb.results import (
     git_commit,
     host_info,
     read_records,
+    save_tensors_atomic,
     stable_hash,
     write_json_atomic,
 )
@@ -146,7 +147,9 @@ def _trainer(cfg: DictConfig, logger: Any, run_dir: Path, callbacks: list[L.Call
     )
 
 
-def _evaluator(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, dtype: str) -> SegmentationEvaluator:
+def _evaluator(
+    cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, dtype: str, **kwargs: Any
+) -> SegmentationEvaluator:
     return SegmentationEvaluator(
         net,
         class_names=dm.class_names,
@@ -156,6 +159,7 @@ def _evaluator(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule
         mode=cfg.eval.mode,
         nsd_tolerance_mm=dm.nsd_tolerance_mm,
         compute_dtype=dtype,
+        **kwargs,
     )
 
 
@@ -217,15 +221,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     calib = dm.calibration_indices(cfg.calibration.num_volumes, cfg.calibration.seed)
     bkey = baseline_key(cfg, checkpoint_sha)
     baseline_file = Path(cfg.paths.cache_dir) / "baselines" / f"{bkey}.json"
-    if baseline_file.is_file():
+    labelled = dm.test_has_labels
+    predictions_file = baseline_file.with_suffix(".predictions.pt")
+    reference = None
+    if not labelled and predictions_file.is_file():
+        try:
+            reference = torch.load(predictions_file, weights_only=True)
+        except Exception:  # noqa: BLE001  (unreadable cache: recompute the reference below)
+            reference = None
+    if baseline_file.is_file() and (labelled or reference is not None):
         baseline = json.loads(baseline_file.read_text())
         timings["baseline_seconds"] = 0.0
         baseline_cached = True
     else:
         start = time.perf_counter()
-        evaluator = _evaluator(cfg, float_net, dm, "float32")
+        evaluator = _evaluator(cfg, float_net, dm, "float32", keep_predictions=not labelled)
         _trainer(cfg, None, run_dir, []).test(evaluator, datamodule=dm, verbose=False)
         baseline = evaluator.results
+        if not labelled:  # no labels: the FP32 prediction is the reference of every quantized run
+            reference = evaluator.predictions
+            save_tensors_atomic(predictions_file, reference)
         write_json_atomic(baseline_file, baseline)
         timings["baseline_seconds"] = time.perf_counter() - start
         timings["baseline_data_seconds"] = evaluator.data_seconds
@@ -242,7 +257,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         callbacks: list[L.Callback] = []
         quant_cb = None
         if recipe is not None:
-            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype)
+            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=reference)
             range_key = stable_hash({"baseline": bkey, "calibration": calib, "v": 1}, 24)
             quant_cb = QuantizationCallback(
                 recipe,
@@ -253,7 +268,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
             callbacks.append(quant_cb)
         else:
-            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype)
+            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=reference)
         start = time.perf_counter()
         _trainer(cfg, logger, run_dir, callbacks).test(evaluator, datamodule=dm, verbose=False)
         metrics = evaluator.results
@@ -281,6 +296,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "granularity": cfg.granularity.name if recipe is not None else "-",
         "method": cfg.method.name if recipe is not None else "-",
         "untrained": untrained,
+        "reference": "labels" if labelled else "fp32_prediction",
         "checkpoint": {"path": str(checkpoint) if checkpoint else None, "sha256": checkpoint_sha},
         "metrics": metrics,
         "baseline": {"key": bkey, "cached": baseline_cached, **{k: baseline[k] for k in ("dsc", "nsd", "hd95")}},

@@ -69,6 +69,15 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     os.replace(tmp, target)
 
 
+def save_tensors_atomic(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> None:
+    """``torch.save`` a dict of tensors through a unique temporary file and a rename."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    torch.save(tensors, tmp)
+    os.replace(tmp, target)
+
+
 def read_records(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """All success and error records of a results directory, sorted by creation time."""
     folder = Path(results_dir)

@@ -271,6 +271,11 @@ class SegmentationDataModule(L.LightningDataModule):
             self._splits = splits
         return self._splits
 
+    @property
+    def test_has_labels(self) -> bool:
+        """Whether every test volume has a label map (else FP32 predictions are the reference)."""
+        return all("label" in c for c in self.splits["test"])
+
     def prepare_data(self) -> None:
         self.splits  # noqa: B018  (materialises the source's files once)
 

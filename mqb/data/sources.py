@@ -339,3 +339,35 @@ class BrainAsegSample:
                 "split": "calib",
             },
         ]
+
+
+@dataclass(frozen=True)
+class BrainT1Crop:
+    """The real brainchop T1 head MRI (256^3, 1 mm, LIA, with skull), **no labels**: quantized runs are scored
+    against the FP32 model's prediction (agreement metrics). Calibrated on a different brain (the VoxelMorph T1).
+    """
+
+    shared_data: str = "../shared/data"
+    num_classes: int = 18
+
+    @property
+    def class_names(self) -> list[str]:
+        if self.num_classes == len(BRAIN18_CLASSES):
+            return list(BRAIN18_CLASSES)
+        return ["background", *(f"class_{i}" for i in range(1, self.num_classes))]
+
+    def cases(self) -> list[dict[str, str]]:
+        shared = Path(self.shared_data)
+        folder = _require_dir(
+            shared / "brainchop_t1_meshnet", "paths.shared_data", "set it to the folder holding brainchop_t1_meshnet/"
+        )
+        image = _require_file(folder / "t1_crop.nii.gz", "brainchop_t1_crop", "image")
+        calib = shared / "voxelmorph_brain_t1_aseg" / "test_scan_t1.nii.gz"
+        return [
+            {"case": "brainchop_t1_crop", "image": image, "split": "test"},
+            {
+                "case": "voxelmorph_test_scan",
+                "image": _require_file(calib, "voxelmorph_test_scan", "image"),
+                "split": "calib",
+            },
+        ]

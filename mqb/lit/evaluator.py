@@ -25,6 +25,9 @@ class SegmentationEvaluator(L.LightningModule):
         roi_size / sw_batch_size / overlap / mode: MONAI ``sliding_window_inference`` settings.
         nsd_tolerance_mm: NSD tolerance per foreground class (or one value for all).
         compute_dtype: ``float32``, ``float16`` or ``bfloat16`` (network weights and inputs cast to it).
+        reference_predictions: for volumes without labels, the FP32 label maps to compare against (agreement
+            metrics); a volume with neither is compared with its own prediction (the FP32 reference run).
+        keep_predictions: keep each case's argmax label map in ``predictions`` (uint8, CPU).
     """
 
     def __init__(
@@ -37,6 +40,8 @@ class SegmentationEvaluator(L.LightningModule):
         mode: str = "gaussian",
         nsd_tolerance_mm: Sequence[float] = (2.0,),
         compute_dtype: str = "float32",
+        reference_predictions: dict[str, torch.Tensor] | None = None,
+        keep_predictions: bool = False,
     ) -> None:
         super().__init__()
         if compute_dtype not in DTYPES:
@@ -54,6 +59,9 @@ class SegmentationEvaluator(L.LightningModule):
         self.case_ids: list[str] = []
         self.results: dict[str, object] | None = None
         self.data_seconds = 0.0
+        self.reference_predictions = reference_predictions
+        self.keep_predictions = keep_predictions
+        self.predictions: dict[str, torch.Tensor] = {}
 
     def sliding_window(self, image: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits for a whole volume (B, C_in, X, Y, Z) by Gaussian-weighted sliding windows."""
@@ -88,17 +96,30 @@ class SegmentationEvaluator(L.LightningModule):
         self._last_batch_end = time.perf_counter()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        image, label = batch["image"], batch["label"]
+        image = batch["image"]
         prediction = self(image).float().argmax(dim=1)
+        if hasattr(prediction, "as_tensor"):  # a MetaTensor: keep plain label maps
+            prediction = prediction.as_tensor()
         affines = image.affine if hasattr(image, "affine") else torch.eye(4).expand(image.shape[0], 4, 4)
         cases = batch.get("case", [f"volume{batch_idx}_{i}" for i in range(image.shape[0])])
         for i in range(image.shape[0]):
             affine = affines[i] if affines.ndim == 3 else affines
             spacing = spacing_from_affine(affine)
-            metrics = case_metrics(prediction[i], label[i, 0], self.num_classes, spacing, self.nsd_tolerance_mm)
+            case = str(cases[i])
+            if "label" in batch:
+                reference = batch["label"][i, 0]
+            elif self.reference_predictions is not None:
+                if case not in self.reference_predictions:
+                    raise ValueError(f"case {case!r} has no label and no FP32 reference prediction")
+                reference = self.reference_predictions[case].to(prediction.device)
+            else:
+                reference = prediction[i]
+            if self.keep_predictions:
+                self.predictions[case] = prediction[i].to(torch.uint8).cpu()
+            metrics = case_metrics(prediction[i], reference, self.num_classes, spacing, self.nsd_tolerance_mm)
             self.case_spacing.append(spacing)
             self.case_results.append(metrics)
-            self.case_ids.append(str(cases[i]))
+            self.case_ids.append(case)
             self.log("test/case_dsc", float(np.nanmean(metrics["dsc"])), batch_size=1, on_step=True, on_epoch=False)
 
     def on_test_epoch_end(self) -> None:

@@ -298,3 +298,12 @@ def test_cli_bad_label_values_exit_nonzero_without_success_record(tmp_path):
     assert "case 'img0000': label file" in proc.stderr and "[99] outside the class table 0..13" in proc.stderr
     results = tmp_path / "out" / "results"
     assert all(p.name.endswith(".error.json") for p in results.glob("*.json"))
+
+
+@needs_shared
+def test_brain_t1_crop_has_no_labels(tmp_path):
+    dm = datamodule("brain_t1_crop", tmp_path)
+    assert not dm.test_has_labels and dm.class_names[13] == "Brain-Stem"
+    case = dm.splits["test"][0]
+    item = dm.eval_transforms()(case)
+    assert tuple(item["image"].shape) == (1, 256, 256, 256) and "label" not in item
