@@ -307,3 +307,29 @@ def test_brain_t1_crop_has_no_labels(tmp_path):
     case = dm.splits["test"][0]
     item = dm.eval_transforms()(case)
     assert tuple(item["image"].shape) == (1, 256, 256, 256) and "label" not in item
+
+
+def test_non_ras_input_is_reoriented(tmp_path):
+    root = tmp_path / "task"
+    lps = np.diag([-0.8, -0.8, 2.5, 1.0])
+    img = ct(0)
+    save(root / "images" / "a.nii.gz", img, lps)
+    save(root / "labels" / "a.nii.gz", labels(0, 3), lps)
+    items = [{"image": "images/a.nii.gz", "label": "labels/a.nii.gz"}]
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "x", "2": "y"}, "training": items}))
+    dm = datamodule(
+        "msd",
+        tmp_path,
+        f"dataset.root={root}",
+        "dataset.num_classes=3",
+        "dataset.intensity=null",
+        "dataset.splits={test: 1, calib: 0, val: 0}",
+    )
+    item = dm.eval_transforms()(dm.splits["test"][0])
+    assert torch.all(torch.diagonal(item["image"].affine[:3, :3]) > 0)
+    assert item["image"][0, -1, -1, 0].item() == pytest.approx(37.5)  # voxel (0, 0, 0) flipped along x and y
+
+
+def test_missing_shared_data_says_what_to_set(tmp_path):
+    with pytest.raises(DatasetError, match="paths.shared_data"):
+        datamodule("ts_example_ct", tmp_path, f"paths.shared_data={tmp_path / 'nowhere'}").splits  # noqa: B018
