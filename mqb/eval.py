@@ -8,11 +8,13 @@ python -m mqb.eval --help                                    # groups and choice
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
 import time
 import traceback
+import typing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,7 @@ from rich.table import Table
 
 import mqb
 from mqb.checkpoints import CheckpointError, file_sha256, load_weights
-from mqb.config import EVAL_GROUPS, register_configs
+from mqb.config import EVAL_GROUPS, EvalConfig, register_configs
 from mqb.data.module import SegmentationDataModule
 from mqb.data.sources import DatasetError
 from mqb.lit.callbacks import QuantizationCallback
@@ -463,13 +465,34 @@ def _user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def _unknown_key(key: str) -> str | None:
+    """Our message for an override of a key the typed schema does not have (``precision.weight.bitz``)."""
+    node: Any = EvalConfig
+    path = []
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None  # free-form (model, dataset, logger): Hydra checks those against the YAML
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            where = ".".join(path) or "the top level"
+            valid = ", ".join(sorted(n for n in fields if not n.startswith("_")))
+            return f"mqb.eval: unknown key {key!r}: {where} has no {part!r}; valid keys there: {valid}"
+        path.append(part)
+        hints = typing.get_type_hints(node)
+        node = next((a for a in typing.get_args(hints[part]) if dataclasses.is_dataclass(a)), hints[part])
+    return None
+
+
 def _check_group_choices(argv: list[str]) -> list[str]:
-    """Our message for a wrong group choice (Hydra's follows): which group, which value, the valid values."""
+    """Our messages for a wrong group choice or key (Hydra's follows): which group/key, the valid values."""
     problems = []
     for arg in argv:
         if "=" not in arg or arg.startswith("-"):
             continue
         key, _, value = arg.lstrip("+~").partition("=")
+        if "." in key and not arg.startswith("+") and (message := _unknown_key(key)):
+            problems.append(message)
+            continue
         if key not in EVAL_GROUPS or not value or value.startswith(("choice(", "range(", "glob(")):
             continue
         valid = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))

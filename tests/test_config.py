@@ -97,6 +97,13 @@ def test_our_message_for_a_wrong_group_choice():
     assert "unknown precision 'w3a3'" in msgs[1] and "w4a4" in msgs[1]
 
 
+def test_our_message_for_a_wrong_key():
+    (msg,) = _check_group_choices(["precision.weight.bitz=3", "precision.weight.bits=4", "model.net.foo=1"])
+    assert "unknown key 'precision.weight.bitz'" in msg and "valid keys there: bits, dynamic, format" in msg
+    (msg,) = _check_group_choices(["eval.overlapp=0.5"])
+    assert "eval has no 'overlapp'" in msg and "overlap" in msg
+
+
 def test_config_id_ignores_outputs_and_float_quant_keys():
     a = _compose("paths.output_dir=/tmp/a")
     b = _compose("paths.output_dir=/tmp/b", "resume=false", "logger=none")
