@@ -47,6 +47,7 @@ from mqb.results import (
     stable_hash,
     write_json_atomic,
 )
+from mqb.sweep import COLUMNS, summary_rows, write_summary
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Bumped whenever evaluation results change for the same inputs, invalidating cached baselines.
@@ -449,6 +450,11 @@ class SweepSummaryCallback(Callback):
         sweep = sweep_dir.name
         if records:
             console.print(results_table(records, title=f"mqb sweep {sweep}"))
+            csv_path, md_path = write_summary(records, sweep_dir / "summary")
+            console.print(f"sweep summary: {csv_path} {md_path}")
+            logger_cfg = config.get("logger") or {}
+            if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
+                _log_sweep_table(records, sweep, sweep_dir, logger_cfg)
         failed = [r for r in records if r.get("status") != "success"]
         if failed:
             console.print(f"[red]{len(failed)} config(s) failed; see the .error.json records in {config.results_dir}")
@@ -481,6 +487,25 @@ def _unknown_key(key: str) -> str | None:
         hints = typing.get_type_hints(node)
         node = next((a for a in typing.get_args(hints[part]) if dataclasses.is_dataclass(a)), hints[part])
     return None
+
+
+def _log_sweep_table(records: list[dict[str, Any]], sweep: str, sweep_dir: Path, logger_cfg: Any) -> None:
+    """The sweep's paper-style table as a W&B Table in a ``<sweep>-summary`` run of the sweep's group."""
+    import wandb
+
+    rows = summary_rows(records)
+    offline = logger_cfg.get("offline")
+    run = wandb.init(
+        project=logger_cfg.get("project", "mqb"),
+        group=sweep,
+        name=f"{sweep}-summary",
+        job_type="sweep-summary",
+        dir=str(sweep_dir),
+        mode="offline" if (offline if offline is not None else not wandb_key_available()) else "online",
+    )
+    table = wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])
+    run.log({"sweep_summary": table})
+    run.finish()
 
 
 def _check_group_choices(argv: list[str]) -> list[str]:

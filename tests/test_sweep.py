@@ -1,0 +1,74 @@
+"""Sweep bookkeeping: status from records, the summary table, and concurrent record writers."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+from mqb.results import read_records, write_json_atomic
+from mqb.sweep import main as sweep_main
+from mqb.sweep import status, write_summary
+
+
+def record(rid: str, ok: bool, created: str, **extra) -> dict:
+    base = {"id": rid, "status": "success" if ok else "error", "created": created, "model": "unet",
+            "dataset": "synthetic", "precision": "w8a8", "granularity": "adaptive", "method": "rtn"}  # fmt: skip
+    if ok:
+        base.update(metrics={"dsc": 0.8, "nsd": 0.7, "hd95": 3.0}, delta_pct={"dsc": 1.25, "nsd": 2.5, "hd95": 0.0})
+    else:
+        base["error"] = "RuntimeError: out of memory"
+    base.update(extra)
+    return base
+
+
+def test_status_done_failed_missing(tmp_path):
+    results = tmp_path / "results"
+    write_json_atomic(results / "a.json", record("a", True, "2026-01-01"))
+    write_json_atomic(results / "b.error.json", record("b", False, "2026-01-01"))
+    write_json_atomic(results / "c.error.json", record("c", False, "2026-01-01"))
+    write_json_atomic(results / "c.json", record("c", True, "2026-01-02"))  # rerun succeeded
+    sweep = tmp_path / "multirun"
+    for name, rid in (("0_a", "a"), ("1_b", "b"), ("2_c", "c"), ("3_d", None)):
+        (sweep / name / ".hydra").mkdir(parents=True)
+        (sweep / name / ".hydra" / "overrides.yaml").write_text(f"- precision={name}\n")
+        if rid:
+            (sweep / name / "record_id.txt").write_text(rid)
+    rows = {r["id"]: r["status"] for r in status(results, sweep)}
+    assert rows == {"a": "done", "b": "failed", "c": "done", "-": "missing"}
+    failed = next(r for r in status(results) if r["status"] == "failed")
+    assert "out of memory" in failed["error"]
+    assert sweep_main(["status", str(results), "--sweep", str(sweep)]) == 1
+    write_json_atomic(results / "b.json", record("b", True, "2026-01-03"))
+    assert sweep_main(["status", str(results)]) == 0
+    assert sweep_main(["status", str(tmp_path / "nope")]) == 2
+
+
+def test_summary_table(tmp_path):
+    csv_path, md_path = write_summary([record("a", True, "x"), record("b", False, "y")], tmp_path / "summary")
+    lines = md_path.read_text().splitlines()
+    assert lines[0].startswith("| Architecture | Dataset | Precision | Quant-Granularity")
+    assert lines[2] == "| unet | synthetic | w8a8 | adaptive | rtn | 0.800 (1.2%) | 0.700 (2.5%) |"
+    assert len(lines) == 3 and csv_path.read_text().count("\n") == 2
+
+
+def _writer(folder: str, worker: int) -> None:
+    for i in range(40):
+        rid = f"cfg{i % 10}"  # every worker rewrites the same 10 configs
+        write_json_atomic(Path(folder) / f"{rid}.json", {"id": rid, "worker": worker, "i": i, "pad": "x" * 5000})
+
+
+def test_eight_concurrent_writers_never_corrupt_records(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w)) for w in range(8)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == [f"cfg{i}.json" for i in range(10)]  # no temporary file left behind
+    for f in files:
+        data = json.loads(f.read_text())  # every record is complete JSON
+        assert data["id"] == f.stem and len(data["pad"]) == 5000
+    assert len(read_records(tmp_path)) == 10
