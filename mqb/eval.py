@@ -547,9 +547,16 @@ def run_task(cfg: DictConfig) -> None:
 _hydra_main = hydra.main(config_path=str(CONF_DIR), config_name="eval", version_base="1.3")(run_task)
 
 
+LAUNCHERS_DIR = CONF_DIR.parent / "launchers"
+
+
 def main() -> None:
     for problem in _check_group_choices(sys.argv[1:]):
         print(problem, file=sys.stderr)
+    if not any(a.startswith("hydra.searchpath") for a in sys.argv[1:]):
+        # cluster profiles (+cluster=<name>); placed beside the other overrides so argparse keeps them together
+        overrides = [i for i, a in enumerate(sys.argv) if i > 0 and "=" in a and not a.startswith("-")]
+        sys.argv.insert(overrides[0] if overrides else len(sys.argv), f"hydra.searchpath=[file://{LAUNCHERS_DIR}]")
     _hydra_main()
 
 
