@@ -115,3 +115,25 @@ def test_missing_checkpoint_is_a_clear_error_and_no_success_record(tmp_path):
     assert "model.checkpoint='/nonexistent/unet.pt' does not exist" in proc.stderr
     results = tmp_path / "out" / "results"
     assert [p.name.endswith(".error.json") for p in results.glob("*.json")] == [True]
+
+
+@pytest.mark.slow
+def test_a_failing_config_does_not_take_the_sweep_down(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a checkpoint")
+    args = ["-m", f"model.checkpoint=null,{bad}", "precision=w8a8", "logger=none", *TINY]
+    proc = run_cli("mqb.eval", *args, tmp=tmp_path, check=False)
+    assert proc.returncode == 1  # the sweep finishes, then reports the failure
+    results = tmp_path / "out" / "results"
+    ok = [p for p in results.glob("*.json") if not p.name.endswith(".error.json")]
+    failed = list(results.glob("*.error.json"))
+    assert len(ok) == 1 and len(failed) == 1
+    error = json.loads(failed[0].read_text())
+    assert "is not a readable safetensors file" in error["error"] and error["status"] == "error"
+    status = subprocess.run([sys.executable, "-m", "mqb.sweep", "status", str(results)], capture_output=True,
+                            text=True, cwd=ROOT)  # fmt: skip
+    assert status.returncode == 1 and "1 done, 1 failed" in status.stdout
+    # relaunch: the finished config is skipped, the failed one runs again (and fails again)
+    again = run_cli("mqb.eval", *args, tmp=tmp_path, check=False)
+    assert again.returncode == 1 and again.stdout.count("skip") == 1
+    assert len(list(results.glob("*.json"))) == 2
