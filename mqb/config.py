@@ -79,6 +79,7 @@ class EvalSettings:
 class TrainerSettings:
     accelerator: str = "cpu"
     devices: int = 1
+    strategy: str = "auto"  # "ddp" with devices > 1 splits the test volumes across processes/GPUs
     progress: bool = True
 
 

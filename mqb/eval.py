@@ -141,6 +141,7 @@ def _trainer(cfg: DictConfig, logger: Any, run_dir: Path, callbacks: list[L.Call
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        strategy=cfg.trainer.strategy,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
         enable_checkpointing=False,
@@ -243,8 +244,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         baseline = evaluator.results
         if not labelled:  # no labels: the FP32 prediction is the reference of every quantized run
             reference = evaluator.predictions
-            save_tensors_atomic(predictions_file, reference)
-        write_json_atomic(baseline_file, baseline)
+            if is_rank_zero():
+                save_tensors_atomic(predictions_file, reference)
+        if is_rank_zero():
+            write_json_atomic(baseline_file, baseline)
         timings["baseline_seconds"] = time.perf_counter() - start
         timings["baseline_data_seconds"] = evaluator.data_seconds
         baseline_cached = False
@@ -355,6 +358,11 @@ def _log_final(logger: Any, record: dict[str, Any], baseline: dict[str, Any]) ->
         logger.experiment.finish()
 
 
+def is_rank_zero() -> bool:
+    """Only the first process writes records and caches (DDP children re-run the same job)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
 def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
@@ -406,7 +414,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     results_dir = Path(cfg.results_dir)
     cid = config_id(cfg)
     success, failure = results_dir / f"{cid}.json", results_dir / f"{cid}.error.json"
-    if HydraConfig.initialized():  # lets the sweep summary find skipped configs too
+    if HydraConfig.initialized() and is_rank_zero():  # lets the sweep summary find skipped configs too
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "record_id.txt").write_text(cid)
@@ -430,8 +438,11 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
             "sweep": Path(HydraConfig.get().sweep.dir).name if _is_multirun() else None,
             "config": OmegaConf.to_container(cfg, resolve=False),
         }
-        write_json_atomic(failure, error)
+        if is_rank_zero():
+            write_json_atomic(failure, error)
         raise
+    if not is_rank_zero():
+        return record
     write_json_atomic(Path(record["run_dir"]) / "record.json", record)
     write_json_atomic(success, record)
     failure.unlink(missing_ok=True)

@@ -21,9 +21,11 @@ TINY = [
 ]
 
 
-def run_cli(module: str, *args: str, tmp: Path, check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    module: str, *args: str, tmp: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", module, *args, f"paths.output_dir={tmp / 'out'}", f"paths.cache_dir={tmp / 'cache'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env={**_env(), **(env or {})})
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -137,3 +139,20 @@ def test_a_failing_config_does_not_take_the_sweep_down(tmp_path):
     again = run_cli("mqb.eval", *args, tmp=tmp_path, check=False)
     assert again.returncode == 1 and again.stdout.count("skip") == 1
     assert len(list(results.glob("*.json"))) == 2
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_device(tmp_path):
+    """Two CPU processes (Lightning DDP, gloo) split the test volumes; gathered per-case metrics equal one device.
+
+    One thread per process on both sides: the same arithmetic order, so quantization rounds identically.
+    """
+    args = ["model.checkpoint=null", "logger=none", *TINY, "dataset.splits={test: 3, calib: 2, val: 1}"]
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    run_cli("mqb.eval", *args, tmp=tmp_path / "one", env=one_thread)
+    run_cli("mqb.eval", *args, "trainer.devices=2", "trainer.strategy=ddp", tmp=tmp_path / "two", env=one_thread)
+    (single,) = records(tmp_path / "one" / "out" / "results")
+    (ddp,) = records(tmp_path / "two" / "out" / "results")  # one record, written by rank 0 only
+    assert single["id"] == ddp["id"] and len(single["metrics"]["per_case"]) == 3
+    assert ddp["metrics"]["per_case"] == single["metrics"]["per_case"]
+    assert ddp["metrics"]["dsc"] == single["metrics"]["dsc"] and ddp["baseline"] == {**single["baseline"]}

@@ -70,6 +70,8 @@ class QuantizationCallback(L.Callback):
             self.calibration_cached = True
             return torch.load(self.range_cache, map_location="cpu", weights_only=True)
         ranges = collect_input_ranges(net, self._batches(trainer), forward=self.forward)
+        if not trainer.is_global_zero:
+            return ranges
         self.range_cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.range_cache.with_name(f".{self.range_cache.name}.{uuid.uuid4().hex}.tmp")
         torch.save(ranges, tmp)

@@ -122,7 +122,30 @@ class SegmentationEvaluator(L.LightningModule):
             self.case_ids.append(case)
             self.log("test/case_dsc", float(np.nanmean(metrics["dsc"])), batch_size=1, on_step=True, on_epoch=False)
 
+    def _gather_cases(self) -> None:
+        """Under DDP each process scored its share of the volumes: collect all, drop sampler padding repeats."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        local = list(zip(self.case_ids, self.case_results, self.case_spacing, strict=True))
+        shards: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, local)
+        merged = {}
+        for shard in shards:
+            for case, result, spacing in shard:
+                merged.setdefault(case, (result, spacing))
+        order = sorted(merged)
+        self.case_ids = order
+        self.case_results = [merged[c][0] for c in order]
+        self.case_spacing = [merged[c][1] for c in order]
+        if self.keep_predictions:
+            pred_shards: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(pred_shards, self.predictions)
+            for shard in pred_shards:
+                for case, pred in shard.items():
+                    self.predictions.setdefault(case, pred)
+
     def on_test_epoch_end(self) -> None:
+        self._gather_cases()
         self.results = aggregate(self.case_results, self.class_names)
         self.results["per_case"] = {
             case: {
@@ -134,7 +157,7 @@ class SegmentationEvaluator(L.LightningModule):
         for metric in ("dsc", "nsd", "hd95"):
             value = self.results[metric]
             if value is not None:
-                self.log(f"test/{metric}", float(value), batch_size=1)
+                self.log(f"test/{metric}", float(value), batch_size=1, rank_zero_only=True)
 
 
 def calibration_forward(evaluator: SegmentationEvaluator):
