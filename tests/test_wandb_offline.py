@@ -6,6 +6,7 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
 from wandb.proto import wandb_internal_pb2 as pb
 
 from tests.test_eval_cli import TINY, records, run_cli
@@ -71,3 +72,21 @@ def test_offline_wandb_run_is_written_and_readable(tmp_path):
         for u in r.summary.update
     }
     assert "untrained" in summary_keys and record["untrained"] is True
+
+
+@pytest.mark.slow
+def test_sweep_summary_table_is_logged_offline(tmp_path):
+    run_cli("mqb.eval", "-m", "precision=w8a8,w4a4", "logger=wandb", "model.checkpoint=null", *TINY, tmp=tmp_path)
+    (sweep_dir,) = (tmp_path / "out" / "multirun").iterdir()
+    assert (sweep_dir / "summary.md").read_text().count("| unet |") == 2
+    tables = list(sweep_dir.glob("wandb/offline-run-*/files/media/table/sweep_summary_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert len(table["data"]) == 2 and "dsc_delta_pct" in table["columns"]
+    runs = {}
+    for run_file in sweep_dir.glob("wandb/offline-run-*/run-*.wandb"):
+        run = next(r.run for r in read_wandb_records(run_file) if r.WhichOneof("record_type") == "run")
+        runs[run.display_name] = run.run_group
+    assert runs == {f"{sweep_dir.name}-summary": sweep_dir.name}
+    groups = {r["sweep"] for r in records(tmp_path / "out" / "results")}
+    assert groups == {sweep_dir.name}  # the per-config runs share the sweep's group
