@@ -102,34 +102,33 @@ class TrainSettings:
 
 
 @dataclass
-class EvalConfig:
+class JobConfig:
+    """What every mqb job (evaluation, training) composes: a model on a dataset, run by a Lightning trainer."""
+
     model: Any = MISSING
     dataset: Any = MISSING
+    logger: Any = None
+    train: TrainSettings = field(default_factory=TrainSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig(JobConfig):
     precision: PrecisionConfig = MISSING
     granularity: GranularityConfig = MISSING
     method: MethodConfig = MISSING
     calibration: CalibrationConfig = MISSING
-    logger: Any = None
     eval: EvalSettings = field(default_factory=EvalSettings)
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-    paths: PathsConfig = field(default_factory=PathsConfig)
     results_dir: str = "${paths.output_dir}/results"
     resume: bool = True
-    seed: int = 0
     auto_train: bool = False
 
 
 @dataclass
-class TrainConfig:
-    model: Any = MISSING
-    dataset: Any = MISSING
-    logger: Any = None
-    train: TrainSettings = field(default_factory=TrainSettings)
-    trainer: TrainerSettings = field(default_factory=TrainerSettings)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+class TrainConfig(JobConfig):
     output: str = "${paths.checkpoints}/${dataset.name}/${model.name}.safetensors"
-    seed: int = 0
 
 
 def register_configs() -> None:
