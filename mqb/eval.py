@@ -262,8 +262,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         callbacks: list[L.Callback] = []
         quant_cb = None
+        evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=reference)
         if recipe is not None:
-            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=reference)
             range_key = stable_hash({"baseline": bkey, "calibration": calib, "v": 1}, 24)
             quant_cb = QuantizationCallback(
                 recipe,
@@ -273,8 +273,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 range_cache=Path(cfg.paths.cache_dir) / "calibration" / f"{range_key}.pt",
             )
             callbacks.append(quant_cb)
-        else:
-            evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=reference)
         start = time.perf_counter()
         _trainer(cfg, logger, run_dir, callbacks).test(evaluator, datamodule=dm, verbose=False)
         metrics = evaluator.results
@@ -311,7 +309,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "data": {
             "test_cases": [c["case"] for c in dm.splits["test"]],
-            "calibration_cases": [dm.splits["calib"][i]["case"] for i in calib],
+            "calibration_cases": [dm.splits["calib"][i]["case"] for i in calib] if recipe is not None else [],
             "calibration_cached": calibration_cached,
         },
         "host": host_info(),
