@@ -63,7 +63,7 @@ def test_model_choices_instantiate_and_run(model):
         return
     with torch.no_grad():
         out = net(torch.zeros(1, 1, 64, 64, 64))
-    assert out.shape == (1, cfg.dataset.num_classes, 64, 64, 64)
+    assert out.shape == (1, cfg.model.net.out_channels, 64, 64, 64)
 
 
 @pytest.mark.parametrize("model,params", [("swinunetr_t", 4.1e6), ("swinunetr_s", 15.7e6), ("swinunetr_b", 62.2e6)])

@@ -1,0 +1,5 @@
+"""Networks mqb implements natively (MONAI provides the others)."""
+
+from mqb.models.meshnet import MeshNet
+
+__all__ = ["MeshNet"]
