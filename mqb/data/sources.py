@@ -41,6 +41,13 @@ def _require_dir(root: str | os.PathLike[str], what: str, hint: str) -> Path:
     return path
 
 
+def _shared_folder(shared_data: str, name: str) -> Path:
+    """A folder of the shipped real samples (``paths.shared_data``/name), with a message saying what to set."""
+    return _require_dir(
+        Path(shared_data) / name, "paths.shared_data", f"set paths.shared_data to the folder holding {name}/"
+    )
+
+
 def _require_file(path: Path, case: str, role: str) -> str:
     if not path.is_file():
         raise DatasetError(f"case {case!r}: {role} file {str(path)!r} is missing")
@@ -266,11 +273,7 @@ class TotalSegmentatorExampleCT:
     class_names: tuple[str, ...] = field(default=BTCV_CLASSES)
 
     def cases(self) -> list[dict[str, str]]:
-        folder = _require_dir(
-            Path(self.shared_data) / "totalsegmentator_example_ct",
-            "paths.shared_data",
-            "set paths.shared_data to the folder holding totalsegmentator_example_ct/",
-        )
+        folder = _shared_folder(self.shared_data, "totalsegmentator_example_ct")
         out = Path(self.cache_dir) / "ts_example_ct"
         lut = np.zeros(256, dtype=np.uint8)
         for btcv_id, name in enumerate(BTCV_CLASSES[1:], start=1):
@@ -311,11 +314,7 @@ class BrainAsegSample:
     class_names: tuple[str, ...] = field(default=BRAIN18_CLASSES)
 
     def cases(self) -> list[dict[str, str]]:
-        folder = _require_dir(
-            Path(self.shared_data) / "voxelmorph_brain_t1_aseg",
-            "paths.shared_data",
-            "set paths.shared_data to the folder holding voxelmorph_brain_t1_aseg/",
-        )
+        folder = _shared_folder(self.shared_data, "voxelmorph_brain_t1_aseg")
         case = "voxelmorph_test_scan"
         image = folder / "test_scan_t1.nii.gz"
         aseg = folder / "test_scan_aseg.nii.gz"
@@ -358,9 +357,7 @@ class BrainT1Crop:
 
     def cases(self) -> list[dict[str, str]]:
         shared = Path(self.shared_data)
-        folder = _require_dir(
-            shared / "brainchop_t1_meshnet", "paths.shared_data", "set it to the folder holding brainchop_t1_meshnet/"
-        )
+        folder = _shared_folder(self.shared_data, "brainchop_t1_meshnet")
         image = _require_file(folder / "t1_crop.nii.gz", "brainchop_t1_crop", "image")
         calib = shared / "voxelmorph_brain_t1_aseg" / "test_scan_t1.nii.gz"
         return [
