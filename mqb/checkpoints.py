@@ -17,6 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mqb.results import atomic_write, write_json_atomic
+
 _NESTED_KEYS = ("state_dict", "network_weights", "model", "state_dict_ema")
 _PREFIXES = ("net.", "module.", "model.")
 
@@ -86,12 +88,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike[str]) -> None:
 def save_weights(net: nn.Module, path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
     """Save ``net``'s state dict as safetensors (atomically), with ``metadata`` also in a ``.json`` sidecar."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(state, str(tmp), metadata={"mqb": json.dumps(metadata, sort_keys=True, default=str)})
-    tmp.replace(p)
-    sidecar = p.with_suffix(".json")
-    tmp_json = sidecar.with_name(sidecar.name + ".tmp")
-    tmp_json.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
-    tmp_json.replace(sidecar)
+    with atomic_write(p) as tmp:
+        save_file(state, str(tmp), metadata={"mqb": json.dumps(metadata, sort_keys=True, default=str)})
+    write_json_atomic(p.with_suffix(".json"), metadata)

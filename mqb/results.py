@@ -9,6 +9,8 @@ import os
 import platform
 import subprocess
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,25 +59,33 @@ def _drop_nested(data: Any, keys: tuple[str, ...]) -> None:
             _drop_nested(value, keys)
 
 
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write JSON to a unique temporary file in the same folder, fsync, then rename over ``path``."""
+@contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a unique hidden temporary path beside ``path`` (same file name ending, so writers that look at the
+    extension work); rename it over ``path`` if the block succeeds, remove it if it fails. Readers and concurrent
+    writers never see a half-written file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
+    tmp = target.with_name(f".{os.getpid()}.{uuid.uuid4().hex}.{target.name}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write JSON through :func:`atomic_write`, fsynced before the rename."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, target)
 
 
-def save_tensors_atomic(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> None:
-    """``torch.save`` a dict of tensors through a unique temporary file and a rename."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    torch.save(tensors, tmp)
-    os.replace(tmp, target)
+def save_tensors_atomic(path: str | os.PathLike[str], tensors: dict[str, Any]) -> None:
+    """``torch.save`` a (nested) dict of tensors through :func:`atomic_write`."""
+    with atomic_write(path) as tmp:
+        torch.save(tensors, tmp)
 
 
 def read_records(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -84,7 +94,7 @@ def read_records(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not folder.is_dir():
         return []
     records = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")):  # skip in-flight writes
         try:
             records.append(json.loads(path.read_text()))
         except json.JSONDecodeError:

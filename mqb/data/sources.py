@@ -12,7 +12,6 @@ import glob
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from mqb.data.tables import (
     BTCV_FROM_TOTALSEGMENTATOR,
     totalsegmentator_classes,
 )
+from mqb.results import atomic_write
 
 
 class DatasetError(ValueError):
@@ -55,10 +55,8 @@ def _require_file(path: Path, case: str, role: str) -> str:
 
 
 def _atomic_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.nii.gz")
-    nib.save(nib.Nifti1Image(data, affine), tmp)
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        nib.save(nib.Nifti1Image(data, affine), tmp)
 
 
 def _load(path: Path, case: str, role: str) -> nib.Nifti1Image:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+from mqb.results import atomic_write
 
 CLASS_NAMES: tuple[str, ...] = (
     "background",
@@ -102,10 +102,9 @@ class SyntheticPhantoms:
 
 
 def _atomic_save(img: nib.Nifti1Image, path: Path) -> None:
-    """Write to a unique temporary name, then rename: concurrent jobs never see a half-written file."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.nii")
-    nib.save(img, tmp)
-    tmp.replace(path)
+    """Concurrent jobs never see a half-written file (see :func:`mqb.results.atomic_write`)."""
+    with atomic_write(path) as tmp:
+        nib.save(img, tmp)
 
 
 def _ellipsoid(coords: np.ndarray, center: np.ndarray, radii: np.ndarray, angle: float) -> np.ndarray:

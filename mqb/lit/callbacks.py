@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from mqb.quant import (
     summarize,
 )
 from mqb.quant.summary import QuantSummary
+from mqb.results import save_tensors_atomic
 
 
 class QuantizationCallback(L.Callback):
@@ -70,12 +70,8 @@ class QuantizationCallback(L.Callback):
             self.calibration_cached = True
             return torch.load(self.range_cache, map_location="cpu", weights_only=True)
         ranges = collect_input_ranges(net, self._batches(trainer), forward=self.forward)
-        if not trainer.is_global_zero:
-            return ranges
-        self.range_cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.range_cache.with_name(f".{self.range_cache.name}.{uuid.uuid4().hex}.tmp")
-        torch.save(ranges, tmp)
-        tmp.replace(self.range_cache)
+        if trainer.is_global_zero:
+            save_tensors_atomic(self.range_cache, ranges)
         return ranges
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
