@@ -47,7 +47,7 @@ from mqb.results import (
     stable_hash,
     write_json_atomic,
 )
-from mqb.sweep import COLUMNS, summary_rows, write_summary
+from mqb.sweep import COLUMNS, metric_with_delta, summary_rows, write_summary
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Bumped whenever evaluation results change for the same inputs, invalidating cached baselines.
@@ -371,11 +371,6 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
     for col in ("model", "dataset", "precision", "granularity", "method", "DSC (↓Δ%)", "NSD (↓Δ%)", "HD95 mm", "note"):
         table.add_column(col)
 
-    def fmt(value: float | None, delta: float | None) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.3f} ({delta:.1f}%)" if delta is not None else f"{value:.3f}"
-
     for r in records:
         if r.get("status") != "success":
             table.add_row(
@@ -399,8 +394,8 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
             r["precision"],
             r["granularity"],
             r["method"],
-            fmt(m["dsc"], d["dsc"]),
-            fmt(m["nsd"], d["nsd"]),
+            metric_with_delta(m["dsc"], d["dsc"]),
+            metric_with_delta(m["nsd"], d["nsd"]),
             hd,
             note,
         )

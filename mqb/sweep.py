@@ -24,6 +24,13 @@ COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc
            "hd95", "untrained", "id")  # fmt: skip
 
 
+def metric_with_delta(value: float | None, delta: float | None) -> str:
+    """``0.881 (0.3%)`` as in the paper's tables; ``-`` when the metric is undefined."""
+    if value is None:
+        return "-"
+    return f"{value:.3f} ({delta:.1f}%)" if delta is not None else f"{value:.3f}"
+
+
 def sweep_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """The jobs of a Hydra sweep folder: name, overrides and (once started) the config id it writes."""
     jobs = []
@@ -93,17 +100,12 @@ def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]
         writer.writeheader()
         writer.writerows(rows)
 
-    def cell(value: float | None, delta: float | None) -> str:
-        if value is None:
-            return "-"
-        return f"{value:.3f} ({delta:.1f}%)" if delta is not None else f"{value:.3f}"
-
     lines = ["| Architecture | Dataset | Precision | Quant-Granularity | Method | DSC (↓Δ%) | NSD (↓Δ%) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['precision']} | {r['granularity']} | {r['method']} | "
-            f"{cell(r['dsc'], r['dsc_delta_pct'])} | {cell(r['nsd'], r['nsd_delta_pct'])} |"
+            f"{metric_with_delta(r['dsc'], r['dsc_delta_pct'])} | {metric_with_delta(r['nsd'], r['nsd_delta_pct'])} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
