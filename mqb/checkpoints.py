@@ -1,8 +1,13 @@
 """Loading and saving network weights safely (no code execution), with clear errors.
 
 Accepted files: safetensors; PyTorch files read with ``torch.load(weights_only=True)`` holding a state dict
-directly or under ``state_dict`` (Lightning, prefix ``net.`` stripped), ``network_weights`` (nnU-Net v2),
-``model`` or ``state_dict_ema``. A file that needs code execution to unpickle is refused.
+directly or under ``state_dict`` (Lightning, SwinUNETR/UNETR research releases, nnU-Net v1 ``*.model``; prefix
+``net.`` / ``module.`` / ``model.`` stripped), ``network_weights`` (nnU-Net v2 ``checkpoint_final.pth``),
+``model`` (MONAI bundles) or ``state_dict_ema``.
+
+A file that needs code execution to unpickle is refused. The one exception is a short allow-list of NumPy
+globals that only rebuild data (arrays, scalars, dtypes): nnU-Net v2 checkpoints carry NumPy floats in their
+training log, and refusing them would refuse every nnU-Net model. Anything else is named in the error.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +26,56 @@ from torch import nn
 from mqb.results import atomic_write, write_json_atomic
 
 _NESTED_KEYS = ("state_dict", "network_weights", "model", "state_dict_ema")
+
+#: Pickle globals that rebuild NumPy data and execute nothing else (numpy 1.x and 2.x module names).
+_NUMPY_DATA_GLOBALS = (
+    "numpy.core.multiarray._reconstruct",
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.ndarray",
+    "numpy.dtype",
+)
+
+
+def _data_only_global(name: str) -> Any | None:
+    """The object behind an allow-listed NumPy global name (``numpy.dtypes.*DType`` included), else ``None``."""
+    import importlib
+
+    import numpy as np
+
+    module, _, attr = name.rpartition(".")
+    allowed = name in _NUMPY_DATA_GLOBALS or (module == "numpy.dtypes" and attr.endswith("DType"))
+    if not allowed:
+        return None
+    if module.startswith("numpy.core.") and not hasattr(np, "core"):
+        module = module.replace("numpy.core.", "numpy._core.", 1)
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _torch_load_data_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, admitting only the data-rebuilding NumPy globals."""
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    resolved = {name: _data_only_global(name) for name in unsafe}
+    refused = sorted(name for name, obj in resolved.items() if obj is None)
+    if refused:
+        raise pickle.UnpicklingError(f"it needs the code objects {refused}")
+    allowed = [obj for obj in resolved.values() if obj is not None]
+    if "numpy.dtype" in resolved:  # a pickled dtype is rebuilt through its class (numpy.dtypes.Float64DType ...)
+        import numpy.dtypes
+
+        allowed += [
+            cls
+            for attr in dir(numpy.dtypes)
+            if attr.endswith("DType") and (cls := _data_only_global(f"numpy.dtypes.{attr}"))
+        ]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 _PREFIXES = ("net.", "module.", "model.")
 
 
@@ -46,7 +102,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         except Exception as err:  # noqa: BLE001
             raise CheckpointError(f"checkpoint {str(p)!r} is not a readable safetensors file: {err}") from None
     try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
+        obj: Any = _torch_load_data_only(p)
     except Exception as err:  # noqa: BLE001
         raise CheckpointError(
             f"checkpoint {str(p)!r} cannot be loaded safely (torch.load weights_only=True refused it or it is "
