@@ -8,9 +8,12 @@ export WANDB_MODE ?= offline
 
 .PHONY: setup demo test test-slow test-all lint bench clean
 
-$(STAMP): pyproject.toml
+# dynamic-network-architectures (nnU-Net v2's network package) is installed without its dependencies: it asks
+# for timm, whose torchvision would replace the CPU torch with a multi-GB CUDA build; PlainConvUNet needs neither.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps dynamic-network-architectures==0.4.4
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 

@@ -29,9 +29,21 @@ def describe(name: str, module: nn.Module) -> LayerInfo | None:
     return describe_layer(name, module) or describe_attention(name, module)
 
 
+def used_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` without the sub-modules its ``forward`` never runs.
+
+    A network that keeps such modules only so that checkpoints load (VISTA3D's interactive point head, say)
+    names them in a ``mqb_unused_modules`` attribute (module-name prefixes); mqb neither quantizes nor lists them.
+    """
+    unused = tuple(getattr(model, "mqb_unused_modules", ()))
+    for name, module in model.named_modules():
+        if not any(name == prefix or name.startswith(prefix + ".") for prefix in unused):
+            yield name, module
+
+
 def quantizable_layers(model: nn.Module) -> list[LayerInfo]:
     """Every float layer of ``model`` that mqb knows how to quantize, in module order."""
-    return [info for name, module in model.named_modules() if (info := describe(name, module)) is not None]
+    return [info for name, module in used_modules(model) if (info := describe(name, module)) is not None]
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:

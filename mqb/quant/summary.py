@@ -96,10 +96,10 @@ class QuantSummary:
 
 def summarize(model: nn.Module) -> QuantSummary:
     """Summarize every quantizable layer of ``model`` (float layers included, marked ``float``)."""
-    from mqb.quant.api import describe  # local import: api imports this module's siblings
+    from mqb.quant.api import describe, used_modules  # local import: api imports this module's siblings
 
     rows = []
-    for name, module in model.named_modules():
+    for name, module in used_modules(model):
         info = getattr(module, "mqb_info", None) or describe(name, module)
         if info is None:
             continue
