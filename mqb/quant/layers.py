@@ -96,7 +96,20 @@ def axis_for(kind: str, role: str, granularity: str) -> int | None:
 
 
 class QuantLayer(nn.Module):
-    """Mixin of the quantized twins. ``float_class`` is the class restored by ``dequantize``."""
+    """Mixin of the quantized twins. ``float_class`` is the class restored by ``dequantize``.
+
+    Besides the two quantizers, a layer can carry the pieces that PTQ methods (:mod:`mqb.quant.methods`) add,
+    all exact rewrites of the float layer ``y = op(x, W) + b``:
+
+    * ``input_transform`` T with a weight rewritten so that ``op(T(x), W') == op(x, W)`` (smoothing: T divides
+      channels by ``s`` and ``W' = W·s``; rotation: T mixes channels by an orthogonal ``H`` and ``W' = W·H``);
+    * ``low_rank_weight`` L, kept in float, with ``W' = W - L`` quantized: ``y = op(Q(x), Q(W')) + op(x, L) + b``;
+    * ``output_correction`` c per output channel, subtracted from ``y`` (bias correction; a correction of the
+      quantized layer, so it is off while the quantizers are, which keeps that mode the exact float model).
+
+    The float weight is kept (``float_weight``) the first time a method rewrites it, and put back by
+    ``dequantize``, so a dequantized layer is exactly the original float layer again.
+    """
 
     float_class: ClassVar[type[nn.Module]]
     kind: ClassVar[str]
@@ -127,10 +140,33 @@ class QuantLayer(nn.Module):
             if activation is not None
             else None,
         )
+        self.register_module("input_transform", None)
+        self.register_buffer("low_rank_weight", None, persistent=False)
+        self.register_buffer("output_correction", None, persistent=False)
+        self.register_buffer("float_weight", None, persistent=False)
+        self.quantizers_enabled = True
+        self.applied_methods: list[str] = []
 
     def detach_quantizers(self) -> None:
-        for attr in ("weight_quantizer", "input_quantizer"):
+        if getattr(self, "float_weight", None) is not None:
+            with torch.no_grad():
+                self.weight.copy_(self.float_weight)  # type: ignore[operator]
+        for attr in ("weight_quantizer", "input_quantizer", "input_transform"):
             self._modules.pop(attr, None)
+        for attr in ("low_rank_weight", "output_correction", "float_weight"):
+            self._buffers.pop(attr, None)
+        for attr in ("quantizers_enabled", "applied_methods"):
+            self.__dict__.pop(attr, None)
+
+    def rewrite_weight(self, weight: torch.Tensor, method: str) -> None:
+        """Replace the weight by an equivalent rewrite (keeping the float original once) and drop cached scales."""
+        with torch.no_grad():
+            if self.float_weight is None:
+                self.float_weight = self.weight.detach().clone()  # type: ignore[operator]
+            self.weight.copy_(weight)  # type: ignore[operator]
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.clear_cache()
+        self.applied_methods.append(method)
 
     @property
     def weight_spec(self) -> QuantSpec | None:
@@ -141,17 +177,38 @@ class QuantLayer(nn.Module):
         return self.input_quantizer.spec if self.input_quantizer is not None else None
 
     def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.quantizers_enabled:
+            return x, self.weight  # type: ignore[return-value]
         xq = self.input_quantizer(x) if self.input_quantizer is not None else x
         wq = self.weight_quantizer(self.weight) if self.weight_quantizer is not None else self.weight
         return xq, wq
+
+    def output_channel_axis(self) -> int:
+        """Axis of the output channels in ``y`` (1 for convolutions, -1 for linear)."""
+        return -1 if self.kind == "linear" else 1
+
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The float operation of the layer with the given operands (conv, transposed conv or linear)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xt = self.input_transform(x) if self.input_transform is not None else x
+        xq, wq = self.quantized_operands(xt)
+        y = self.layer_op(xq, wq, self.bias)  # type: ignore[arg-type]
+        if self.low_rank_weight is not None:
+            y = y + self.layer_op(xt, self.low_rank_weight, None)
+        if self.output_correction is not None and self.quantizers_enabled:
+            shape = [1] * y.dim()
+            shape[self.output_channel_axis()] = -1
+            y = y - self.output_correction.view(shape)
+        return y
 
 
 class _QuantConv(QuantLayer):
     kind = "conv"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, wq = self.quantized_operands(x)
-        return self._conv_forward(xq, wq, self.bias)  # type: ignore[attr-defined]
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
@@ -170,15 +227,22 @@ class _QuantConvTranspose(QuantLayer):
     kind = "conv_transpose"
     _functional: ClassVar = None
     _spatial_dims: ClassVar[int] = 0
+    _mqb_output_size: list[int] | None = None
 
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         output_padding = self._output_padding(  # type: ignore[attr-defined]
-            x, output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation
+            x, self._mqb_output_size, self.stride, self.padding, self.kernel_size, self._spatial_dims, self.dilation
         )
-        xq, wq = self.quantized_operands(x)
         return type(self)._functional(
-            xq, wq, self.bias, self.stride, self.padding, output_padding, self.groups, self.dilation
+            x, weight, bias, self.stride, self.padding, output_padding, self.groups, self.dilation
         )
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:  # type: ignore[override]
+        self._mqb_output_size = output_size
+        try:
+            return super().forward(x)
+        finally:
+            self._mqb_output_size = None
 
 
 class QuantConvTranspose1d(_QuantConvTranspose, nn.ConvTranspose1d):
@@ -203,9 +267,8 @@ class QuantLinear(QuantLayer, nn.Linear):
     float_class = nn.Linear
     kind = "linear"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq, wq = self.quantized_operands(x)
-        return F.linear(xq, wq, self.bias)
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
 
 #: Float layer class -> quantized twin. Matching is by exact type, so subclasses with their own forward are

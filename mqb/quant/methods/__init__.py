@@ -1,0 +1,34 @@
+"""PTQ methods: exact rewrites of quantized layers that make them easier to quantize, and corrections.
+
+Each method is a small class with ``layers`` (selectors, see :mod:`mqb.quant.selectors`) and ``apply``:
+
+* :class:`SmoothQuant` (Xiao et al. 2023): per-input-channel scales move activation range into the weights.
+* :class:`LowRankSVD` (SVDQuant-like, Li et al. 2024): a rank-r float branch takes the weight's top singular
+  directions; the residual is quantized.
+* :class:`HadamardRotation` (QuaRot-like, Ashkboos et al. 2024): an orthogonal block-Hadamard rotation of the
+  input channels spreads outliers; its inverse is folded into the weight.
+* :class:`BiasCorrection` (Nagel et al. 2019): after calibration, the mean output error per channel is removed.
+
+Methods run in the order given (``smoothquant`` then ``svd`` is the paper's "Activation Smoothing+SVD"), with
+:func:`apply_methods` between :func:`mqb.quant.quantize` and :func:`mqb.quant.calibrate`, and post-calibration
+methods after it (see :class:`mqb.lit.callbacks.QuantizationCallback`).
+"""
+
+from mqb.quant.methods.base import MethodReport, PTQMethod, apply_methods, quantizers_disabled
+from mqb.quant.methods.bias_correction import BiasCorrection
+from mqb.quant.methods.rotation import HadamardRotation, block_hadamard
+from mqb.quant.methods.smoothquant import SmoothQuant, smoothing_factors
+from mqb.quant.methods.svd import LowRankSVD
+
+__all__ = [
+    "BiasCorrection",
+    "HadamardRotation",
+    "LowRankSVD",
+    "MethodReport",
+    "PTQMethod",
+    "SmoothQuant",
+    "apply_methods",
+    "block_hadamard",
+    "quantizers_disabled",
+    "smoothing_factors",
+]

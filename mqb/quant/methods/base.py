@@ -1,0 +1,145 @@
+"""The common shape of PTQ methods: which layers, when they run, what they did."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mqb.quant.layers import QuantLayer
+from mqb.quant.selectors import matches_any, validate_selector
+
+#: ``{layer name: {"lo": per-channel min, "hi": per-channel max}}`` of float layer inputs
+#: (:func:`mqb.quant.collect_input_ranges`).
+InputRanges = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass
+class MethodReport:
+    """What a method did: the layers it changed and, for the selected layers it left alone, why."""
+
+    method: str
+    applied: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "applied": list(self.applied), "skipped": dict(self.skipped)}
+
+
+class PTQMethod:
+    """Base class. ``stage`` is ``"transform"`` (before calibration, on the quantized layers' float operands)
+    or ``"post_calibration"`` (needs calibrated quantizers and calibration batches).
+
+    Args:
+        layers: selectors of the layers the method applies to (``all`` by default); layers that the recipe
+            left in float are never touched.
+    """
+
+    name: ClassVar[str] = "method"
+    stage: ClassVar[str] = "transform"
+    needs_input_ranges: ClassVar[bool] = False
+
+    def __init__(self, layers: Sequence[str] | str = ("all",)) -> None:
+        self.layers = (layers,) if isinstance(layers, str) else tuple(layers)
+        for selector in self.layers:
+            validate_selector(selector)
+
+    def selected(self, model: nn.Module) -> Iterator[tuple[str, QuantLayer]]:
+        for name, module in model.named_modules():
+            if isinstance(module, QuantLayer) and matches_any(self.layers, module.mqb_info):
+                yield name, module
+
+    def skip_reason(self, layer: QuantLayer) -> str | None:
+        """Why this method cannot rewrite ``layer`` (``None`` if it can)."""
+        return None
+
+    def apply_to_layer(self, name: str, layer: QuantLayer, ranges: InputRanges | None) -> None:
+        raise NotImplementedError
+
+    def apply(
+        self,
+        model: nn.Module,
+        ranges: InputRanges | None = None,
+        batches: Callable[[], Iterable[Any]] | None = None,
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+    ) -> MethodReport:
+        report = MethodReport(self.name)
+        if self.needs_input_ranges and ranges is None:
+            raise ValueError(f"{self.name} needs float input ranges (mqb.quant.collect_input_ranges)")
+        for name, layer in self.selected(model):
+            reason = self.skip_reason(layer)
+            if reason is None and self.needs_input_ranges and name not in ranges:  # type: ignore[operator]
+                reason = "no calibration statistics (the layer never ran)"
+            if reason is not None:
+                report.skipped[name] = reason
+                continue
+            self.apply_to_layer(name, layer, ranges)
+            report.applied.append(name)
+        return report
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={list(self.layers)})"
+
+
+@contextmanager
+def quantizers_disabled(model: nn.Module) -> Iterator[None]:
+    """Run quantized layers with float operands (method rewrites stay active), e.g. to check equivalence."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLayer)]
+    previous = [m.quantizers_enabled for m in layers]
+    for m in layers:
+        m.quantizers_enabled = False
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, previous, strict=True):
+            m.quantizers_enabled = flag
+
+
+def apply_methods(
+    model: nn.Module,
+    methods: Sequence[PTQMethod],
+    stage: str,
+    *,
+    ranges: InputRanges | None = None,
+    batches: Callable[[], Iterable[Any]] | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+) -> list[MethodReport]:
+    """Apply the methods of one ``stage`` in order; returns one report per method."""
+    return [m.apply(model, ranges, batches, forward) for m in methods if m.stage == stage]
+
+
+def input_channel_axis(layer: QuantLayer) -> int:
+    """Axis of the input channels in the layer's activation (1 for convolutions, -1 for linear)."""
+    return -1 if layer.kind == "linear" else 1
+
+
+def weight_by_input_channel(layer: QuantLayer, weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` viewed as ``[C_in, rest]``: row ``c`` holds every weight that multiplies input channel ``c``.
+
+    Conv (C_out, C_in/g, *k): input channel ``c = g·(C_in/g) + j`` meets the output channels of group ``g``.
+    ConvTranspose (C_in, C_out/g, *k) and Linear (out, in) are direct.
+    """
+    if layer.kind == "linear":
+        return weight.t()
+    if layer.kind == "conv_transpose":
+        return weight.reshape(weight.shape[0], -1)
+    groups = layer.mqb_info.groups
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    w = weight.reshape(groups, c_out // groups, c_in_g, -1)  # [g, out/g, in/g, k]
+    return w.permute(0, 2, 1, 3).reshape(groups * c_in_g, -1)
+
+
+def scale_input_channels(layer: QuantLayer, weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``W`` with every weight of input channel ``c`` multiplied by ``s[c]`` (the layout of each kind)."""
+    if layer.kind == "linear":
+        return weight * s.view(1, -1)
+    if layer.kind == "conv_transpose":
+        return weight * s.view(-1, *[1] * (weight.dim() - 1))
+    groups = layer.mqb_info.groups
+    c_out, c_in_g = weight.shape[0], weight.shape[1]
+    s_g = s.view(groups, 1, c_in_g, *[1] * (weight.dim() - 2))
+    return (weight.reshape(groups, c_out // groups, *weight.shape[1:]) * s_g).reshape(weight.shape)
