@@ -152,7 +152,8 @@ def test_block_hadamard_is_orthonormal_and_matches_scipy():
     assert torch.allclose(h32, torch.from_numpy(scipy.linalg.hadamard(32)).double() / math.sqrt(32))
     h48 = block_hadamard(48, 32)  # 48 = 3 x 16
     assert torch.allclose(h48 @ h48.t(), torch.eye(48, dtype=torch.float64), atol=1e-12)
-    assert torch.count_nonzero(h48[:16, 16:]) == 0 and torch.allclose(h48[:16, :16].abs(), torch.full((16, 16), 0.25, dtype=torch.float64))
+    assert torch.count_nonzero(h48[:16, 16:]) == 0
+    assert torch.allclose(h48[:16, :16].abs(), torch.full((16, 16), 0.25, dtype=torch.float64))
     with pytest.raises(ValueError, match="power of two"):
         HadamardRotation(block=24)
 
