@@ -52,11 +52,19 @@ class LayerRuleConfig:
 
 @dataclass
 class MethodConfig:
+    """What gets quantized (include/exclude/attention/rules) and the PTQ methods applied to it.
+
+    ``steps`` are instantiable :class:`mqb.quant.methods.PTQMethod` configs, applied in order; ``layers`` are
+    the selectors the steps act on (``[all]``, a kind such as ``conv1x3x3``, or layer names).
+    """
+
     name: str = "rtn"
     include: list[str] = field(default_factory=lambda: ["conv", "conv_transpose", "linear"])
     exclude: list[str] = field(default_factory=list)
     attention: bool = False
     rules: list[LayerRuleConfig] = field(default_factory=list)
+    layers: list[str] = field(default_factory=lambda: ["all"])
+    steps: list[Any] = field(default_factory=list)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from mqb.data.sources import DatasetError
 from mqb.lit.callbacks import QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.quant import LayerRule, QuantRecipe
+from mqb.quant.methods import PTQMethod
 from mqb.results import (
     config_id,
     git_commit,
@@ -66,8 +67,6 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
     if activation is not None:
         activation = activation.replace(observer=cfg.calibration.observer, percentile=cfg.calibration.percentile)
     method = cfg.method
-    if method.name != "rtn":
-        raise ValueError(f"method={method.name!r} is not available yet; valid: 'rtn'")
     rules = tuple(LayerRule(r.select, r.precision, r.granularity) for r in method.rules)
     return QuantRecipe(
         weight=weight,
@@ -78,6 +77,15 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
         attention=bool(method.attention),
         rules=rules,
     )
+
+
+def build_methods(cfg: DictConfig) -> list[PTQMethod]:
+    """The PTQ methods of ``cfg.method.steps`` (empty for round-to-nearest), in order."""
+    methods = [instantiate(step) for step in cfg.method.get("steps") or []]
+    wrong = [type(m).__name__ for m in methods if not isinstance(m, PTQMethod)]
+    if wrong:
+        raise ValueError(f"method.steps must build mqb.quant.methods.PTQMethod objects, got {wrong}")
+    return methods
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path | None:
@@ -254,6 +262,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     logger = build_logger(cfg, run_dir, sweep)
     summary = None
+    method_reports: list[dict[str, Any]] = []
     if recipe is None and cfg.precision.compute_dtype == "float32":
         metrics = baseline
         timings["eval_seconds"] = 0.0
@@ -271,6 +280,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 calibration_forward(evaluator),
                 progress=cfg.trainer.progress,
                 range_cache=Path(cfg.paths.cache_dir) / "calibration" / f"{range_key}.pt",
+                methods=build_methods(cfg),
             )
             callbacks.append(quant_cb)
         start = time.perf_counter()
@@ -283,6 +293,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             calibration_cached = quant_cb.calibration_cached
             timings["eval_seconds"] -= quant_cb.calibration_seconds
             summary = quant_cb.summary
+            method_reports = [r.as_dict() for r in quant_cb.method_reports]
     assert metrics is not None and baseline is not None
     delta = {
         "dsc": _delta_pct(baseline["dsc"], metrics["dsc"]),
@@ -306,6 +317,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "baseline": {"key": bkey, "cached": baseline_cached, **{k: baseline[k] for k in ("dsc", "nsd", "hd95")}},
         "delta_pct": delta,
         "realizability": _realizability(summary),
+        "methods": method_reports,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "data": {
             "test_cases": [c["case"] for c in dm.splits["test"]],

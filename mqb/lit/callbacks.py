@@ -22,6 +22,7 @@ from mqb.quant import (
     quantize,
     summarize,
 )
+from mqb.quant.methods import MethodReport, PTQMethod, apply_methods
 from mqb.quant.summary import QuantSummary
 from mqb.results import save_tensors_atomic
 
@@ -37,8 +38,13 @@ class QuantizationCallback(L.Callback):
     collected once and reused by every min-max config of the same model/checkpoint/data (any bit width,
     per-tensor or per-channel): a sweep calibrates once.
 
-    After ``on_test_start``: ``summary`` (per-layer realizability), ``calibration_seconds`` and
-    ``calibration_cached``.
+    ``methods`` (PTQ methods, :mod:`mqb.quant.methods`) run in order: ``transform`` methods after quantization
+    and before calibration (SmoothQuant reads the float input ranges, from the same cache), ``post_calibration``
+    methods (bias correction) after it. A method that changes what a layer's input quantizer sees (smoothing,
+    rotation) makes cached float ranges unusable for calibration, so those configs calibrate afresh.
+
+    After ``on_test_start``: ``summary`` (per-layer realizability), ``method_reports``, ``calibration_seconds``
+    and ``calibration_cached``.
     """
 
     def __init__(
@@ -48,6 +54,7 @@ class QuantizationCallback(L.Callback):
         forward: Callable[[nn.Module, Any], Any],
         progress: bool = True,
         range_cache: str | os.PathLike[str] | None = None,
+        methods: list[PTQMethod] | None = None,
     ) -> None:
         self.recipe = recipe
         self.calibration_batches = calibration_batches
@@ -57,6 +64,8 @@ class QuantizationCallback(L.Callback):
         self.summary: QuantSummary | None = None
         self.calibration_seconds = 0.0
         self.calibration_cached = False
+        self.methods = list(methods or [])
+        self.method_reports: list[MethodReport] = []
 
     def _batches(self, trainer: L.Trainer) -> Any:
         batches = self.calibration_batches()
@@ -65,7 +74,8 @@ class QuantizationCallback(L.Callback):
         return batches
 
     def _cached_ranges(self, trainer: L.Trainer, net: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        assert self.range_cache is not None
+        if self.range_cache is None:
+            return collect_input_ranges(net, self._batches(trainer), forward=self.forward)
         if self.range_cache.is_file():
             self.calibration_cached = True
             return torch.load(self.range_cache, map_location="cpu", weights_only=True)
@@ -77,20 +87,29 @@ class QuantizationCallback(L.Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         net = pl_module.net
         activation = self.recipe.activation
-        use_cache = (
-            self.range_cache is not None
-            and activation is not None
+        transforms = [m for m in self.methods if m.stage == "transform"]
+        ranges_fit_calibration = (
+            activation is not None
             and activation.observer == "minmax"
+            and not activation.dynamic
             and not self.recipe.attention
             and all(r.precision is None for r in self.recipe.rules)
+            and not transforms
         )
+        need_ranges = any(m.needs_input_ranges for m in self.methods)
         start = time.perf_counter()
-        ranges = self._cached_ranges(trainer, net) if use_cache and not activation.dynamic else None
+        use_ranges = (self.range_cache is not None and ranges_fit_calibration) or need_ranges
+        ranges = self._cached_ranges(trainer, net) if use_ranges else None
         quantize(net, self.recipe)
+        self.method_reports = apply_methods(net, transforms, "transform", ranges=ranges)
         if needs_calibration(net):
-            if ranges is not None:
+            if ranges is not None and ranges_fit_calibration:
                 apply_input_ranges(net, ranges)
             else:
+                self.calibration_cached = False
                 calibrate(net, self._batches(trainer), forward=self.forward)
+        self.method_reports += apply_methods(
+            net, self.methods, "post_calibration", batches=lambda: self._batches(trainer), forward=self.forward
+        )
         self.calibration_seconds = time.perf_counter() - start
         self.summary = summarize(net)
