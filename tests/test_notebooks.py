@@ -6,7 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+# reproduce_tables.ipynb needs result records: tests/analysis/test_report_notebook.py runs it
+NOTEBOOKS = [Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"]
 
 
 @pytest.mark.slow

@@ -104,7 +104,7 @@ def needs_calibration(model: nn.Module) -> bool:
     return False
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
+def default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, dict):
@@ -136,7 +136,7 @@ def calibrate(
     if not layers:
         raise ValueError("calibrate: the model has no quantized layers; call mqb.quant.quantize first")
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
-    run = forward or _default_forward
+    run = forward or default_forward
     was_training = model.training
     model.eval()
     for q in quantizers:
@@ -200,7 +200,7 @@ def collect_input_ranges(
         for info in quantizable_layers(model)
         if info.kind != "attention"
     ]
-    run = forward or _default_forward
+    run = forward or default_forward
     was_training = model.training
     model.eval()
     try:

@@ -14,7 +14,7 @@ Methods run in the order given (``smoothquant`` then ``svd`` is the paper's "Act
 methods after it (see :class:`mqb.lit.callbacks.QuantizationCallback`).
 """
 
-from mqb.quant.methods.base import MethodReport, PTQMethod, apply_methods, quantizers_disabled
+from mqb.quant.methods.base import MethodReport, PTQMethod, apply_methods, float_output, quantizers_disabled
 from mqb.quant.methods.bias_correction import BiasCorrection
 from mqb.quant.methods.rotation import HadamardRotation, block_hadamard
 from mqb.quant.methods.smoothquant import SmoothQuant, smoothing_factors
@@ -29,6 +29,7 @@ __all__ = [
     "SmoothQuant",
     "apply_methods",
     "block_hadamard",
+    "float_output",
     "quantizers_disabled",
     "smoothing_factors",
 ]

@@ -99,6 +99,19 @@ def quantizers_disabled(model: nn.Module) -> Iterator[None]:
             m.quantizers_enabled = flag
 
 
+def float_output(layer: QuantLayer, args: tuple[Any, ...]) -> torch.Tensor:
+    """The layer's float output for the same inputs (method rewrites kept, quantizers and corrections off).
+
+    Calls ``forward`` directly, so it can run inside the layer's own forward hooks without re-entering them.
+    """
+    enabled = layer.quantizers_enabled
+    layer.quantizers_enabled = False
+    try:
+        return layer.forward(*args)
+    finally:
+        layer.quantizers_enabled = enabled
+
+
 def apply_methods(
     model: nn.Module,
     methods: Sequence[PTQMethod],
@@ -117,20 +130,19 @@ def input_channel_axis(layer: QuantLayer) -> int:
     return -1 if layer.kind == "linear" else 1
 
 
-def weight_by_input_channel(layer: QuantLayer, weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` viewed as ``[C_in, rest]``: row ``c`` holds every weight that multiplies input channel ``c``.
+def weight_absmax_per_input_channel(weight: torch.Tensor, kind: str, groups: int = 1) -> torch.Tensor:
+    """``max|W_{:,j}|`` for each input channel ``j``: over every weight that multiplies channel ``j``.
 
-    Conv (C_out, C_in/g, *k): input channel ``c = g·(C_in/g) + j`` meets the output channels of group ``g``.
-    ConvTranspose (C_in, C_out/g, *k) and Linear (out, in) are direct.
+    Conv (C_out, C_in/g, *k): input channel ``j = g·(C_in/g) + i`` meets the output channels of group ``g``
+    and every kernel offset. ConvTranspose (C_in, C_out/g, *k): everything but dim 0. Linear (out, in): dim 0.
     """
-    if layer.kind == "linear":
-        return weight.t()
-    if layer.kind == "conv_transpose":
-        return weight.reshape(weight.shape[0], -1)
-    groups = layer.mqb_info.groups
-    c_out, c_in_g = weight.shape[0], weight.shape[1]
-    w = weight.reshape(groups, c_out // groups, c_in_g, -1)  # [g, out/g, in/g, k]
-    return w.permute(0, 2, 1, 3).reshape(groups * c_in_g, -1)
+    w = weight.detach().abs()
+    if kind == "linear":
+        return w.amax(dim=0)
+    if kind == "conv_transpose":
+        return w.reshape(w.shape[0], -1).amax(dim=1)
+    per_group = w.reshape(groups, w.shape[0] // groups, w.shape[1], -1)  # (g, C_out/g, C_in/g, k)
+    return per_group.amax(dim=(1, 3)).reshape(-1)
 
 
 def scale_input_channels(layer: QuantLayer, weight: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mqb.quant.layers import QuantLayer
-from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod
+from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod, float_output
 
 
 class BiasCorrection(PTQMethod):
@@ -42,11 +42,7 @@ class BiasCorrection(PTQMethod):
 
         def make_hook(name: str, layer: QuantLayer) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
-                layer.quantizers_enabled = False
-                try:
-                    reference = module.forward(*args)  # not module(...): that would re-enter this hook
-                finally:
-                    layer.quantizers_enabled = True
+                reference = float_output(layer, args)
                 error = (output - reference).double()
                 axis = layer.output_channel_axis() % error.dim()
                 dims = [d for d in range(error.dim()) if d != axis]

@@ -13,7 +13,7 @@ from mqb.quant.methods.base import (
     PTQMethod,
     input_channel_axis,
     scale_input_channels,
-    weight_by_input_channel,
+    weight_absmax_per_input_channel,
 )
 
 
@@ -74,7 +74,7 @@ class SmoothQuant(PTQMethod):
         assert ranges is not None
         r = ranges[name]
         act_absmax = torch.maximum(r["lo"].abs(), r["hi"].abs()).to(layer.weight.device)
-        weight_absmax = weight_by_input_channel(layer, layer.weight.detach()).abs().amax(dim=1)
+        weight_absmax = weight_absmax_per_input_channel(layer.weight, layer.kind, layer.mqb_info.groups)
         s = smoothing_factors(act_absmax, weight_absmax, self.alpha).to(layer.weight.dtype)
         layer.rewrite_weight(scale_input_channels(layer, layer.weight.detach(), s), self.name)
         layer.input_transform = ChannelScale(s, input_channel_axis(layer))

@@ -1,0 +1,1 @@
+"""Analyses of float and quantized models: activation statistics, reports and figures."""

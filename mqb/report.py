@@ -1,0 +1,63 @@
+"""``python -m mqb.report``: paper-style tables (Markdown, LaTeX, CSV) and figures from a results directory.
+
+    python -m mqb.report outputs/results                                 # report/table.{md,tex,csv}
+    python -m mqb.report /shared/mqb/results --out paper --formats md,tex --figures
+
+Rows: one per config, the latest success record per config id (error records and other record kinds are
+listed under the Markdown table, not in it), grouped per model, dataset and FP32 baseline (untrained networks
+and other checkpoints get their own group, marked † and (2)) with the FP32 row first, then W8A8, W4A8, W4A4 and
+other precisions; cells read ``DSC (↓Δ%)`` / ``NSD (↓Δ%)`` as in MedQuanBench Tables 1-3.
+``--figures`` adds, per model and dataset, ``dsc_<model>_<dataset>.png`` (DSC bars by precision x granularity,
+FP32 dashed) and ``per_class_delta_dsc_<model>_<dataset>.png`` (per-class DSC drop heat map).
+
+Exits 2 when the directory does not exist or holds no success record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mqb.analysis.report import FORMATS, build_report, render, write_report
+from mqb.results import read_records
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {','.join(unknown) or repr(text)}; choose from "
+                                         f"{','.join(FORMATS)}")  # fmt: skip
+    return formats
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc = __doc__ or ""
+    summary, _, details = doc.partition("\n\n")
+    parser = argparse.ArgumentParser(prog="python -m mqb.report", description=summary, epilog=details,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "results_dir", type=Path, help="the results_dir of mqb.eval: <id>.json / <id>.error.json records"
+    )
+    parser.add_argument("--out", type=Path, default=Path("report"), help="output folder (default: ./report)")
+    parser.add_argument("--formats", type=_formats, default=tuple(FORMATS),
+                        help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")  # fmt: skip
+    parser.add_argument("--figures", action="store_true", help="also write PNG figures per model and dataset")
+    args = parser.parse_args(argv)
+    if not args.results_dir.is_dir():
+        print(f"mqb.report: results directory {str(args.results_dir)!r} does not exist", file=sys.stderr)
+        return 2
+    report = build_report(read_records(args.results_dir))
+    if not report.selection.successes:
+        print(f"mqb.report: no success records in {str(args.results_dir)!r} "
+              f"({len(report.selection.errors)} failed config(s))", file=sys.stderr)  # fmt: skip
+        return 2
+    paths = write_report(report, args.out, args.formats, with_figures=args.figures)
+    print(render(report, "md"))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
