@@ -125,6 +125,10 @@ def load_weights(net: nn.Module, path: str | os.PathLike[str]) -> None:
     for prefix in _PREFIXES:
         if not (set(state) & expected) and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix) :]: v for k, v in state.items()}
+    for group in alias_groups(net):  # a file saved with one name per shared tensor: fill in the other names
+        present = [k for k in group if k in state]
+        if present:
+            state.update({k: state[present[0]] for k in group if k not in state})
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
@@ -141,10 +145,25 @@ def load_weights(net: nn.Module, path: str | os.PathLike[str]) -> None:
     net.load_state_dict(state, strict=True)
 
 
+def alias_groups(net: nn.Module) -> list[list[str]]:
+    """State-dict names that are the same tensor (nnU-Net v2 registers each conv twice, and its decoder holds
+    the encoder): groups of two or more names, first name canonical."""
+    groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in net.state_dict(keep_vars=True).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def save_weights(net: nn.Module, path: str | os.PathLike[str], metadata: dict[str, Any]) -> None:
-    """Save ``net``'s state dict as safetensors (atomically), with ``metadata`` also in a ``.json`` sidecar."""
+    """Save ``net``'s state dict as safetensors (atomically), with ``metadata`` also in a ``.json`` sidecar.
+
+    Aliased tensors (:func:`alias_groups`) are stored once, under their first name; :func:`load_weights`
+    restores the other names.
+    """
     p = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+    aliases = {name for group in alias_groups(net) for name in group[1:]}
+    state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if k not in aliases}
     with atomic_write(p) as tmp:
         save_file(state, str(tmp), metadata={"mqb": json.dumps(metadata, sort_keys=True, default=str)})
     write_json_atomic(p.with_suffix(".json"), metadata)

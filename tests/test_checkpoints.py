@@ -83,3 +83,28 @@ def test_safetensors_round_trip_with_sidecar(tmp_path):
     load_weights(dst, tmp_path / "w.safetensors")
     assert _same(src, dst)
     assert (tmp_path / "w.json").read_text().count('"steps": 3') == 1
+
+
+class _Aliased(nn.Module):
+    """Like nnU-Net v2: a conv registered under two names, and a second module holding the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 1)
+        self.all_modules = nn.Sequential(self.conv)
+        self.head = nn.Conv3d(2, 2, 1)
+
+
+def test_aliased_tensors_save_once_and_load_under_every_name(tmp_path):
+    src = _Aliased()
+    assert set(src.state_dict()) == {"conv.weight", "conv.bias", "all_modules.0.weight", "all_modules.0.bias",
+                                     "head.weight", "head.bias"}  # fmt: skip
+    save_weights(src, tmp_path / "a.safetensors", {})
+    assert set(read_state_dict(tmp_path / "a.safetensors")) == {"conv.weight", "conv.bias", "head.weight", "head.bias"}
+    dst = _Aliased()
+    load_weights(dst, tmp_path / "a.safetensors")
+    assert _same(src, dst)
+    torch.save(src.state_dict(), tmp_path / "full.pt")  # the nnU-Net layout with every alias also loads strictly
+    dst = _Aliased()
+    load_weights(dst, tmp_path / "full.pt")
+    assert _same(src, dst)

@@ -145,7 +145,7 @@ def test_greedy_mixed_precision_finds_the_fewest_layers_in_log_steps():
 def test_sensitivity_cli_incremental_and_per_layer(tmp_path):
     common = [
         "precision=w4a4", "model.checkpoint=null", "logger=none", "trainer.progress=false",
-        "dataset.source.num_cases=6", "dataset.source.shape=[40,40,24]", "dataset.roi_size=[24,24,24]",
+        "dataset.source.num_cases=6", "dataset.source.shape=[40,40,32]", "dataset.roi_size=[32,32,32]",
         "dataset.splits={test: 1, calib: 1, val: 1}",
         f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
     ]  # fmt: skip
