@@ -94,6 +94,8 @@ class TrainerSettings:
 @dataclass
 class PathsConfig:
     output_dir: str = "outputs"
+    #: where the paper-table presets look for datasets: ``<data_root>/<dataset.name>`` (btcv, abdomenatlas ...)
+    data_root: str = "data"
     cache_dir: str = ".cache/mqb"
     checkpoints: str = "${paths.cache_dir}/checkpoints"
     shared_data: str = str(Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -54,13 +54,26 @@ def test_granularity_and_calibration_choices(granularity, calibration):
     assert recipe.granularity == granularity and recipe.activation.observer == calibration
 
 
+#: Configs small enough to run a 64^3 forward here.
+SMALL_MODELS = {"unet", "segresnet", "swinunetr_t", "swinunetr_s", "medptq_unet", "segformer3d", "stunet_s"} | {
+    m for m in _choices("model") if m.startswith("meshnet")
+}
+
+
 @pytest.mark.parametrize("model", _choices("model"))
 def test_model_choices_instantiate_and_run(model):
     cfg = _compose(f"model={model}", "dataset.roi_size=[64,64,64]")
-    net = instantiate(cfg.model.net).eval()
-    if model in ("unetr", "swinunetr_b"):  # large: instantiate only
+    if model not in SMALL_MODELS:  # built on the meta device; tests/models/ run each native model for real
+        with torch.device("meta"):
+            try:
+                net = instantiate(cfg.model.net)
+            except Exception:  # noqa: BLE001  (MONAI SwinUNETR computes drop-path rates with .item())
+                net = None
+        if net is None:
+            net = instantiate(cfg.model.net)
         assert sum(p.numel() for p in net.parameters()) > 1e6
         return
+    net = instantiate(cfg.model.net).eval()
     with torch.no_grad():
         out = net(torch.zeros(1, 1, 64, 64, 64))
     assert out.shape == (1, cfg.model.net.out_channels, 64, 64, 64)
