@@ -175,6 +175,28 @@ def _evaluator(
     )
 
 
+def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Path | None]:
+    """The config's network in eval mode with its checkpoint loaded (``None``: untrained), as ``evaluate`` does."""
+    net = instantiate(cfg.model.net)
+    checkpoint = resolve_checkpoint(cfg)
+    if checkpoint is not None:
+        load_weights(net, checkpoint)
+    return net.eval(), checkpoint
+
+
+def calibration_inputs(
+    cfg: DictConfig, net: torch.nn.Module
+) -> tuple[typing.Callable[[], typing.Any], typing.Callable[[torch.nn.Module, typing.Any], typing.Any]]:
+    """``(batches(), forward)`` over the config's calibration volumes: a fresh loader per call and a
+    sliding-window forward, exactly what calibration sees in ``mqb.eval`` (for tools that work outside it)."""
+    dm: SegmentationDataModule = instantiate(cfg.dataset)
+    dm.prepare_data()
+    evaluator = _evaluator(cfg, net, dm, "float32")
+    return (lambda: dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed)), calibration_forward(
+        evaluator
+    )
+
+
 def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
     """Cache key of the FP32 baseline: model, checkpoint bytes, dataset, evaluation settings, mqb version."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)

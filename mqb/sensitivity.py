@@ -42,10 +42,8 @@ from mqb.analysis.sensitivity import (
     rank_by_recovery,
     rank_correlation,
 )
-from mqb.checkpoints import load_weights
 from mqb.config import register_configs
-from mqb.eval import CONF_DIR, _evaluator, _user_error, build_recipe, resolve_checkpoint, run_job
-from mqb.lit.evaluator import calibration_forward
+from mqb.eval import CONF_DIR, _user_error, build_recipe, calibration_inputs, load_model, run_job
 from mqb.quant import calibrate, quantizable_layers, quantize
 from mqb.quant.selectors import matches_any, validate_selector
 from mqb.quant.spec import get_precision
@@ -108,19 +106,8 @@ def error_proxies(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Per-layer output MSE / SQNR of the fully quantized model on the calibration volumes."""
     recipe = build_recipe(cfg)
     assert recipe is not None
-    dm = instantiate(cfg.dataset)
-    dm.prepare_data()
-    net = instantiate(cfg.model.net)
-    checkpoint = resolve_checkpoint(cfg)
-    if checkpoint is not None:
-        load_weights(net, checkpoint)
-    net.eval()
-    evaluator = _evaluator(cfg, net, dm, "float32")
-    forward = calibration_forward(evaluator)
-
-    def batches() -> Any:
-        return dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed)
-
+    net, _ = load_model(cfg)
+    batches, forward = calibration_inputs(cfg, net)
     quantize(net, recipe)
     calibrate(net, batches(), forward=forward)
     return layer_error_proxies(net, batches(), forward=forward)
