@@ -152,6 +152,8 @@ class WeightQuantizer(TensorQuantizer):
         super().__init__(spec, axis, name)
         self._cache_key: tuple[int, int] | None = None
         self._cache: torch.Tensor | None = None
+        #: keep the current range when the weight changes (GPTQ writes weights onto a grid it chose)
+        self.range_frozen = False
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.mode != "quantize":
@@ -160,7 +162,7 @@ class WeightQuantizer(TensorQuantizer):
         key = (w.data_ptr(), w._version)
         if cacheable and self._cache is not None and self._cache_key == key:
             return self._cache
-        if self.is_static and (not self.is_calibrated or self._cache_key != key):
+        if self.is_static and (not self.is_calibrated or (self._cache_key != key and not self.range_frozen)):
             self.set_range(w)
         out = super().forward(w)
         if cacheable:

@@ -10,6 +10,7 @@ from torch import nn
 from mqb.quant import QuantRecipe, calibrate, collect_input_ranges, dequantize, quantize
 from mqb.quant.layers import QuantLayer
 from mqb.quant.methods import (
+    GPTQ,
     BiasCorrection,
     HadamardRotation,
     LowRankSVD,
@@ -232,3 +233,72 @@ def test_bias_correction_zeroes_the_mean_output_error():
     assert mean_error.abs().max() < 1e-5
     assert layer.output_correction.abs().max() > 1e-3  # and there was something to correct
     assert "bias_correction" in layer.applied_methods
+
+
+def test_conv_patches_reproduce_the_convolution():
+    """im2col rows at sampled positions times the flattened weight give the conv output at those positions."""
+    from mqb.quant.methods.gptq import conv_patches
+
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 5, (1, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1))
+    x = torch.randn(2, 3, 4, 7, 6)
+    y = conv(x).detach()
+    g = torch.Generator().manual_seed(1)
+    rows = conv_patches(x, conv, 10**6, g)  # all positions, in (b, d, h, w) order
+    expected = y.permute(0, 2, 3, 4, 1).reshape(-1, 5)
+    got = rows @ conv.weight.detach().flatten(1).t() + conv.bias.detach()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert conv_patches(x, conv, 7, g).shape == (7, 3 * 9)
+
+
+def test_gptq_with_a_diagonal_hessian_is_round_to_nearest():
+    """No correlation between inputs: there is no other column to move the error to, so GPTQ == RTN."""
+    from mqb.quant.fake_quant import fake_quant_symmetric
+    from mqb.quant.methods.gptq import gptq_round
+    from mqb.quant.spec import QuantSpec
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 20, dtype=torch.float64)
+    spec = QuantSpec(bits=4)
+    amax = w.abs().amax(dim=1, keepdim=True)
+    rtn = fake_quant_symmetric(w, amax, spec)
+    out = gptq_round(
+        w, torch.diag(torch.rand(20, dtype=torch.float64) + 0.5), lambda c: fake_quant_symmetric(c, amax, spec)
+    )
+    assert torch.equal(out, rtn)
+
+
+def test_gptq_lowers_the_layer_reconstruction_error_and_stays_on_the_grid():
+    torch.manual_seed(0)
+    conv = nn.Conv3d(8, 8, 3, padding=1)
+    mix = torch.randn(8, 8) * 0.5 + torch.eye(8)  # correlated input channels, as real feature maps are
+    data = [torch.einsum("bcdhw,ce->bedhw", torch.randn(1, 8, 6, 6, 6), mix) for _ in range(4)]
+
+    def output_error(method):
+        m = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1)).eval()
+        m[0].load_state_dict(conv.state_dict())
+        quantize(m, QuantRecipe.from_precision("w4a16", granularity="per_channel"))
+        if method is not None:
+            report = method.apply(m, batches=lambda: data)
+            assert report.applied == ["0"]
+        with torch.no_grad():
+            return sum(float((m(x) - conv(x)).pow(2).mean()) for x in data), m
+
+    rtn_error, _ = output_error(None)
+    gptq_error, model = output_error(GPTQ(damp=0.01, block=16))
+    assert gptq_error < 0.8 * rtn_error
+    layer = model[0]
+    assert layer.weight_quantizer.range_frozen and "gptq" in layer.applied_methods
+    scale = layer.weight_quantizer.amax.reshape(-1, 1, 1, 1, 1) / 7
+    steps = layer.weight.detach() / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 7 + 1e-4
+    dequantize(model)
+    assert torch.equal(model[0].weight, conv.weight)
+
+
+def test_gptq_skips_what_it_cannot_round():
+    model = _quantized(Mixed().eval(), "w4a4", "per_channel")
+    calibrate(model, _data(1))
+    report = GPTQ().apply(model, batches=lambda: _data(1))
+    assert "grouped" in report.skipped["grouped"] and "transposed" in report.skipped["up"]
+    assert {"dense", "pointwise", "head"} <= set(report.applied)

@@ -8,6 +8,8 @@ Each method is a small class with ``layers`` (selectors, see :mod:`mqb.quant.sel
 * :class:`HadamardRotation` (QuaRot-like, Ashkboos et al. 2024): an orthogonal block-Hadamard rotation of the
   input channels spreads outliers; its inverse is folded into the weight.
 * :class:`BiasCorrection` (Nagel et al. 2019): after calibration, the mean output error per channel is removed.
+* :class:`GPTQ` (Frantar et al. 2023): weight rounding that spreads each column's error over the remaining
+  columns through the inverse Hessian of the layer's reconstruction loss.
 
 Methods run in the order given (``smoothquant`` then ``svd`` is the paper's "Activation Smoothing+SVD"), with
 :func:`apply_methods` between :func:`mqb.quant.quantize` and :func:`mqb.quant.calibrate`, and post-calibration
@@ -16,12 +18,14 @@ methods after it (see :class:`mqb.lit.callbacks.QuantizationCallback`).
 
 from mqb.quant.methods.base import MethodReport, PTQMethod, apply_methods, float_output, quantizers_disabled
 from mqb.quant.methods.bias_correction import BiasCorrection
+from mqb.quant.methods.gptq import GPTQ
 from mqb.quant.methods.rotation import HadamardRotation, block_hadamard
 from mqb.quant.methods.smoothquant import SmoothQuant, smoothing_factors
 from mqb.quant.methods.svd import LowRankSVD
 
 __all__ = [
     "BiasCorrection",
+    "GPTQ",
     "HadamardRotation",
     "LowRankSVD",
     "MethodReport",
