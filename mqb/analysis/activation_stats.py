@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mqb.quant.api import default_forward, quantizable_layers
+from mqb.quant.api import quantizable_layers, run_batches
 from mqb.quant.layers import LayerInfo, describe_layer
 from mqb.quant.methods.base import weight_absmax_per_input_channel as absmax_per_input_channel
 from mqb.quant.methods.smoothquant import smoothing_factors
@@ -459,24 +459,8 @@ def collect_activation_stats(
 
         return hook
 
-    run = forward or default_forward
-    was_training = model.training
-    hooks = []
-    seen = 0
-    try:
-        for info in infos:
-            hooks.append(modules[info.name].register_forward_pre_hook(make_hook(stats[info.name])))
-        model.eval()
-        with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and seen >= max_batches:
-                    break
-                run(model, batch)
-                seen += 1
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    hooks = [modules[info.name].register_forward_pre_hook(make_hook(stats[info.name])) for info in infos]
+    seen = run_batches(model, batches, forward, hooks, max_batches)
     if seen == 0:
         raise ValueError("collect_activation_stats: the batches were empty")
     return {name: st for name, st in stats.items() if st.count > 0}

@@ -25,6 +25,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from mqb.quant.api import run_batches
 from mqb.quant.layers import QuantLayer
 from mqb.quant.methods.base import float_output
 
@@ -126,14 +127,7 @@ def layer_error_proxies(
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayer)}
     handles = [m.register_forward_hook(make_hook(n, m)) for n, m in layers.items()]
-    run = forward or (lambda m, b: m(b))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, batches, forward, handles)
     out = {}
     for name in layers:
         if name not in count:

@@ -119,6 +119,36 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     )
 
 
+def run_batches(
+    model: nn.Module,
+    batches: Iterable[Any],
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    hooks: Iterable[torch.utils.hooks.RemovableHandle] = (),
+    max_batches: int | None = None,
+) -> int:
+    """Run ``forward(model, batch)`` (default :func:`default_forward`) over ``batches`` in eval mode without
+    gradients; afterwards, also on error, remove ``hooks`` and restore the training flag. Returns the batch count.
+
+    The common loop of every statistics pass (input ranges, bias correction, GPTQ Hessians, proxies).
+    """
+    run = forward or default_forward
+    was_training = model.training
+    seen = 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                if max_batches is not None and seen >= max_batches:
+                    break
+                run(model, batch)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return seen
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -200,17 +230,7 @@ def collect_input_ranges(
         for info in quantizable_layers(model)
         if info.kind != "attention"
     ]
-    run = forward or default_forward
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                run(model, batch)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    run_batches(model, batches, forward, hooks)
     if not stats:
         raise ValueError("collect_input_ranges: no quantizable layer saw any data")
     return stats

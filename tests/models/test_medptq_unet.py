@@ -2,7 +2,6 @@
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,29 +12,10 @@ from mqb.config import register_configs
 from mqb.eval import CONF_DIR
 from mqb.models.medptq_unet import UNet3D
 from mqb.quant import QuantRecipe, calibrate, quantize, summarize
+from tests.models.reference import KEYS, centered_rel, random_state
 
 register_configs()
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
 needs_keys = pytest.mark.skipif(not (KEYS / "medptq_unet3d.json").is_file(), reason="shared/reference/keys not present")
-
-
-def _random_state(keys: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in keys.items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(7)
-        elif name.endswith("running_var"):
-            state[name] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[name] = torch.randn(shape, generator=g) * 0.05
-    return state
-
-
-def _centered_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative error of the spatially varying part of the logits (constant per-class offsets removed)."""
-    mean = ref.mean((0, 2, 3, 4), keepdim=True)
-    return float(((out - mean) - (ref - mean)).norm() / (ref - mean).norm())
 
 
 def test_parameter_count_and_layout():
@@ -58,7 +38,7 @@ def test_state_dict_keys_and_shapes_equal_reference():
 @needs_keys
 def test_strict_load_of_reference_shaped_state_and_round_trip():
     ref = json.loads((KEYS / "medptq_unet3d.json").read_text())
-    state = _random_state(ref["keys"])
+    state = random_state(ref["keys"])
     a = UNet3D(ref["in_channels"], ref["out_channels"]).eval()
     a.load_state_dict(state, strict=True)
     saved = a.state_dict()
@@ -105,7 +85,7 @@ def test_quantized_w8a8_close_and_w4a4_adaptive_finite():
         with torch.no_grad():
             out = net(x)
         assert torch.isfinite(out).all()
-        errors[precision] = _centered_rel(out, ref)
+        errors[precision] = centered_rel(out, ref)
         rows = summarize(net).rows
         assert Counter(r.group for r in rows) == CENSUS
         assert all(r.realizability.status != "float" for r in rows)

@@ -2,7 +2,6 @@
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,34 +13,14 @@ from mqb.config import register_configs
 from mqb.eval import CONF_DIR
 from mqb.models.segformer3d import EfficientSelfAttention, SegFormer3D
 from mqb.quant import QuantRecipe, QuantSpec, calibrate, dequantize, fake_quantize, quantize, summarize
+from tests.models.reference import KEYS, centered_rel, random_state
 
 register_configs()
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
 needs_keys = pytest.mark.skipif(not (KEYS / "segformer3d.json").is_file(), reason="shared/reference/keys not present")
 
 
 def _reference() -> dict:
     return json.loads((KEYS / "segformer3d.json").read_text())
-
-
-def _random_state(keys: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in keys.items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(7)
-        elif name.endswith("running_var"):
-            state[name] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[name] = torch.randn(shape, generator=g) * 0.05
-    return state
-
-
-def _centered_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative error of the spatially varying part of the logits (constant per-class offsets removed)."""
-    dims = (0, 2, 3, 4)
-    mean = ref.mean(dims, keepdim=True)
-    return float(((out - mean) - (ref - mean)).norm() / (ref - mean).norm())
 
 
 @pytest.mark.parametrize("in_channels,out_channels,params", [(4, 3, 4_525_251), (1, 14, 4_495_150)])
@@ -63,7 +42,7 @@ def test_state_dict_keys_and_shapes_equal_reference():
 @needs_keys
 def test_strict_load_of_reference_shaped_state_and_round_trip():
     ref = _reference()
-    state = _random_state(ref["keys"])
+    state = random_state(ref["keys"])
     a = SegFormer3D(ref["in_channels"], ref["out_channels"]).eval()
     a.load_state_dict(state, strict=True)
     saved = a.state_dict()
@@ -169,7 +148,7 @@ def test_quantized_w8a8_close_and_w4a4_adaptive_finite():
         with torch.no_grad():
             out = net(x)
         assert torch.isfinite(out).all()
-        errors[precision] = _centered_rel(out, ref)
+        errors[precision] = centered_rel(out, ref)
         rows = summarize(net).rows
         assert Counter(r.group for r in rows) == CENSUS
         assert all(r.realizability.status != "float" for r in rows)

@@ -3,7 +3,6 @@
 import copy
 import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,32 +14,13 @@ from mqb.config import register_configs
 from mqb.eval import CONF_DIR
 from mqb.models.transunet import MultiheadSelfAttention, TransformerBlock, TransUNet3D
 from mqb.quant import QuantRecipe, QuantSpec, calibrate, fake_quantize, quantize, summarize
+from tests.models.reference import KEYS, centered_rel, random_state
 
 register_configs()
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
 needs_keys = pytest.mark.skipif(not (KEYS / "transunet3d.json").is_file(), reason="shared/reference/keys not present")
 
 #: A small configuration with the same layout (fast to quantize on a CPU).
 SMALL = dict(img_size=32, base_channels=8, embed_dim=64, mlp_dim=128, num_heads=4, num_layers=2)
-
-
-def _random_state(keys: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in keys.items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(7)
-        elif name.endswith("running_var"):
-            state[name] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[name] = torch.randn(shape, generator=g) * 0.02
-    return state
-
-
-def _centered_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative error of the spatially varying part of the logits (constant per-class offsets removed)."""
-    mean = ref.mean((0, 2, 3, 4), keepdim=True)
-    return float(((out - mean) - (ref - mean)).norm() / (ref - mean).norm())
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +30,7 @@ def reference_net():
         pytest.skip("shared/reference/keys not present")
     ref = json.loads((KEYS / "transunet3d.json").read_text())
     net = TransUNet3D(in_channels=ref["in_channels"], out_channels=ref["out_channels"]).eval()
-    state = _random_state(ref["keys"])
+    state = random_state(ref["keys"])
     net.load_state_dict(state, strict=True)
     return net, ref, state
 
@@ -182,7 +162,7 @@ def test_quantized_w8a8_close_and_w4a4_adaptive_finite():
         with torch.no_grad():
             out = net(x)
         assert torch.isfinite(out).all()
-        errors[precision] = _centered_rel(out, ref)
+        errors[precision] = centered_rel(out, ref)
         rows = {r.info.name: r for r in summarize(net).rows}
         assert Counter(r.group for r in rows.values()) == CENSUS
         assert all(r.realizability.status != "float" for r in rows.values())

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mqb.quant.api import run_batches
 from mqb.quant.layers import QuantLayer
 from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod, float_output
 
@@ -56,17 +57,7 @@ class BiasCorrection(PTQMethod):
                 report.skipped[name] = "already corrected"
         measured = {n: lyr for n, lyr in layers.items() if n not in report.skipped}
         handles = [lyr.register_forward_hook(make_hook(n, lyr)) for n, lyr in measured.items()]
-        run = forward or (lambda m, b: m(b))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for batch in batches():
-                    run(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        run_batches(model, batches(), forward, handles)
         for name, layer in measured.items():
             if name not in sums:
                 report.skipped[name] = "never ran on the calibration data"

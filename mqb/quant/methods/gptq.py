@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mqb.quant.api import run_batches
 from mqb.quant.fake_quant import fake_quant_symmetric
 from mqb.quant.layers import QuantLayer
 from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod
@@ -148,17 +149,7 @@ class GPTQ(PTQMethod):
             return hook
 
         handles = [layer.register_forward_pre_hook(make_hook(n, layer)) for n, layer in layers.items()]
-        run = forward or (lambda m, b: m(b))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for batch in batches():
-                    run(model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        run_batches(model, batches(), forward, handles)
         return out
 
     def _round_layer(self, layer: QuantLayer, hessian: torch.Tensor) -> None:
