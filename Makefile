@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps dynamic-network-architectures==0.4.4
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,deploy]"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -38,6 +38,8 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/quant_overhead.py
 	$(PY) benchmarks/eval_overhead.py
+	$(PY) benchmarks/sweep_throughput.py
+	$(PY) benchmarks/int8_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache outputs multirun

@@ -7,10 +7,12 @@
 | per_voxel     | per-channel  | per-voxel (eq. 4); depthwise: per-channel       | per-channel / token |
 | adaptive      | per-channel  | per-voxel on 1x1x1, per-channel elsewhere       | per-channel / token |
 | per_group     | per-group    | per-group (blocks along the reduction axis)     | per-group           |
+| deploy        | per-channel  | per-tensor                                      | per-channel / tensor|
 
-``per_channel`` is the paper's "per-channel/token"; ``adaptive`` is its "adaptive stratification". Depthwise
-convolutions always use per-channel activations outside ``per_tensor``/``per_group``: per-voxel scales would
-reduce over a single input channel (paper sec. 2.2).
+``per_channel`` is the paper's "per-channel/token"; ``adaptive`` is its "adaptive stratification"; ``deploy`` is
+what INT8 runtimes execute (TensorRT, OpenVINO, ONNX Runtime QDQ: per-channel weights, one static activation
+scale). Depthwise convolutions always use per-channel activations outside ``per_tensor``/``per_group``:
+per-voxel scales would reduce over a single input channel (paper sec. 2.2).
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ def _adaptive(info: LayerInfo) -> LayerGranularity:
     return _per_voxel(info) if info.pointwise else _per_channel(info)
 
 
+def _deploy(info: LayerInfo) -> LayerGranularity:
+    return LayerGranularity("per_channel", "per_tensor")
+
+
 def _per_group(info: LayerInfo) -> LayerGranularity:
     return LayerGranularity("per_group", "per_group")
 
@@ -57,6 +63,7 @@ SCHEMES: dict[str, Callable[[LayerInfo], LayerGranularity]] = {
     "per_voxel": _per_voxel,
     "adaptive": _adaptive,
     "per_group": _per_group,
+    "deploy": _deploy,
 }
 
 

@@ -1,0 +1,212 @@
+"""Real INT8 speed and size of mqb-calibrated models on the CPU, as ratios against FP32 in the same process.
+
+Models: mqb's ``model=unet`` (MONAI UNet, batch norm, PReLU) and ``model=nnunet`` (nnU-Net v2 PlainConvUNet,
+instance norm, leaky ReLU), 1 input channel, 8 classes (``dataset=synthetic``), at 96^3, batch 1, with the
+trained synthetic-data checkpoint where the cache has one (``model.checkpoint=auto``), else untrained (speed does
+not depend on the weights; the argmax agreement of an untrained network, whose logits are nearly flat, does).
+Each is quantized W8A8 with mqb (INT8 per-channel weights, per-tensor static activations), calibrated on two
+synthetic CT phantoms, and exported by ``mqb.deploy.export_onnx`` with mqb's own scales. Runtimes, timed round by
+round (median of ``--rounds`` after one warm-up):
+
+* ``ort_fp32`` / ``ort_int8``: ONNX Runtime CPU EP on the FP32 / QDQ ONNX;
+* ``ov_fp32``: OpenVINO CPU, ``INFERENCE_PRECISION_HINT=f32`` (the FP32 reference of the speedup);
+* ``ov_default``: OpenVINO's default precision on the FP32 ONNX (bf16 on CPUs with AVX512-BF16 / AMX);
+* ``ov_int8``: OpenVINO reading the QDQ ONNX, float remainder (norms, activations) in f32;
+* ``ov_int8_default``: the same with the default precision (float remainder in bf16 where the CPU has it).
+
+``--nncf`` also times OpenVINO + NNCF's own post-training INT8 of the FP32 model (its own scales and quantization
+points) for comparison, if nncf is installed.
+
+Sizes: the serialized ONNX files and their initializer bytes (weights), FP32 vs INT8. Agreement: Dice of the
+argmax of mqb's fake-quantized prediction and of each INT8 runtime on a third phantom (target >= 0.99).
+Targets (issue): INT8 >= 3.0x faster than OpenVINO FP32 (f32 hint), weights >= 3.9x smaller.
+
+Last line: ``int8_speedup=<x> size_ratio=<y> runtime=openvino config=... model=... file_ratio=<z>``: the smallest
+speedup over the models (OpenVINO FP32 with the f32 hint vs the faster of OpenVINO's two INT8 configurations, named
+by ``config``), the smallest weight-bytes ratio (``file_ratio``: whole ONNX files); per-model figures on the lines
+before. The machine is shared: the load average is printed, and the fastest-run ratios next to the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+
+from mqb.checkpoints import load_weights
+from mqb.data.synthetic import make_phantom
+from mqb.deploy.agreement import logit_agreement, prediction_dice
+from mqb.deploy.export import export_onnx
+from mqb.deploy.profile import interleaved_latency
+from mqb.deploy.report import openvino_nodes, runtime_report
+from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, runtime_versions
+from mqb.eval import resolve_checkpoint
+from mqb.quant import QuantRecipe, calibrate, quantize
+from mqb.sensitivity import compose_eval
+
+
+def phantom(size: int, seed: int) -> torch.Tensor:
+    """A synthetic CT phantom of size^3, windowed like the synthetic dataset (-175..250 HU -> [0, 1])."""
+    ct, _ = make_phantom((size, size, size), (1.5, 1.5, 2.0), seed)
+    return torch.from_numpy(np.clip((ct + 175.0) / 425.0, 0.0, 1.0)).float()[None, None]
+
+
+def build(model: str) -> tuple[torch.nn.Module, str]:
+    """The network, with its trained synthetic-data checkpoint if the cache has one (else untrained)."""
+    torch.manual_seed(0)
+    cfg = compose_eval([f"model={model}", "dataset=synthetic"])
+    net = instantiate(cfg.model.net).eval()
+    checkpoint = resolve_checkpoint(cfg)
+    if checkpoint is None:
+        return net, "untrained"
+    load_weights(net, checkpoint)
+    return net, f"trained ({checkpoint.name})"
+
+
+def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], shape: tuple[int, ...], out: Path) -> Path | None:
+    """OpenVINO + NNCF's own post-training INT8 of the FP32 model (its own scales and quantization points), as
+    OpenVINO IR; ``None`` if nncf is not installed. For comparison only (``--nncf``)."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    model = core.read_model(str(fp32_onnx))
+    model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
+    quantized = nncf.quantize(model, nncf.Dataset([c.numpy() for c in calib]), subset_size=len(calib))
+    ov.save_model(quantized, str(out), compress_to_fp16=False)
+    return out
+
+
+def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool = False) -> dict[str, float]:
+    net, weights = build(model)
+    calib = [phantom(size, 1), phantom(size, 2)]
+    x = phantom(size, 3)
+    fq = quantize(copy.deepcopy(net), QuantRecipe.from_precision("w8a8", granularity="deploy"))
+    calibrate(fq, calib)
+    fp32 = export_onnx(net, x, workdir / f"{model}_fp32.onnx")
+    int8 = export_onnx(fq, x, workdir / f"{model}_int8.onnx", strict=True)
+    shape = tuple(x.shape)
+    runtimes = {
+        "ort_fp32": OrtRuntime(fp32.path),
+        "ort_int8": OrtRuntime(int8.path),
+        "ov_fp32": OpenVINORuntime(fp32.path, precision="f32", shape=shape),
+        "ov_default": OpenVINORuntime(fp32.path, precision=None, shape=shape),
+        "ov_int8": OpenVINORuntime(int8.path, precision="f32", shape=shape),
+        "ov_int8_default": OpenVINORuntime(int8.path, precision=None, shape=shape),
+    }
+    nncf_ir = nncf_int8(fp32.path, calib, shape, workdir / f"{model}_nncf.xml") if with_nncf else None
+    if nncf_ir is not None:
+        runtimes["nncf_int8"] = OpenVINORuntime(nncf_ir, precision="f32", shape=shape)
+        runtimes["nncf_int8_default"] = OpenVINORuntime(nncf_ir, precision=None, shape=shape)
+    elif with_nncf:
+        print("--nncf: nncf is not installed; no NNCF comparison", flush=True)
+    xn = x.numpy()
+    timed = interleaved_latency(runtimes, xn, warmup=1, repeats=rounds)
+    med = {k: v["median_s"] for k, v in timed.items()}
+    fastest = {k: v["min_s"] for k, v in timed.items()}
+    if "nncf_int8" in med:
+        print(
+            f"{model} NNCF's own INT8 (its scales and quantization points, e.g. norm / add inputs too): "
+            f"f32 rest {med['nncf_int8']:.3f}s ({med['ov_fp32'] / med['nncf_int8']:.2f}x), default rest "
+            f"{med['nncf_int8_default']:.3f}s ({med['ov_fp32'] / med['nncf_int8_default']:.2f}x)",
+            flush=True,
+        )
+    default_precision = runtimes["ov_default"].precision
+    print(
+        f"{model} {size}^3 [median of {rounds}]: ORT fp32 {med['ort_fp32']:.3f}s int8 {med['ort_int8']:.3f}s "
+        f"({med['ort_fp32'] / med['ort_int8']:.2f}x) | OpenVINO f32 {med['ov_fp32']:.3f}s, "
+        f"default ({default_precision}) {med['ov_default']:.3f}s ({med['ov_fp32'] / med['ov_default']:.2f}x), "
+        f"int8 (f32 rest) {med['ov_int8']:.3f}s ({med['ov_fp32'] / med['ov_int8']:.2f}x), "
+        f"int8 ({default_precision} rest) {med['ov_int8_default']:.3f}s "
+        f"({med['ov_fp32'] / med['ov_int8_default']:.2f}x)",
+        flush=True,
+    )
+    print(
+        f"{model} fastest-run ratios (less sensitive to other load): OpenVINO int8 (f32 rest) "
+        f"{fastest['ov_fp32'] / fastest['ov_int8']:.2f}x, int8 ({default_precision} rest) "
+        f"{fastest['ov_fp32'] / fastest['ov_int8_default']:.2f}x; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    file_ratio = fp32.file_bytes / int8.file_bytes
+    weight_ratio = fp32.weight_bytes / int8.weight_bytes
+    print(
+        f"{model} size: ONNX {fp32.file_bytes / 1e6:.2f} MB -> {int8.file_bytes / 1e6:.2f} MB ({file_ratio:.2f}x), "
+        f"weights {fp32.weight_bytes / 1e6:.2f} MB -> {int8.weight_bytes / 1e6:.2f} MB ({weight_ratio:.2f}x; "
+        f"INT8 file holds {int8.initializer_bytes})",
+        flush=True,
+    )
+    with torch.no_grad():
+        reference = fq(x).numpy()
+    agree = []
+    for k in ("ort_int8", "ov_int8", "ov_int8_default"):
+        out = runtimes[k](xn)
+        steps = logit_agreement(reference, out)
+        agree.append(f"{k} {prediction_dice(reference, out)['dice']:.4f} ({100 * steps['within_one_step']:.1f}%)")
+    fp32_dice = prediction_dice(net(x).detach().numpy(), runtimes["ov_fp32"](xn))["dice"]
+    print(
+        f"{model} agreement, {weights} weights (argmax Dice vs mqb fake-quant, and % of logits within one INT8 step "
+        "of max|logit|/127): " + ", ".join(agree) + f"; FP32 torch vs ov_fp32 {fp32_dice:.4f}",
+        flush=True,
+    )
+    profiled = OpenVINORuntime(int8.path, precision="f32", shape=shape, perf_count=True)  # per-node timings
+    profiled(xn)
+    rep = runtime_report("ov_int8", int8.layers, openvino_nodes(profiled.compiled))
+    top = ", ".join(f"{g['type']}/{g['precision']} {(g['time_us'] or 0) / 1000:.0f}ms" for g in rep["by_type"][:5])
+    print(
+        f"{model} OpenVINO layers: {rep['int8_layers']}/{len(rep['layers'])} quantized layers run in INT8; "
+        f"fell back: {rep['fell_back'] or 'none'}; time by op: {top}",
+        flush=True,
+    )
+    best = min(("ov_int8", "ov_int8_default"), key=lambda k: med[k])
+    return {
+        "speedup": med["ov_fp32"] / med[best],
+        "speedup_f32_rest": med["ov_fp32"] / med["ov_int8"],
+        "file_ratio": file_ratio,
+        "weight_ratio": weight_ratio,
+        "best": best,
+        "ort_speedup": med["ort_fp32"] / med["ort_int8"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--models", nargs="+", default=["unet", "nnunet"])
+    parser.add_argument("--nncf", action="store_true", help="also time NNCF's own INT8 (needs nncf installed)")
+    args = parser.parse_args()
+    versions = runtime_versions()
+    print(
+        f"{cpu_features()} | " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        + f" | LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} | load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )  # fmt: skip
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="mqb-int8-") as tmp:
+        for model in args.models:
+            results[model] = measure(model, args.size, args.rounds, Path(tmp), with_nncf=args.nncf)
+    worst = min(results, key=lambda m: results[m]["speedup"])
+    per_model = " ".join(
+        f"{m}_speedup={r['speedup']:.2f} {m}_speedup_f32_rest={r['speedup_f32_rest']:.2f} "
+        f"{m}_ort={r['ort_speedup']:.2f}"
+        for m, r in results.items()
+    )
+    print(per_model)
+    weight_ratio = min(r["weight_ratio"] for r in results.values())
+    file_ratio = min(r["file_ratio"] for r in results.values())
+    print(
+        f"int8_speedup={results[worst]['speedup']:.2f} size_ratio={weight_ratio:.2f} runtime=openvino "
+        f"config={results[worst]['best']} model={worst} file_ratio={file_ratio:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

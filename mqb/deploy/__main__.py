@@ -1,0 +1,434 @@
+"""``python -m mqb.deploy``: export a calibrated mqb model to INT8 ONNX, run it on real runtimes, profile it.
+
+    python -m mqb.deploy export  model=unet precision=w8a8                        # FP32 + INT8 QDQ ONNX, layer plan
+    python -m mqb.deploy profile model=nnunet "dataset.roi_size=[96,96,96]"       # latency, memory, size, layers
+    python -m mqb.deploy compare model=unet model.checkpoint=/path/w.safetensors  # Dice: fake-quant vs runtimes
+
+Overrides are the usual ``mqb.eval`` ones (model, dataset, precision, granularity, method, calibration,
+``model.checkpoint``, ``dataset.roi_size`` = the exported patch shape ...). The network, checkpoint, data module,
+recipe, PTQ methods and calibration are built as ``mqb.eval`` builds them (calibration volumes, sliding windows).
+
+Deployment scheme: unless ``--as-configured``, activations are quantized per-tensor and weights per-output-channel
+(the INT8 scheme of TensorRT / OpenVINO / ONNX Runtime) whatever ``granularity`` says, because mqb's
+``per_channel`` scheme also makes conv activations per-channel, which no INT8 kernel takes. With
+``--as-configured`` the configured granularity is kept and layers without an INT8 form are exported in float
+(listed in the record; ``--strict`` refuses them instead).
+
+Each command writes ``<out>/deploy.json`` (atomic; machine, runtime versions, export plan, and per command the
+profile / layer reports / agreement) and ``<out>/deploy.md`` (FP32 / BF16 / INT8 side by side); ``<out>`` defaults
+to ``<results_dir>/../deploy/<model>-<precision>-<id>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mqb.deploy.agreement import logit_agreement, prediction_dice
+from mqb.deploy.export import ExportResult, export_onnx
+from mqb.deploy.profile import interleaved_latency, isolated_memory, sliding_window, throughput, volume_latency
+from mqb.deploy.report import openvino_nodes, ort_nodes, report_markdown, runtime_report
+from mqb.deploy.runtimes import (
+    OpenVINORuntime,
+    OrtRuntime,
+    RuntimeUnavailable,
+    TensorRTRuntime,
+    cpu_features,
+    runtime_versions,
+    tensorrt_available,
+)
+
+COMMANDS = ("export", "profile", "compare")
+RUNTIME_FAMILIES = ("onnxruntime", "openvino", "tensorrt")
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a command needs: the float and the calibrated fake-quantized networks, data, exports."""
+
+    cfg: DictConfig
+    float_net: torch.nn.Module
+    quant_net: torch.nn.Module
+    dm: Any
+    roi: tuple[int, ...]
+    example: torch.Tensor
+    fp32: ExportResult
+    int8: ExportResult
+    untrained: bool
+    checkpoint: str | None
+    scheme: str
+    timings: dict[str, float]
+
+
+def prepare(cfg: DictConfig, args: argparse.Namespace, out: Path) -> Prepared:
+    """Build, load, quantize and calibrate as ``mqb.eval`` does; export FP32 and INT8 ONNX into ``out``."""
+    from hydra.utils import instantiate
+
+    from mqb.checkpoints import load_weights
+    from mqb.eval import _evaluator, build_methods, build_recipe, resolve_checkpoint
+    from mqb.lit.evaluator import calibration_forward
+    from mqb.quant import calibrate, collect_input_ranges, needs_calibration, quantize
+    from mqb.quant.methods import apply_methods
+
+    timings: dict[str, float] = {}
+    torch.manual_seed(int(cfg.seed))  # as mqb.eval: an untrained network is the same network every run
+    recipe = build_recipe(cfg)
+    if recipe is None:
+        raise ValueError(
+            f"precision={cfg.precision.name} is a float precision: choose an INT8 one, e.g. precision=w8a8"
+        )
+    scheme = cfg.granularity.name
+    if not args.as_configured:
+        recipe = dataclasses.replace(recipe, granularity="deploy")
+        scheme = "deploy (weights per-channel, activations per-tensor)"
+    checkpoint = resolve_checkpoint(cfg)
+    if checkpoint is None:
+        print(f"WARNING: {cfg.model.name} has no checkpoint for {cfg.dataset.name}: deploying an UNTRAINED network")
+    dm = instantiate(cfg.dataset)
+    dm.prepare_data()
+    net = instantiate(cfg.model.net)
+    if checkpoint is not None:
+        load_weights(net, checkpoint)
+    net.eval()
+    float_net = copy.deepcopy(net)
+    forward = calibration_forward(_evaluator(cfg, net, dm, "float32"))
+
+    def batches() -> Any:
+        return dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed)
+
+    start = time.perf_counter()
+    methods = build_methods(cfg)
+    ranges = (
+        collect_input_ranges(net, batches(), forward=forward) if any(m.needs_input_ranges for m in methods) else None
+    )
+    quantize(net, recipe)
+    apply_methods(net, methods, "transform", ranges=ranges)
+    if needs_calibration(net):
+        calibrate(net, batches(), forward=forward)
+    apply_methods(net, methods, "post_calibration", batches=batches, forward=forward)
+    timings["calibration_s"] = time.perf_counter() - start
+
+    roi = tuple(int(r) for r in dm.roi_size)
+    example = torch.zeros(1, int(cfg.dataset.in_channels), *roi)
+    start = time.perf_counter()
+    fp32 = export_onnx(float_net, example, out / "fp32.onnx")
+    int8 = export_onnx(net, example, out / "int8.onnx", strict=args.strict, narrow_range=not args.no_narrow_range)
+    timings["export_s"] = time.perf_counter() - start
+    return Prepared(cfg, float_net, net, dm, roi, example, fp32, int8, checkpoint is None,
+                    str(checkpoint) if checkpoint else None, scheme, timings)  # fmt: skip
+
+
+def build_runtimes(p: Prepared, families: list[str]) -> dict[str, Any]:
+    """name -> runtime (or the reason it is unavailable), FP32 and INT8 for each runtime family (no profiling
+    hooks: these are the timed ones)."""
+    shape = tuple(p.example.shape)
+    built: dict[str, Any] = {}
+
+    def add(name: str, build: Any) -> None:
+        try:
+            built[name] = build()
+        except (RuntimeUnavailable, ImportError) as err:
+            built[name] = f"unavailable: {err}"
+
+    if "onnxruntime" in families:
+        add("onnxruntime fp32", lambda: OrtRuntime(p.fp32.path, name="onnxruntime fp32"))
+        add("onnxruntime int8", lambda: OrtRuntime(p.int8.path, name="onnxruntime int8"))
+    if "openvino" in families:
+        add("openvino fp32", lambda: OpenVINORuntime(p.fp32.path, precision="f32", shape=shape, name="openvino fp32"))
+        add("openvino default", lambda: OpenVINORuntime(p.fp32.path, precision=None, shape=shape))
+        add("openvino int8", lambda: OpenVINORuntime(p.int8.path, precision="f32", shape=shape, name="openvino int8"))
+        add("openvino int8 default", lambda: OpenVINORuntime(p.int8.path, precision=None, shape=shape))
+    if "tensorrt" in families:
+        ok, why = tensorrt_available()
+        if ok:
+            add("tensorrt fp16", lambda: TensorRTRuntime(p.fp32.path, fp16=True))
+            add("tensorrt int8", lambda: TensorRTRuntime(p.int8.path, fp16=True))
+        else:
+            built["tensorrt"] = f"skipped: {why}"
+    for name, runtime in built.items():  # the default-precision OpenVINO entries say which precision they got
+        if not isinstance(runtime, str) and name.endswith(" default"):
+            runtime.name = f"{name} ({runtime.precision})"
+    return built
+
+
+def _test_volume(p: Prepared) -> torch.Tensor:
+    batch = next(iter(p.dm.test_dataloader()))
+    image = batch["image"]
+    return image.as_tensor() if hasattr(image, "as_tensor") else image
+
+
+def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, args: argparse.Namespace,
+                overlap: float) -> dict[str, Any]:  # fmt: skip
+    """Patch latency (all runtimes interleaved round by round), throughput, isolated memory, whole-volume latency;
+    speedups against the FP32 entry of the same runtime family."""
+    live = {name: r for name, r in runtimes.items() if not isinstance(r, str)}
+    profiles: dict[str, Any] = {}
+    print(f"timing {', '.join(live)} on {tuple(patch.shape)} ...", flush=True)
+    timed = interleaved_latency(live, patch, warmup=args.warmup, repeats=args.repeats)
+    volume = None if args.no_volume else _test_volume(p)
+    for name, runtime in live.items():
+        prof: dict[str, Any] = {
+            "runtime": runtime.name,
+            "precision": runtime.precision,
+            "patch_shape": list(patch.shape),
+            "patch_latency": timed[name],
+            "throughput": throughput(timed[name]["median_s"], patch.shape),
+            "versions": runtime.versions(),
+        }
+        try:
+            prof["memory"] = isolated_memory(runtime.spec, tuple(patch.shape))
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            prof["memory"] = {"error": str(err)[-500:]}
+        if volume is not None:
+            print(f"whole volume {tuple(volume.shape)}: {runtime.name} ...", flush=True)
+            prof["volume_latency"] = volume_latency(runtime, volume, p.roi, sw_batch_size=1, overlap=overlap,
+                                                    warmup=1, repeats=args.volume_repeats)  # fmt: skip
+        profiles[name] = prof
+    profiles.update({name: {"skipped": r} for name, r in runtimes.items() if isinstance(r, str)})
+    for family in RUNTIME_FAMILIES:  # the reference: the family's first float entry (FP32; TensorRT: FP16)
+        base = next((v for k, v in profiles.items() if k.startswith(family) and "int8" not in k
+                     and "patch_latency" in v), None)  # fmt: skip
+        for key, prof in profiles.items():
+            if base is not None and key.startswith(family) and "patch_latency" in prof:
+                prof["speedup"] = base["patch_latency"]["median_s"] / prof["patch_latency"]["median_s"]
+                if "volume_latency" in prof and "volume_latency" in base:
+                    prof["volume_speedup"] = base["volume_latency"]["median_s"] / prof["volume_latency"]["median_s"]
+    return profiles
+
+
+def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out: Path) -> dict[str, Any]:
+    """Per-layer runtime precision of every INT8 runtime, from its own profiling (separate profiled instances:
+    ORT's profiling JSON, OpenVINO's runtime model with ``PERF_COUNT``)."""
+    reports = {}
+    for name, runtime in runtimes.items():
+        if isinstance(runtime, str) or "int8" not in name:
+            continue
+        if isinstance(runtime, OpenVINORuntime):
+            spec = runtime.spec
+            shape = tuple(spec["shape"]) if spec["shape"] is not None else None
+            profiled = OpenVINORuntime(spec["path"], precision=spec["precision"], shape=shape, perf_count=True)
+            profiled(patch)
+            nodes = openvino_nodes(profiled.compiled)
+        elif type(runtime) is OrtRuntime:
+            profiled_ort = OrtRuntime(runtime.path, profile=True, profile_dir=out)
+            profiled_ort(patch)
+            nodes = ort_nodes(profiled_ort.end_profiling())
+        else:
+            continue
+        reports[runtime.name] = runtime_report(runtime.name, p.int8.layers, nodes)
+    return reports
+
+
+def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: int, overlap: float) -> dict:
+    """Dice of argmax predictions: mqb fake-quant vs INT8 runtimes, torch FP32 vs FP32 runtimes, per test volume."""
+    from mqb.deploy.runtimes import TorchRuntime
+
+    fake_quant = TorchRuntime(p.quant_net, "mqb fake-quant")
+    float_ref = TorchRuntime(p.float_net, "torch fp32")
+    per_runtime: dict[str, dict[str, Any]] = {}
+    for i, batch in enumerate(p.dm.test_dataloader()):
+        if i >= cases:
+            break
+        image = batch["image"].as_tensor() if hasattr(batch["image"], "as_tensor") else batch["image"]
+        kwargs = {"sw_batch_size": sw_batch_size, "overlap": overlap}
+        refs = {"int8": sliding_window(fake_quant, image, p.roi, **kwargs).numpy(),
+                "fp32": sliding_window(float_ref, image, p.roi, **kwargs).numpy()}  # fmt: skip
+        patch = image[..., : p.roi[0], : p.roi[1], : p.roi[2]]
+        patch_refs = {"int8": fake_quant(patch.numpy()), "fp32": float_ref(patch.numpy())}
+        for name, runtime in runtimes.items():
+            if isinstance(runtime, str):
+                continue
+            kind = "int8" if "int8" in name else "fp32"
+            pred = sliding_window(runtime, image, p.roi, **kwargs).numpy()
+            row = per_runtime.setdefault(runtime.name, {"reference": "mqb fake-quant" if kind == "int8" else
+                                                        "torch fp32", "precision": runtime.precision,
+                                                        "cases": []})  # fmt: skip
+            case = prediction_dice(refs[kind], pred)
+            if tuple(patch.shape[2:]) == p.roi:
+                case["patch_logits"] = logit_agreement(patch_refs[kind], runtime(patch.numpy()))
+            row["cases"].append(case)
+    for row in per_runtime.values():
+        row["dice"] = float(np.mean([c["dice"] for c in row["cases"]]))
+        row["voxel_agreement"] = float(np.mean([c["voxel_agreement"] for c in row["cases"]]))
+    return per_runtime
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """FP32 / BF16 / INT8 side by side, then the layer reports."""
+    machine = record["machine"]
+    head = (f"# mqb.deploy: {record['model']} {record['precision']} ({record['scheme']})\n\n"
+            f"{machine['model']}, {machine['cpu_count']} CPUs ({', '.join(machine['isa'])}); "
+            + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "\n\n")  # fmt: skip
+    sizes = record["export"]
+    lines = [
+        f"ONNX: FP32 {sizes['fp32']['file_bytes'] / 1e6:.2f} MB (weights {sizes['fp32']['weight_bytes'] / 1e6:.2f} MB)"
+        f", INT8 {sizes['int8']['file_bytes'] / 1e6:.2f} MB (weights {sizes['int8']['weight_bytes'] / 1e6:.2f} MB): "
+        f"{sizes['size_ratio']:.2f}x smaller file, {sizes['weight_ratio']:.2f}x smaller weights; "
+        f"{sizes['int8']['counts']['int8']} layers INT8, {sizes['int8']['counts']['float']} in float.",
+        "",
+    ]
+    profile = record.get("profile", {})
+    agree = record.get("agreement", {})
+    names = list(profile) or list(agree)
+    cols = ["runtime", "precision"]
+    if profile:
+        cols += ["patch latency (ms)", "speedup vs FP32", "volume latency (s)", "patches/s", "load (MiB)",
+                 "inference peak (MiB)"]  # fmt: skip
+    if agree:
+        cols += ["Dice vs reference", "reference"]
+    if names:
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name in names:
+        prof, row = profile.get(name, {}), agree.get(name, {})
+        if "skipped" in prof:
+            lines.append(f"| {name} | {prof['skipped']} |" + " |" * (len(cols) - 2))
+            continue
+        cells = [name, str(prof.get("precision") or row.get("precision") or "")]
+        if profile:
+            lat = prof.get("patch_latency", {}).get("median_s")
+            vol = prof.get("volume_latency", {}).get("median_s")
+            mem = prof.get("memory", {})
+            cells += [
+                f"{lat * 1000:.1f}" if lat else "-",
+                f"{prof['speedup']:.2f}x" if prof.get("speedup") else "-",
+                f"{vol:.2f}" if vol else "-",
+                f"{prof['throughput']['patches_per_s']:.2f}" if "throughput" in prof else "-",
+                f"{mem['load_bytes'] / 2**20:.0f}" if "load_bytes" in mem else "-",
+                f"{mem['inference_peak_bytes'] / 2**20:.0f}" if "inference_peak_bytes" in mem else "-",
+            ]
+        if agree:
+            dice = row.get("dice")
+            cells += [f"{dice:.4f}" if dice is not None else "-", row.get("reference", "-")]
+        lines.append("| " + " | ".join(cells) + " |")
+    if names:
+        lines.append("")
+    for rep in record.get("layer_reports", {}).values():
+        lines.append(report_markdown(rep))
+    return head + "\n".join(lines) + "\n"
+
+
+def _config_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the logger (whose paths interpolate Hydra's run-time config)."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.pop("logger", None)
+    container = OmegaConf.to_container(out, resolve=True)
+    assert isinstance(container, dict)
+    return container
+
+
+def run(command: str, cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
+    from mqb.results import config_id, host_info, stable_hash, write_json_atomic
+
+    cid = config_id(cfg)
+    run_id = stable_hash({"config": cid, "as_configured": args.as_configured})[:12]
+    out = Path(args.out) if args.out else Path(cfg.results_dir).parent / "deploy" / (
+        f"{cfg.model.name}-{cfg.precision.name}-{run_id}"
+    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    p = prepare(cfg, args, out)
+    size_ratio = p.fp32.file_bytes / p.int8.file_bytes
+    record: dict[str, Any] = {
+        "command": command,
+        "id": cid,
+        "created": datetime.now(UTC).isoformat(),
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "precision": cfg.precision.name,
+        "scheme": p.scheme,
+        "untrained": p.untrained,
+        "checkpoint": p.checkpoint,
+        "roi_size": list(p.roi),
+        "export": {
+            "fp32": p.fp32.as_dict(),
+            "int8": p.int8.as_dict(),
+            "size_ratio": size_ratio,
+            "weight_ratio": p.fp32.weight_bytes / p.int8.weight_bytes,
+        },  # fmt: skip
+        "machine": cpu_features(),
+        "versions": runtime_versions(),
+        "host": host_info(),
+        "timings": p.timings,
+        "config": _config_dict(cfg),
+    }
+    for layer in p.int8.float_layers:
+        print(f"exported in float: {layer.name}: {layer.reason}")
+    if command in ("profile", "compare"):
+        families = [f.strip() for f in args.runtimes.split(",") if f.strip()]
+        runtimes = build_runtimes(p, families)
+        patch = np.random.default_rng(0).random(tuple(p.example.shape), dtype=np.float32)
+        record["layer_reports"] = layer_reports(p, runtimes, patch, out)
+        if command == "profile":
+            record["profile"] = profile_all(p, runtimes, patch, args, float(cfg.eval.overlap))
+        else:
+            record["agreement"] = agreement(
+                p, runtimes, args.cases, int(cfg.eval.sw_batch_size), float(cfg.eval.overlap)
+            )
+    write_json_atomic(out / "deploy.json", record)
+    from mqb.results import atomic_write
+
+    with atomic_write(out / "deploy.md") as tmp:
+        tmp.write_text(markdown(record))
+    print(markdown(record))
+    print(f"written: {out / 'deploy.json'}, {out / 'deploy.md'}, {p.fp32.path}, {p.int8.path}")
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc = __doc__ or ""
+    parser = argparse.ArgumentParser(prog="python -m mqb.deploy", description=doc.split("\n\n")[0], epilog=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("overrides", nargs="*", help="mqb.eval overrides (model=..., precision=..., ...)")
+    parser.add_argument("--out", default=None, help="output folder (default <results_dir>/../deploy/<run>)")
+    parser.add_argument(
+        "--as-configured",
+        action="store_true",
+        help="keep the configured granularity (non-INT8-exportable layers go to float)",
+    )
+    parser.add_argument("--strict", action="store_true", help="refuse layers that cannot be exported as INT8")
+    parser.add_argument(
+        "--no-narrow-range",
+        action="store_true",
+        help="no Clip before QuantizeLinear (INT8 activations may reach -128, mqb's grid stops at -127)",
+    )
+    parser.add_argument(
+        "--runtimes",
+        default="onnxruntime,openvino,tensorrt",
+        help="comma-separated runtime families (tensorrt is skipped without a GPU)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="profile: untimed calls before timing")
+    parser.add_argument("--repeats", type=int, default=5, help="profile: timed calls per patch (median)")
+    parser.add_argument("--volume-repeats", type=int, default=3, help="profile: timed whole-volume runs (median)")
+    parser.add_argument("--no-volume", action="store_true", help="profile: skip the whole-volume latency")
+    parser.add_argument("--cases", type=int, default=1, help="compare: test volumes to compare on")
+    args = parser.parse_args(argv)
+    try:
+        from mqb.sensitivity import compose_eval
+
+        cfg = compose_eval(args.overrides)
+        run(args.command, cfg, args)
+        return 0
+    except Exception as err:  # noqa: BLE001
+        from mqb.eval import _user_error
+
+        user_error = _user_error(err)
+        if user_error is None and not isinstance(err, (ValueError, RuntimeUnavailable)):
+            raise
+        print(f"mqb.deploy: error: {user_error or err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Inference runtimes for exported models, behind one protocol: ``runtime(x: np.ndarray) -> np.ndarray``.
+
+* :class:`OrtRuntime`: ONNX Runtime, CPU execution provider (QDQ models run through ORT's QDQ transformers).
+* :class:`OpenVINORuntime`: OpenVINO CPU plugin reading the (QDQ) ONNX file. ``precision`` sets the
+  ``INFERENCE_PRECISION_HINT`` (``f32``, ``bf16``, ``f16``; ``None`` keeps the plugin default, which is ``bf16``
+  on CPUs with AVX512-BF16/AMX). INT8 comes from the Q/DQ pairs, which OpenVINO turns into FakeQuantize and its
+  low-precision transformations into INT8 kernels. mqb's narrow INT8 grid (±127) is written to ONNX as
+  ``Clip -> QuantizeLinear``; :func:`narrow_fake_quantize` folds each such pair into one FakeQuantize with 255
+  levels (the same values, and it keeps the Clip from blocking OpenVINO's fusions).
+* :class:`TensorRTRuntime`: TensorRT through ONNX Runtime's TensorRT execution provider, only where a CUDA GPU and
+  that provider exist (:func:`tensorrt_available` says why not otherwise; nothing is attempted on a CPU machine).
+* :class:`TorchRuntime`: a torch module (the FP32 network or mqb's fake-quantized one) as the reference.
+
+An OpenVINO runtime compiled for a static batch (``shape=...``) runs a larger batch in chunks and pads a smaller
+one (the last sliding-window batch), so it serves as a MONAI ``sliding_window_inference`` predictor whatever
+``sw_batch_size`` is.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+#: OpenVINO precision hints accepted by :class:`OpenVINORuntime` (``None`` = the plugin's default).
+OV_PRECISIONS = ("f32", "bf16", "f16")
+
+
+class RuntimeUnavailable(RuntimeError):
+    """The runtime cannot run here (package missing, no GPU ...); the message says why."""
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """What every deployed model offers."""
+
+    name: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+    def versions(self) -> dict[str, str]: ...
+
+
+def _pad_batch(x: np.ndarray, batch: int) -> tuple[np.ndarray, int]:
+    n = x.shape[0]
+    if n == batch:
+        return x, n
+    pad = np.zeros((batch - n, *x.shape[1:]), dtype=x.dtype)
+    return np.concatenate([x, pad]), n
+
+
+# -- ONNX Runtime -----------------------------------------------------------------------------------------------
+class OrtRuntime:
+    """ONNX Runtime session on the CPU execution provider.
+
+    Args:
+        path: the ONNX file.
+        threads: intra-op threads (default: ONNX Runtime's choice, one per physical core).
+        profile: write ORT's profiling JSON (``end_profiling()`` returns its path; see :mod:`mqb.deploy.report`).
+        profile_dir: where the profiling JSON goes (default: next to the model).
+        providers: execution providers (default CPU only).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        profile: bool = False,
+        profile_dir: str | os.PathLike[str] | None = None,
+        providers: list[Any] | None = None,
+        name: str = "onnxruntime-cpu",
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        if profile:
+            options.enable_profiling = True
+            prefix = Path(profile_dir) if profile_dir is not None else self.path.parent
+            options.profile_file_prefix = str(prefix / f"{self.path.stem}.ort_profile")
+        self.session = ort.InferenceSession(str(self.path), options, providers=providers or ["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = name
+        self.precision = "int8 qdq" if has_qdq(self.path) else "fp32"
+        self.spec: dict[str, Any] = {"kind": "onnxruntime", "path": str(self.path), "threads": threads, "name": name}
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def end_profiling(self) -> Path:
+        """Stop profiling; the path of ORT's JSON trace."""
+        return Path(self.session.end_profiling())
+
+    def versions(self) -> dict[str, str]:
+        import onnx
+        import onnxruntime as ort
+
+        return {
+            "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__,
+            "providers": ",".join(self.session.get_providers()),
+        }
+
+
+def has_qdq(path: str | os.PathLike[str]) -> bool:
+    """Whether an ONNX file has QuantizeLinear / DequantizeLinear nodes."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
+
+
+# -- OpenVINO ------------------------------------------------------------------------------------------------------
+def _const_value(output: Any) -> np.ndarray | None:
+    node = output.get_node()
+    if node.get_type_name() != "Constant":
+        return None
+    return np.asarray(node.get_data(), dtype=np.float64)
+
+
+def narrow_fake_quantize(model: Any) -> int:
+    """Fold ``Maximum(lo) -> Minimum(hi) -> FakeQuantize`` (an ONNX ``Clip -> QuantizeLinear``) into one
+    FakeQuantize over the clipped part of its grid, in place; returns how many were folded.
+
+    Only scalar clip bounds lying on the FakeQuantize grid (within 1e-3 of a step) are folded, so the result is
+    exactly the clipped quantizer: for mqb's INT8 activations the ±127 grid, levels 255.
+    """
+    import openvino.opset13 as ops
+
+    folded = 0
+    for fq in model.get_ordered_ops():
+        if fq.get_type_name() != "FakeQuantize":
+            continue
+        minimum = fq.input_value(0).get_node()
+        if minimum.get_type_name() != "Minimum" or len(minimum.output(0).get_target_inputs()) != 1:
+            continue
+        high, maximum_out = _scalar_and_other(minimum)
+        if high is None or maximum_out.get_node().get_type_name() != "Maximum":
+            continue
+        maximum = maximum_out.get_node()
+        if len(maximum.output(0).get_target_inputs()) != 1:
+            continue
+        low, source = _scalar_and_other(maximum)
+        ranges = [_const_value(fq.input_value(i)) for i in range(1, 5)]
+        if low is None or any(r is None or r.size != 1 for r in ranges):
+            continue
+        in_lo, in_hi, out_lo, out_hi = (float(r.reshape(())) for r in ranges)  # type: ignore[union-attr]
+        levels = int(fq.get_attributes()["levels"])
+        step_in, step_out = (in_hi - in_lo) / (levels - 1), (out_hi - out_lo) / (levels - 1)
+        cut_lo, cut_hi = round((low - in_lo) / step_in), round((in_hi - high) / step_in)
+        on_grid = abs(low - (in_lo + cut_lo * step_in)) <= 1e-3 * step_in
+        on_grid &= abs(high - (in_hi - cut_hi * step_in)) <= 1e-3 * step_in
+        if not on_grid or cut_lo < 0 or cut_hi < 0 or cut_lo + cut_hi >= levels - 1:
+            continue
+
+        def const(value: float) -> Any:
+            return ops.constant(np.array(value, dtype=np.float32))
+
+        new = ops.fake_quantize(
+            source,
+            const(low),
+            const(high),
+            const(out_lo + cut_lo * step_out),
+            const(out_hi - cut_hi * step_out),
+            levels - cut_lo - cut_hi,
+        )
+        new.set_friendly_name(fq.get_friendly_name())
+        fq.output(0).replace(new.output(0))
+        folded += 1
+    if folded:
+        model.validate_nodes_and_infer_types()
+    return folded
+
+
+#: OpenVINO ops that carry a layer's weight (input 1)
+_WEIGHTED_OPS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
+_WEIGHT_PATH_OPS = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose", "FakeQuantize", "Unsqueeze")
+#: friendly-name prefix of the ops tagged with their mqb layer (see :func:`tag_layer_ops`)
+TAG = "mqb:"
+
+
+def _weight_constant(op: Any) -> str | None:
+    """Name of the initializer a conv / matmul op's weight comes from (through decompression ops), if any."""
+    if op.get_input_size() < 2:
+        return None
+    out = op.input_value(1)
+    for _ in range(8):
+        node = out.get_node()
+        kind = node.get_type_name()
+        if kind == "Constant":
+            return node.get_friendly_name()
+        if kind not in _WEIGHT_PATH_OPS:
+            return None
+        # follow the non-scalar input (the weight, not a scale or zero point)
+        sizes = [
+            int(np.prod([d for d in node.input_value(i).get_shape()] or [1])) for i in range(node.get_input_size())
+        ]
+        out = node.input_value(int(np.argmax(sizes)))
+    return None
+
+
+def tag_layer_ops(model: Any, layers: list[str] | None = None) -> dict[str, str]:
+    """Rename each conv / transposed-conv / matmul op whose weight is an mqb layer's initializer
+    (``<layer>.weight_quantizer.qweight`` or ``<layer>.weight``) to ``mqb:<layer>``, in place, so the compiled
+    model's ``originalLayersNames`` name the layer (OpenVINO's ONNX reader and its fusions otherwise rename
+    transposed convolutions and the output layer). Returns {layer: tag}."""
+    tags: dict[str, str] = {}
+    wanted = set(layers) if layers is not None else None
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in _WEIGHTED_OPS:
+            continue
+        source = _weight_constant(op)
+        if source is None:
+            continue
+        for suffix in (".weight_quantizer.qweight", ".weight"):
+            if source.endswith(suffix):
+                layer = source[: -len(suffix)]
+                if (wanted is None or layer in wanted) and layer not in tags:
+                    tags[layer] = TAG + layer
+                    op.set_friendly_name(TAG + layer)
+                break
+    return tags
+
+
+def _scalar_and_other(node: Any) -> tuple[float | None, Any]:
+    """For a binary op with one scalar constant input: (that scalar, the other input); else (None, None)."""
+    a, b = node.input_value(0), node.input_value(1)
+    for const, other in ((a, b), (b, a)):
+        value = _const_value(const)
+        if value is not None and value.size == 1:
+            return float(value.reshape(())), other
+    return None, None
+
+
+class OpenVINORuntime:
+    """OpenVINO CPU plugin on an ONNX (or IR) file.
+
+    Args:
+        path: ``.onnx`` (read directly, QDQ included) or ``.xml`` IR.
+        precision: ``INFERENCE_PRECISION_HINT`` (``f32``, ``bf16``, ``f16``) or ``None`` for the plugin default.
+        shape: compile for this static input shape (faster kernels); a smaller batch is padded.
+        threads: ``INFERENCE_NUM_THREADS`` (default: the plugin's choice).
+        perf_count: collect per-node timings (``PERF_COUNT``) for the layer report.
+        narrow_range: fold ``Clip -> QuantizeLinear`` into narrow-range FakeQuantize (see module doc).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        precision: str | None = "f32",
+        shape: tuple[int, ...] | None = None,
+        threads: int | None = None,
+        perf_count: bool = False,
+        narrow_range: bool = True,
+        name: str | None = None,
+    ) -> None:
+        if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
+            raise RuntimeUnavailable("OpenVINO crashes with tcmalloc preloaded (LD_PRELOAD); run without it")
+        import openvino as ov
+
+        if precision is not None and precision not in OV_PRECISIONS:
+            raise ValueError(f"precision={precision!r} is invalid; valid: {', '.join(OV_PRECISIONS)} or None")
+        self.path = Path(path)
+        self.core = ov.Core()
+        model = self.core.read_model(str(self.path))
+        self.folded_clips = narrow_fake_quantize(model) if narrow_range else 0
+        quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+        #: {mqb layer: friendly name of its op} (see :func:`tag_layer_ops`)
+        self.layer_tags = tag_layer_ops(model)
+        self.batch: int | None = None
+        if shape is not None:
+            model.reshape({model.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
+            self.batch = int(shape[0])
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        if perf_count:
+            config["PERF_COUNT"] = True
+        self.compiled = self.core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        #: the precision the plugin runs float ops in (``f32``, ``bf16`` ...), as it reports it
+        self.float_precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
+        #: ``int8+<float precision>`` for a QDQ model (INT8 layers, the rest in the float precision)
+        self.precision = f"int8+{self.float_precision}" if quantized else self.float_precision
+        self.name = name or f"openvino-cpu-{self.precision}"
+        self.spec = {
+            "kind": "openvino",
+            "path": str(self.path),
+            "precision": precision,
+            "threads": threads,
+            "shape": list(shape) if shape is not None else None,
+            "narrow_range": narrow_range,
+            "name": name,
+        }
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.batch is None:
+            self.request.infer({0: x})
+            return self.request.get_output_tensor(0).data.copy()
+        outs = []
+        for start in range(0, x.shape[0], self.batch):  # a static batch: chunks, the last one padded
+            chunk, n = _pad_batch(x[start : start + self.batch], self.batch)
+            self.request.infer({0: chunk})
+            outs.append(self.request.get_output_tensor(0).data[:n].copy())
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def runtime_model(self) -> Any:
+        """The executed graph (``compiled_model.get_runtime_model()``) with layerType / runtimePrecision rt_info."""
+        return self.compiled.get_runtime_model()
+
+    def profiling_info(self) -> list[Any]:
+        """Per-node timings of the last inference (needs ``perf_count=True``)."""
+        return list(self.request.get_profiling_info())
+
+    def save_ir(self, path: str | os.PathLike[str]) -> int:
+        """Serialize the (uncompiled, folded) model as OpenVINO IR with weights kept as they are (no FP16
+        compression); returns the bytes of .xml + .bin."""
+        import openvino as ov
+
+        path = Path(path)
+        model = self.core.read_model(str(self.path))
+        narrow_fake_quantize(model)
+        ov.save_model(model, str(path), compress_to_fp16=False)
+        return path.stat().st_size + path.with_suffix(".bin").stat().st_size
+
+    def versions(self) -> dict[str, str]:
+        import openvino as ov
+
+        return {
+            "openvino": ov.get_version(),
+            "device": str(self.core.get_property("CPU", "FULL_DEVICE_NAME")),
+            "capabilities": ",".join(self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            "inference_precision": self.float_precision,
+        }
+
+
+# -- TensorRT (GPU only) ------------------------------------------------------------------------------------------
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether TensorRT can run here, and why not: needs a CUDA GPU and ONNX Runtime's TensorRT provider."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU on this machine"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, "onnxruntime is not installed"
+    if "TensorrtExecutionProvider" not in ort.get_available_providers():
+        return False, "onnxruntime has no TensorrtExecutionProvider (install onnxruntime-gpu with TensorRT)"
+    return True, "TensorRT execution provider on " + torch.cuda.get_device_name(0)
+
+
+class TensorRTRuntime(OrtRuntime):
+    """TensorRT (explicit INT8 from the Q/DQ nodes, FP16 allowed for the rest) via ONNX Runtime's TensorRT EP."""
+
+    def __init__(self, path: str | os.PathLike[str], *, fp16: bool = True, cache_dir: str | None = None) -> None:
+        ok, why = tensorrt_available()
+        if not ok:
+            raise RuntimeUnavailable(f"TensorRT: {why}")
+        options = {"trt_fp16_enable": fp16, "trt_int8_enable": True, "trt_engine_cache_enable": cache_dir is not None}
+        if cache_dir is not None:
+            options["trt_engine_cache_path"] = cache_dir
+        providers = [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
+        super().__init__(path, providers=providers, name="tensorrt")
+        self.precision = ("int8+fp16" if fp16 else "int8") if has_qdq(path) else ("fp16" if fp16 else "fp32")
+        self.spec = {"kind": "tensorrt", "path": str(path), "fp16": fp16, "cache_dir": cache_dir}
+
+    def versions(self) -> dict[str, str]:
+        return {**super().versions(), "gpu": torch.cuda.get_device_name(0), "cuda": str(torch.version.cuda)}
+
+
+def runtime_from_spec(spec: dict[str, Any]) -> Runtime:
+    """Rebuild a runtime from its ``spec`` (e.g. in a fresh process, to measure its memory alone)."""
+    kwargs = {k: v for k, v in spec.items() if k not in ("kind", "path")}
+    if spec["kind"] == "onnxruntime":
+        return OrtRuntime(spec["path"], **kwargs)
+    if spec["kind"] == "openvino":
+        if kwargs.get("shape") is not None:
+            kwargs["shape"] = tuple(kwargs["shape"])
+        return OpenVINORuntime(spec["path"], **kwargs)
+    if spec["kind"] == "tensorrt":
+        return TensorRTRuntime(spec["path"], **kwargs)
+    raise ValueError(f"unknown runtime kind {spec['kind']!r}; valid: onnxruntime, openvino, tensorrt")
+
+
+# -- torch reference ---------------------------------------------------------------------------------------------
+class TorchRuntime:
+    """A torch module as a runtime: the FP32 network, or mqb's fake-quantized model (the reference)."""
+
+    def __init__(self, model: torch.nn.Module, name: str = "torch", dtype: torch.dtype = torch.float32) -> None:
+        self.model = model.eval()
+        self.name = name
+        self.dtype = dtype
+        self.precision = str(dtype).removeprefix("torch.")
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype))
+        return out.float().numpy()
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch.__version__, "threads": str(torch.get_num_threads())}
+
+
+# -- machine -------------------------------------------------------------------------------------------------------
+def cpu_features() -> dict[str, Any]:
+    """The CPU model and the ISA flags that decide INT8 / BF16 speed (VNNI, AMX, AVX512-BF16/FP16)."""
+    flags: set[str] = set()
+    model_name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+            elif line.startswith("model name"):
+                model_name = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
+    return {"model": model_name, "isa": [f for f in wanted if f in flags], "cpu_count": os.cpu_count()}
+
+
+def runtime_versions() -> dict[str, str]:
+    """Versions of every runtime package present (absent ones are left out)."""
+    out: dict[str, str] = {"torch": torch.__version__}
+    try:
+        import onnx
+
+        out["onnx"] = onnx.__version__
+    except ImportError:
+        pass
+    try:
+        import onnxruntime as ort
+
+        out["onnxruntime"] = ort.__version__
+    except ImportError:
+        pass
+    try:
+        import openvino as ov
+
+        out["openvino"] = ov.get_version()
+    except ImportError:
+        pass
+    try:
+        import monai
+
+        out["monai"] = monai.__version__
+    except ImportError:
+        pass
+    ok, why = tensorrt_available()
+    out["tensorrt"] = "available" if ok else f"unavailable: {why}"
+    return out

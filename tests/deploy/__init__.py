@@ -1,0 +1,35 @@
+"""Shared small models for the mqb.deploy tests (seeded, 16^3 volumes, a few seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mqb.quant import LayerRule, QuantRecipe, calibrate, quantize
+
+SHAPE = (1, 1, 16, 16, 16)
+
+
+def volume(seed: int, shape: tuple[int, ...] = SHAPE, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def small_net(seed: int = 0) -> nn.Module:
+    """Conv 3^3 -> InstanceNorm -> LeakyReLU -> strided conv -> ReLU -> ConvTranspose 2^3 -> 1x1x1 head."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv3d(1, 8, 3, padding=1),
+        nn.InstanceNorm3d(8, affine=True),
+        nn.LeakyReLU(0.01),
+        nn.Conv3d(8, 16, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.ConvTranspose3d(16, 8, 2, stride=2),
+        nn.Conv3d(8, 4, 1),
+    ).eval()
+
+
+def deployable(net: nn.Module, rules: tuple[LayerRule, ...] = (), batches: int = 2) -> nn.Module:
+    """W8A8 with per-channel weights and per-tensor activations, calibrated on random volumes."""
+    quantize(net, QuantRecipe.from_precision("w8a8", granularity="deploy", rules=rules))
+    calibrate(net, [volume(100 + i, (2, *SHAPE[1:])) for i in range(batches)])
+    return net
