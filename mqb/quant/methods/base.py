@@ -57,6 +57,22 @@ class PTQMethod:
         """Why this method cannot rewrite ``layer`` (``None`` if it can)."""
         return None
 
+    def partition(
+        self, model: nn.Module, ranges: InputRanges | None = None
+    ) -> tuple[dict[str, QuantLayer], MethodReport]:
+        """The selected layers this method can rewrite, and a report already listing the others with why."""
+        report = MethodReport(self.name)
+        chosen: dict[str, QuantLayer] = {}
+        for name, layer in self.selected(model):
+            reason = self.skip_reason(layer)
+            if reason is None and self.needs_input_ranges and name not in (ranges or {}):
+                reason = "no calibration statistics (the layer never ran)"
+            if reason is None:
+                chosen[name] = layer
+            else:
+                report.skipped[name] = reason
+        return chosen, report
+
     def apply_to_layer(self, name: str, layer: QuantLayer, ranges: InputRanges | None) -> None:
         raise NotImplementedError
 
@@ -67,16 +83,10 @@ class PTQMethod:
         batches: Callable[[], Iterable[Any]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
     ) -> MethodReport:
-        report = MethodReport(self.name)
         if self.needs_input_ranges and ranges is None:
             raise ValueError(f"{self.name} needs float input ranges (mqb.quant.collect_input_ranges)")
-        for name, layer in self.selected(model):
-            reason = self.skip_reason(layer)
-            if reason is None and self.needs_input_ranges and name not in ranges:  # type: ignore[operator]
-                reason = "no calibration statistics (the layer never ran)"
-            if reason is not None:
-                report.skipped[name] = reason
-                continue
+        chosen, report = self.partition(model, ranges)
+        for name, layer in chosen.items():
             self.apply_to_layer(name, layer, ranges)
             report.applied.append(name)
         return report

@@ -27,6 +27,9 @@ class BiasCorrection(PTQMethod):
     def __init__(self, layers: Sequence[str] | str = ("all",)) -> None:
         super().__init__(layers)
 
+    def skip_reason(self, layer: QuantLayer) -> str | None:
+        return "already corrected" if layer.output_correction is not None else None
+
     def apply(
         self,
         model: nn.Module,
@@ -36,8 +39,7 @@ class BiasCorrection(PTQMethod):
     ) -> MethodReport:
         if batches is None:
             raise ValueError("bias_correction needs calibration batches")
-        report = MethodReport(self.name)
-        layers = dict(self.selected(model))
+        measured, report = self.partition(model)
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
 
@@ -52,10 +54,6 @@ class BiasCorrection(PTQMethod):
 
             return hook
 
-        for name, layer in layers.items():
-            if layer.output_correction is not None:
-                report.skipped[name] = "already corrected"
-        measured = {n: lyr for n, lyr in layers.items() if n not in report.skipped}
         handles = [lyr.register_forward_hook(make_hook(n, lyr)) for n, lyr in measured.items()]
         run_batches(model, batches(), forward, handles)
         for name, layer in measured.items():

@@ -102,14 +102,7 @@ class GPTQ(PTQMethod):
     ) -> MethodReport:
         if batches is None:
             raise ValueError("gptq needs calibration batches")
-        report = MethodReport(self.name)
-        chosen: dict[str, QuantLayer] = {}
-        for name, layer in self.selected(model):
-            reason = self.skip_reason(layer)
-            if reason is None:
-                chosen[name] = layer
-            else:
-                report.skipped[name] = reason
+        chosen, report = self.partition(model)
         hessians = self._hessians(model, chosen, batches, forward)
         for name, layer in chosen.items():
             if name not in hessians:
