@@ -46,9 +46,11 @@ def test_bad_class_ids_are_explained():
         VISTA3DAuto(out_channels=14, class_ids=[1, 2])
 
 
-def test_quantization_covers_exactly_the_automatic_path(net):
+@pytest.mark.parametrize("precision,scheme", [("w8a8", "per_channel"), ("w4a4", "adaptive")])
+def test_quantization_covers_exactly_the_automatic_path(net, precision, scheme):
     """The point head and point decoder never run; they are neither quantized nor listed (fact sheet census)."""
-    model = quantize(VISTA3DAuto(1, 4, class_ids=[1, 3, 4]).eval(), QuantRecipe.from_precision("w8a8"))
+    recipe = QuantRecipe.from_precision(precision, granularity=scheme)
+    model = quantize(VISTA3DAuto(1, 4, class_ids=[1, 3, 4]).eval(), recipe)
     model.load_state_dict(net.state_dict())
     calibrate(model, [torch.randn(1, 1, 32, 32, 32)])
     rows = summarize(model).rows
