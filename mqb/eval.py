@@ -553,7 +553,8 @@ def _check_group_choices(argv: list[str]) -> list[str]:
         if "=" not in arg or arg.startswith("-"):
             continue
         key, _, value = arg.lstrip("+~").partition("=")
-        if "." in key and not arg.startswith("+") and (message := _unknown_key(key)):
+        hydra_key = key.split(".")[0] == "hydra"  # Hydra's own settings (launcher, sweeper ...): Hydra checks them
+        if "." in key and not arg.startswith("+") and not hydra_key and (message := _unknown_key(key)):
             problems.append(message)
             continue
         if key not in EVAL_GROUPS or not value or value.startswith(("choice(", "range(", "glob(")):

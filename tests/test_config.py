@@ -115,6 +115,8 @@ def test_our_message_for_a_wrong_key():
     assert "unknown key 'precision.weight.bitz'" in msg and "valid keys there: bits, dynamic, format" in msg
     (msg,) = _check_group_choices(["eval.overlapp=0.5"])
     assert "eval has no 'overlapp'" in msg and "overlap" in msg
+    # Hydra's own keys (launcher, sweeper) are Hydra's to check, not flagged as unknown mqb keys
+    assert _check_group_choices(["hydra.launcher.partition=a100", "hydra.sweeper.params.x=1"]) == []
 
 
 def test_config_id_ignores_outputs_and_float_quant_keys():
