@@ -1,7 +1,6 @@
 """SegFormer3D: reference parameter counts and state-dict layout, attention numerics, quantization, Hydra config."""
 
 import json
-from collections import Counter
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ from hydra.utils import instantiate
 from mqb.config import register_configs
 from mqb.eval import CONF_DIR
 from mqb.models.segformer3d import EfficientSelfAttention, SegFormer3D
-from mqb.quant import QuantRecipe, QuantSpec, calibrate, dequantize, fake_quantize, quantize, summarize
-from tests.models.reference import KEYS, centered_rel, random_state
+from mqb.quant import QuantRecipe, QuantSpec, dequantize, fake_quantize, quantize
+from tests.models.reference import KEYS, quantized_errors, random_state
 
 register_configs()
 needs_keys = pytest.mark.skipif(not (KEYS / "segformer3d.json").is_file(), reason="shared/reference/keys not present")
@@ -135,23 +134,7 @@ def test_quantized_w8a8_close_and_w4a4_adaptive_finite():
     of ~20-25 layers on the path add up in quadrature (here W8 alone: 3.5 %, A8 alone: 2.7 %) to the
     measured 3.5-4.0 % (5 seeds) of the spatially varying logits; bound 8 %. W4A4 adaptive: 58-81 %.
     """
-    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
-    calib = [torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2)), x]
-    errors = {}
-    for precision, granularity in (("w8a8", "per_channel"), ("w4a4", "adaptive")):
-        torch.manual_seed(0)
-        net = SegFormer3D(1, 14).eval()
-        with torch.no_grad():
-            ref = net(x)
-        quantize(net, QuantRecipe.from_precision(precision, granularity=granularity, attention=True))
-        calibrate(net, calib)
-        with torch.no_grad():
-            out = net(x)
-        assert torch.isfinite(out).all()
-        errors[precision] = centered_rel(out, ref)
-        rows = summarize(net).rows
-        assert Counter(r.group for r in rows) == CENSUS
-        assert all(r.realizability.status != "float" for r in rows)
+    errors, nets = quantized_errors(lambda: SegFormer3D(1, 14), CENSUS)
     assert errors["w8a8"] < 0.08, errors
     assert errors["w4a4"] > 5 * errors["w8a8"], errors
 

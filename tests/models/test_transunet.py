@@ -2,7 +2,6 @@
 
 import copy
 import json
-from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from mqb.config import register_configs
 from mqb.eval import CONF_DIR
 from mqb.models.transunet import MultiheadSelfAttention, TransformerBlock, TransUNet3D
 from mqb.quant import QuantRecipe, QuantSpec, calibrate, fake_quantize, quantize, summarize
-from tests.models.reference import KEYS, centered_rel, random_state
+from tests.models.reference import KEYS, quantized_errors, random_state
 
 register_configs()
 needs_keys = pytest.mark.skipif(not (KEYS / "transunet3d.json").is_file(), reason="shared/reference/keys not present")
@@ -149,23 +148,9 @@ def test_quantized_w8a8_close_and_w4a4_adaptive_finite():
     of ~20-25 layers on the path add up in quadrature (here W8 alone: 1.7 %, A8 alone: 3.1 %) to the
     measured 3.5-3.9 % (5 seeds) of the spatially varying logits; bound 8 %. W4A4 adaptive: 54-67 %.
     """
-    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
-    calib = [torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2)), x]
-    errors = {}
-    for precision, granularity in (("w8a8", "per_channel"), ("w4a4", "adaptive")):
-        torch.manual_seed(0)
-        net = TransUNet3D(**SMALL).eval()
-        with torch.no_grad():
-            ref = net(x)
-        quantize(net, QuantRecipe.from_precision(precision, granularity=granularity, attention=True))
-        calibrate(net, calib)
-        with torch.no_grad():
-            out = net(x)
-        assert torch.isfinite(out).all()
-        errors[precision] = centered_rel(out, ref)
+    errors, nets = quantized_errors(lambda: TransUNet3D(**SMALL), CENSUS)
+    for net in nets.values():
         rows = {r.info.name: r for r in summarize(net).rows}
-        assert Counter(r.group for r in rows.values()) == CENSUS
-        assert all(r.realizability.status != "float" for r in rows.values())
         assert rows["transformer_blocks.0.self_attn"].group == "attention"
         assert rows["transformer_blocks.0.self_attn.in_proj"].group == "linear"
         assert rows["transformer_blocks.0.self_attn.in_proj"].info.out_channels == 3 * 64
