@@ -43,12 +43,15 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
+def _status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` memory line in bytes; ``getrusage``'s peak RSS where /proc is missing."""
+    kb = _status_kb(key)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss if kb is None else kb) * 1024
+
+
 def current_rss_bytes() -> int:
     """Resident set size of this process now."""
-    kb = _status_kb("VmRSS")
-    if kb is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kb * 1024
+    return _status_bytes("VmRSS")
 
 
 def reset_peak_rss() -> bool:
@@ -63,10 +66,7 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """RSS high-water mark since the last :func:`reset_peak_rss` (or since the process started)."""
-    kb = _status_kb("VmHWM")
-    if kb is None:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kb * 1024
+    return _status_bytes("VmHWM")
 
 
 def inference_memory(fn: Callable[[np.ndarray], Any], x: np.ndarray) -> dict[str, Any]:
