@@ -14,7 +14,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 #: Config groups of mqb.eval (each a folder under conf/).
-EVAL_GROUPS = ("model", "dataset", "precision", "granularity", "method", "calibration", "logger", "experiment")
+EVAL_GROUPS = (
+    "model", "dataset", "precision", "granularity", "method", "calibration", "logger", "deploy", "experiment"
+)  # fmt: skip
 
 
 @dataclass
@@ -112,6 +114,51 @@ class TrainSettings:
 
 
 @dataclass
+class ProfileSettings:
+    """How ``python -m mqb.deploy profile`` / ``compare`` measure (``deploy.profile.*``)."""
+
+    warmup: int = 1  # profile: untimed calls per runtime before the patch latency is timed
+    repeats: int = 5  # profile: timed calls per patch (the median is reported)
+    volume_repeats: int = 3  # profile: timed whole-volume sliding-window runs (median)
+    volume: bool = True  # profile: also time a whole test volume (false: patch latency only)
+    cases: int = 1  # compare: test volumes the deployed and fake-quantized predictions are compared on
+
+
+#: Deployment schemes (``deploy.scheme``) and runtime families (``deploy.runtimes``) ``mqb.deploy`` knows.
+DEPLOY_SCHEMES = ("deploy", "as_configured")
+DEPLOY_RUNTIMES = ("onnxruntime", "openvino", "tensorrt")
+
+
+@dataclass
+class DeployConfig:
+    """``python -m mqb.deploy``: what to export and which runtimes run it (the ``deploy`` group, ``conf/deploy/``).
+
+    Not part of an evaluation's identity: :func:`mqb.results.config_id` drops it, so choosing a ``deploy``
+    never changes ``mqb.eval`` records.
+    """
+
+    name: str = "cpu"
+    #: runtime families to build, FP32 (TensorRT: FP16) and INT8 each: onnxruntime, openvino, tensorrt
+    #: (tensorrt is skipped, and says why, without a GPU)
+    runtimes: list[str] = field(default_factory=lambda: list(DEPLOY_RUNTIMES))
+    #: "deploy": weights per-output-channel, activations per-tensor (what INT8 runtimes execute), whatever
+    #: ``granularity`` says; "as_configured": keep the configured granularity (layers with no INT8 form go to float)
+    scheme: str = "deploy"
+    #: refuse (error) quantized layers that cannot be exported as INT8 instead of exporting them in float
+    strict: bool = False
+    #: Clip before QuantizeLinear so INT8 activations stay on mqb's +-127 grid (false: they may reach -128)
+    narrow_range: bool = True
+    #: INT8 export: apply the exact QDQ rewrites of ``mqb.deploy.graph.share_quantization`` (one quantize per
+    #: tensor and scale, INT8 Concat) so runtimes fuse more; outputs are unchanged (``export_onnx`` keyword)
+    share_quantization: bool = True
+    #: ONNX opset of both exports (>= 13: per-channel DequantizeLinear)
+    opset: int = 17
+    #: output folder; null: ``<results_dir>/../deploy/<model>-<precision>-<run id>``
+    out: str | None = None
+    profile: ProfileSettings = field(default_factory=ProfileSettings)
+
+
+@dataclass
 class JobConfig:
     """What every mqb job (evaluation, training) composes: a model on a dataset, run by a Lightning trainer."""
 
@@ -131,6 +178,7 @@ class EvalConfig(JobConfig):
     method: MethodConfig = MISSING
     calibration: CalibrationConfig = MISSING
     eval: EvalSettings = field(default_factory=EvalSettings)
+    deploy: DeployConfig = field(default_factory=DeployConfig)  # python -m mqb.deploy only; not in config_id
     results_dir: str = "${paths.output_dir}/results"
     resume: bool = True
     auto_train: bool = False

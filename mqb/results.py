@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import mqb
 
-#: Top-level keys that do not change what is computed (outputs, logging, resuming).
-VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer")
+#: Top-level keys that do not change what is computed (outputs, logging, resuming; ``deploy``: read by
+#: ``python -m mqb.deploy`` only).
+VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer", "deploy")
 #: Keys at any depth that only say where things are cached or how fast data loads.
 NESTED_VOLATILE_KEYS = ("cache_dir", "num_workers")
 #: Groups that do not matter when nothing is quantized (fp32/fp16/bf16).

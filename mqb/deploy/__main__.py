@@ -1,22 +1,39 @@
 """``python -m mqb.deploy``: export a calibrated mqb model to INT8 ONNX, run it on real runtimes, profile it.
 
     python -m mqb.deploy export  model=unet precision=w8a8                        # FP32 + INT8 QDQ ONNX, layer plan
+    python -m mqb.deploy export  model=nnunet deploy.strict=true                  # refuse layers with no INT8 form
     python -m mqb.deploy profile model=nnunet "dataset.roi_size=[96,96,96]"       # latency, memory, size, layers
+    python -m mqb.deploy profile model=nnunet deploy=openvino deploy.profile.repeats=10
     python -m mqb.deploy compare model=unet model.checkpoint=/path/w.safetensors  # Dice: fake-quant vs runtimes
 
 Overrides are the usual ``mqb.eval`` ones (model, dataset, precision, granularity, method, calibration,
-``model.checkpoint``, ``dataset.roi_size`` = the exported patch shape ...). The network, checkpoint, data module,
-recipe, PTQ methods and calibration are built as ``mqb.eval`` builds them (calibration volumes, sliding windows).
+``model.checkpoint``, ``dataset.roi_size`` = the exported patch shape ...) plus the ``deploy`` group
+(``conf/deploy/``: ``cpu`` (default), ``onnxruntime``, ``openvino``, ``tensorrt``) and its keys (schema:
+``mqb.config.DeployConfig``):
 
-Deployment scheme: unless ``--as-configured``, activations are quantized per-tensor and weights per-output-channel
-(the INT8 scheme of TensorRT / OpenVINO / ONNX Runtime) whatever ``granularity`` says, because mqb's
-``per_channel`` scheme also makes conv activations per-channel, which no INT8 kernel takes. With
-``--as-configured`` the configured granularity is kept and layers without an INT8 form are exported in float
-(listed in the record; ``--strict`` refuses them instead).
+    deploy.runtimes=[onnxruntime,openvino]   runtime families (tensorrt is skipped without a GPU)
+    deploy.scheme=deploy|as_configured       see below
+    deploy.strict=true                       refuse layers that cannot be exported as INT8
+    deploy.narrow_range=false                no Clip before QuantizeLinear (INT8 activations may reach -128)
+    deploy.share_quantization=false          no shared-QDQ rewrites of the INT8 graph (outputs are unchanged)
+    deploy.opset=17                          ONNX opset of both exports
+    deploy.out=/path                         output folder
+    deploy.profile.warmup=1 .repeats=5 .volume_repeats=3 .volume=false   profile: timing
+    deploy.profile.cases=1                   compare: test volumes
+
+The network, checkpoint, data module, recipe, PTQ methods and calibration are built as ``mqb.eval`` builds them
+(calibration volumes, sliding windows); the ``deploy`` keys are not part of a result's config id.
+
+Deployment scheme: with ``deploy.scheme=deploy`` (default) activations are quantized per-tensor and weights
+per-output-channel (the INT8 scheme of TensorRT / OpenVINO / ONNX Runtime) whatever ``granularity`` says, because
+mqb's ``per_channel`` scheme also makes conv activations per-channel, which no INT8 kernel takes. With
+``deploy.scheme=as_configured`` the configured granularity is kept and layers without an INT8 form are exported in
+float (listed in the record; ``deploy.strict=true`` refuses them instead).
 
 Each command writes ``<out>/deploy.json`` (atomic; machine, runtime versions, export plan, and per command the
-profile / layer reports / agreement) and ``<out>/deploy.md`` (FP32 / BF16 / INT8 side by side); ``<out>`` defaults
-to ``<results_dir>/../deploy/<model>-<precision>-<id>``.
+profile / layer reports / agreement) and ``<out>/deploy.md`` (FP32 / BF16 / INT8 side by side); ``<out>``
+(``deploy.out``) defaults to ``<results_dir>/../deploy/<model>-<precision>-<id>``, the id covering the config and
+the export settings (scheme, narrow_range, share_quantization, opset).
 """
 
 from __future__ import annotations
@@ -35,6 +52,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mqb.config import DEPLOY_RUNTIMES, DEPLOY_SCHEMES
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import ExportResult, export_onnx
 from mqb.deploy.profile import interleaved_latency, isolated_memory, sliding_window, throughput, volume_latency
@@ -50,7 +68,7 @@ from mqb.deploy.runtimes import (
 )
 
 COMMANDS = ("export", "profile", "compare")
-RUNTIME_FAMILIES = ("onnxruntime", "openvino", "tensorrt")
+RUNTIME_FAMILIES = DEPLOY_RUNTIMES
 
 
 @dataclasses.dataclass
@@ -71,8 +89,28 @@ class Prepared:
     timings: dict[str, float]
 
 
-def prepare(cfg: DictConfig, args: argparse.Namespace, out: Path) -> Prepared:
-    """Build, load, quantize and calibrate as ``mqb.eval`` does; export FP32 and INT8 ONNX into ``out``."""
+def validate(cfg: DictConfig, command: str) -> None:
+    """Refuse a bad ``deploy`` setting before any work: ``ValueError`` naming the key, the value and the valid ones."""
+    deploy = cfg.deploy
+    if deploy.scheme not in DEPLOY_SCHEMES:
+        raise ValueError(
+            f"deploy.scheme={deploy.scheme!r} is not a deployment scheme; valid: {', '.join(DEPLOY_SCHEMES)}"
+        )
+    bad = [r for r in deploy.runtimes if r not in DEPLOY_RUNTIMES]
+    if bad:
+        raise ValueError(
+            f"deploy.runtimes: unknown runtime {', '.join(map(repr, bad))}; valid: {', '.join(DEPLOY_RUNTIMES)}"
+        )
+    if command != "export" and not deploy.runtimes:
+        raise ValueError(f"deploy.runtimes is empty: {command} needs one of {', '.join(DEPLOY_RUNTIMES)}")
+    for key, least in (("warmup", 0), ("repeats", 1), ("volume_repeats", 1), ("cases", 1)):
+        if deploy.profile[key] < least:
+            raise ValueError(f"deploy.profile.{key}={deploy.profile[key]}: must be >= {least}")
+
+
+def prepare(cfg: DictConfig, out: Path) -> Prepared:
+    """Build, load, quantize and calibrate as ``mqb.eval`` does; export FP32 and INT8 ONNX into ``out`` with the
+    ``deploy`` settings."""
     from hydra.utils import instantiate
 
     from mqb.checkpoints import load_weights
@@ -88,8 +126,9 @@ def prepare(cfg: DictConfig, args: argparse.Namespace, out: Path) -> Prepared:
         raise ValueError(
             f"precision={cfg.precision.name} is a float precision: choose an INT8 one, e.g. precision=w8a8"
         )
+    deploy = cfg.deploy
     scheme = cfg.granularity.name
-    if not args.as_configured:
+    if deploy.scheme == "deploy":
         recipe = dataclasses.replace(recipe, granularity="deploy")
         scheme = "deploy (weights per-channel, activations per-tensor)"
     checkpoint = resolve_checkpoint(cfg)
@@ -122,8 +161,10 @@ def prepare(cfg: DictConfig, args: argparse.Namespace, out: Path) -> Prepared:
     roi = tuple(int(r) for r in dm.roi_size)
     example = torch.zeros(1, int(cfg.dataset.in_channels), *roi)
     start = time.perf_counter()
-    fp32 = export_onnx(float_net, example, out / "fp32.onnx")
-    int8 = export_onnx(net, example, out / "int8.onnx", strict=args.strict, narrow_range=not args.no_narrow_range)
+    fp32 = export_onnx(float_net, example, out / "fp32.onnx", opset=int(deploy.opset))
+    int8 = export_onnx(net, example, out / "int8.onnx", opset=int(deploy.opset), strict=bool(deploy.strict),
+                       narrow_range=bool(deploy.narrow_range),
+                       share_quantization=bool(deploy.share_quantization))  # fmt: skip
     timings["export_s"] = time.perf_counter() - start
     return Prepared(cfg, float_net, net, dm, roi, example, fp32, int8, checkpoint is None,
                     str(checkpoint) if checkpoint else None, scheme, timings)  # fmt: skip
@@ -168,15 +209,15 @@ def _test_volume(p: Prepared) -> torch.Tensor:
     return image.as_tensor() if hasattr(image, "as_tensor") else image
 
 
-def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, args: argparse.Namespace,
+def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, settings: DictConfig,
                 overlap: float) -> dict[str, Any]:  # fmt: skip
     """Patch latency (all runtimes interleaved round by round), throughput, isolated memory, whole-volume latency;
-    speedups against the FP32 entry of the same runtime family."""
+    speedups against the FP32 entry of the same runtime family. ``settings``: ``cfg.deploy.profile``."""
     live = {name: r for name, r in runtimes.items() if not isinstance(r, str)}
     profiles: dict[str, Any] = {}
     print(f"timing {', '.join(live)} on {tuple(patch.shape)} ...", flush=True)
-    timed = interleaved_latency(live, patch, warmup=args.warmup, repeats=args.repeats)
-    volume = None if args.no_volume else _test_volume(p)
+    timed = interleaved_latency(live, patch, warmup=int(settings.warmup), repeats=int(settings.repeats))
+    volume = _test_volume(p) if settings.volume else None
     for name, runtime in live.items():
         prof: dict[str, Any] = {
             "runtime": runtime.name,
@@ -193,7 +234,7 @@ def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, args: 
         if volume is not None:
             print(f"whole volume {tuple(volume.shape)}: {runtime.name} ...", flush=True)
             prof["volume_latency"] = volume_latency(runtime, volume, p.roi, sw_batch_size=1, overlap=overlap,
-                                                    warmup=1, repeats=args.volume_repeats)  # fmt: skip
+                                                    warmup=1, repeats=int(settings.volume_repeats))  # fmt: skip
         profiles[name] = prof
     profiles.update({name: {"skipped": r} for name, r in runtimes.items() if isinstance(r, str)})
     for family in RUNTIME_FAMILIES:  # the reference: the family's first float entry (FP32; TensorRT: FP16)
@@ -328,16 +369,19 @@ def _config_dict(cfg: DictConfig) -> dict[str, Any]:
     return container
 
 
-def run(command: str, cfg: DictConfig, args: argparse.Namespace) -> dict[str, Any]:
+def run(command: str, cfg: DictConfig) -> dict[str, Any]:
     from mqb.results import config_id, host_info, stable_hash, write_json_atomic
 
-    cid = config_id(cfg)
-    run_id = stable_hash({"config": cid, "as_configured": args.as_configured})[:12]
-    out = Path(args.out) if args.out else Path(cfg.results_dir).parent / "deploy" / (
+    validate(cfg, command)
+    deploy = cfg.deploy
+    cid = config_id(cfg)  # the evaluation's id: deploy.* is not part of it, so the export settings go in the run id
+    export = {k: deploy[k] for k in ("scheme", "narrow_range", "share_quantization", "opset")}
+    run_id = stable_hash({"config": cid, "export": export})[:12]
+    out = Path(deploy.out) if deploy.out else Path(cfg.results_dir).parent / "deploy" / (
         f"{cfg.model.name}-{cfg.precision.name}-{run_id}"
     )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    p = prepare(cfg, args, out)
+    p = prepare(cfg, out)
     size_ratio = p.fp32.file_bytes / p.int8.file_bytes
     record: dict[str, Any] = {
         "command": command,
@@ -365,15 +409,14 @@ def run(command: str, cfg: DictConfig, args: argparse.Namespace) -> dict[str, An
     for layer in p.int8.float_layers:
         print(f"exported in float: {layer.name}: {layer.reason}")
     if command in ("profile", "compare"):
-        families = [f.strip() for f in args.runtimes.split(",") if f.strip()]
-        runtimes = build_runtimes(p, families)
+        runtimes = build_runtimes(p, list(deploy.runtimes))
         patch = np.random.default_rng(0).random(tuple(p.example.shape), dtype=np.float32)
         record["layer_reports"] = layer_reports(p, runtimes, patch, out)
         if command == "profile":
-            record["profile"] = profile_all(p, runtimes, patch, args, float(cfg.eval.overlap))
+            record["profile"] = profile_all(p, runtimes, patch, deploy.profile, float(cfg.eval.overlap))
         else:
             record["agreement"] = agreement(
-                p, runtimes, args.cases, int(cfg.eval.sw_batch_size), float(cfg.eval.overlap)
+                p, runtimes, int(deploy.profile.cases), int(cfg.eval.sw_batch_size), float(cfg.eval.overlap)
             )
     write_json_atomic(out / "deploy.json", record)
     from mqb.results import atomic_write
@@ -390,35 +433,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mqb.deploy", description=doc.split("\n\n")[0], epilog=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("overrides", nargs="*", help="mqb.eval overrides (model=..., precision=..., ...)")
-    parser.add_argument("--out", default=None, help="output folder (default <results_dir>/../deploy/<run>)")
     parser.add_argument(
-        "--as-configured",
-        action="store_true",
-        help="keep the configured granularity (non-INT8-exportable layers go to float)",
+        "overrides", nargs="*", help="mqb.eval overrides (model=..., precision=...) and deploy=... / deploy.<key>=..."
     )
-    parser.add_argument("--strict", action="store_true", help="refuse layers that cannot be exported as INT8")
-    parser.add_argument(
-        "--no-narrow-range",
-        action="store_true",
-        help="no Clip before QuantizeLinear (INT8 activations may reach -128, mqb's grid stops at -127)",
-    )
-    parser.add_argument(
-        "--runtimes",
-        default="onnxruntime,openvino,tensorrt",
-        help="comma-separated runtime families (tensorrt is skipped without a GPU)",
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="profile: untimed calls before timing")
-    parser.add_argument("--repeats", type=int, default=5, help="profile: timed calls per patch (median)")
-    parser.add_argument("--volume-repeats", type=int, default=3, help="profile: timed whole-volume runs (median)")
-    parser.add_argument("--no-volume", action="store_true", help="profile: skip the whole-volume latency")
-    parser.add_argument("--cases", type=int, default=1, help="compare: test volumes to compare on")
     args = parser.parse_args(argv)
+    from mqb.eval import _check_group_choices
+
+    problems = _check_group_choices(args.overrides)  # a wrong group choice or key: which one, and the valid ones
+    if problems:
+        for problem in problems:
+            print(problem.replace("mqb.eval:", "mqb.deploy: error:", 1), file=sys.stderr)
+        return 2
     try:
         from mqb.sensitivity import compose_eval
 
         cfg = compose_eval(args.overrides)
-        run(args.command, cfg, args)
+        run(args.command, cfg)
         return 0
     except Exception as err:  # noqa: BLE001
         from mqb.eval import _user_error

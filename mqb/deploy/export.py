@@ -50,8 +50,8 @@ from mqb.quant.spec import QuantSpec
 
 #: The ONNX opset written by default (per-axis DequantizeLinear needs >= 13).
 DEFAULT_OPSET = 17
-#: Export modes of a layer, from most to least quantized.
-MODES = ("int8", "int8-weight-only", "float")
+#: Export modes of a layer, from most to least quantized (``int8-input``: a norm whose input is INT8 QDQ).
+MODES = ("int8", "int8-input", "int8-weight-only", "float")
 _METHOD_EXTRAS = ("input_transform", "low_rank_weight", "output_correction")
 
 
@@ -84,6 +84,13 @@ def layer_export_mode(layer: nn.Module) -> tuple[str, str]:
     for role, q in (("weight", wq), ("activation", aq)):
         if q is not None and q.mode != "quantize":
             return "float", f"{role} quantizer is in mode {q.mode!r}, not 'quantize'"
+    if layer.kind == "norm":
+        issue = _spec_issue(aq.spec, "activation") if aq is not None else "no input quantizer"
+        if issue is None and not aq.is_calibrated:  # type: ignore[union-attr]
+            issue = "activation quantizer was never calibrated (call mqb.quant.calibrate first)"
+        if issue is not None:
+            return "float", issue
+        return "int8-input", "INT8 QDQ on the norm input (the producer can write INT8; the norm reads it)"
     if wq is None:
         return "float", "no weight quantizer (activation-only quantization has no INT8 kernel)"
     issue = _spec_issue(wq.spec, "weight")
@@ -131,6 +138,8 @@ class ExportResult:
     weight_bytes: int
     initializer_bytes: dict[str, int]
     narrow_range: bool = True
+    #: what :func:`mqb.deploy.graph.share_quantization` changed (empty when it was not run)
+    graph_rewrites: dict[str, int] = field(default_factory=dict)
 
     @property
     def float_layers(self) -> list[LayerExport]:
@@ -150,6 +159,7 @@ class ExportResult:
             "opset": self.opset,
             "quantized": self.quantized,
             "narrow_range": self.narrow_range,
+            "graph_rewrites": self.graph_rewrites,
             "file_bytes": self.file_bytes,
             "weight_bytes": self.weight_bytes,
             "initializer_bytes": self.initializer_bytes,
@@ -310,6 +320,11 @@ def export_mode(model: nn.Module, rows: list[LayerExport], narrow_range: bool = 
             if row.mode == "float":
                 layer.quantizers_enabled = False
                 continue
+            if row.mode == "int8-input":
+                s = activation_scale(layer)
+                row.activation_scale = float(s)
+                layer._modules["input_quantizer"] = ExportActivationQDQ(s, narrow_range)
+                continue
             q, scale, axis = weight_qdq(layer)
             row.weight_scale = scale.reshape(-1).tolist()
             layer._modules["weight_quantizer"] = ExportWeightQDQ(q, scale, axis)
@@ -379,10 +394,43 @@ def _layer_nodes(path: Path, rows: list[LayerExport]) -> None:
             if src.endswith(suffix) and src[: -len(suffix)] in by_name:
                 by_name[src[: -len(suffix)]].onnx_node = node.name
                 break
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    dq_by_name = {node.name: node for node in graph.node if node.op_type == "DequantizeLinear"}
+    for row in rows:  # a quantized norm input: the node reading its (named) DequantizeLinear
+        dq = dq_by_name.get(NORM_INPUT_PREFIX + row.name)
+        if row.mode == "int8-input" and dq is not None:
+            readers = [n for n in consumers.get(dq.output[0], []) if n.op_type != "QuantizeLinear"]
+            row.onnx_node = readers[0].name if readers else None
     initializers = {init.name for init in graph.initializer}
     for row in rows:
         if row.onnx_node is None:
             row.in_graph = any(name.startswith(row.name + ".") for name in initializers)
+
+
+#: ONNX name of the DequantizeLinear that feeds a quantized norm input: ``<NORM_INPUT_PREFIX><layer>``
+NORM_INPUT_PREFIX = "mqb-norm-input:"
+
+
+def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool) -> dict[str, int]:
+    """Post-export rewrites of the file in place (checked by ``onnx.checker``): the exact QDQ sharing of
+    :func:`mqb.deploy.graph.share_quantization` if asked, and the DequantizeLinear in front of each quantized norm
+    named ``<NORM_INPUT_PREFIX><layer>`` so runtime reports find the norm (OpenVINO renames it ``MVN_<n>``)."""
+    import onnx
+
+    from mqb.deploy.graph import share_quantization as share
+
+    model = onnx.load(str(path))
+    counts = share(model) if share_quantization else {}
+    norms = {f"{r.name}.input_quantizer.scale": r.name for r in rows if r.mode == "int8-input"}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[1] in norms:
+            node.name = NORM_INPUT_PREFIX + norms[node.input[1]]
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return counts
 
 
 def export_onnx(
@@ -394,6 +442,7 @@ def export_onnx(
     strict: bool = False,
     narrow_range: bool = True,
     dynamic_batch: bool = True,
+    share_quantization: bool = True,
 ) -> ExportResult:
     """Write ``model`` (float, or quantized and calibrated with mqb) to ``path`` as ONNX with INT8 QDQ.
 
@@ -403,6 +452,8 @@ def export_onnx(
         opset: ONNX opset (>= 13 for per-channel weights).
         strict: raise ``ValueError`` naming every quantized layer that would fall back to float.
         narrow_range: clip activations to mqb's ±127 grid before QuantizeLinear (exact match to mqb).
+        share_quantization: apply the exact QDQ rewrites of :func:`mqb.deploy.graph.share_quantization` (one
+            quantize per tensor and scale, INT8 Concat) so runtimes fuse more; outputs are unchanged.
 
     Returns an :class:`ExportResult` with every quantized layer's mode and reason, the file and weight bytes.
     """
@@ -433,6 +484,7 @@ def export_onnx(
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
+        rewrites = _rewrite_graph(tmp, rows, share_quantization) if any(r.mode != "float" for r in rows) else {}
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -448,4 +500,5 @@ def export_onnx(
         weight_bytes=sum(by_type.values()),
         initializer_bytes=by_type,
         narrow_range=narrow_range,
+        graph_rewrites=rewrites,
     )

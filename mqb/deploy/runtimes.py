@@ -26,6 +26,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from mqb.deploy.export import NORM_INPUT_PREFIX
+
 #: OpenVINO precision hints accepted by :class:`OpenVINORuntime` (``None`` = the plugin's default).
 OV_PRECISIONS = ("f32", "bf16", "f16")
 
@@ -210,12 +212,20 @@ def _weight_constant(op: Any) -> str | None:
 
 def tag_layer_ops(model: Any, layers: list[str] | None = None) -> dict[str, str]:
     """Rename each conv / transposed-conv / matmul op whose weight is an mqb layer's initializer
-    (``<layer>.weight_quantizer.qweight`` or ``<layer>.weight``) to ``mqb:<layer>``, in place, so the compiled
+    (``<layer>.weight_quantizer.qweight`` or ``<layer>.weight``), and each MVN fed by a quantized norm input
+    (:data:`mqb.deploy.export.NORM_INPUT_PREFIX`), to ``mqb:<layer>``, in place, so the compiled
     model's ``originalLayersNames`` name the layer (OpenVINO's ONNX reader and its fusions otherwise rename
     transposed convolutions and the output layer). Returns {layer: tag}."""
     tags: dict[str, str] = {}
     wanted = set(layers) if layers is not None else None
     for op in model.get_ordered_ops():
+        if op.get_type_name() == "MVN":  # a quantized norm: its input is the named DequantizeLinear (a Multiply)
+            source = op.input_value(0).get_node().get_friendly_name()
+            layer = source[len(NORM_INPUT_PREFIX) :] if source.startswith(NORM_INPUT_PREFIX) else None
+            if layer is not None and (wanted is None or layer in wanted) and layer not in tags:
+                tags[layer] = TAG + layer
+                op.set_friendly_name(TAG + layer)
+            continue
         if op.get_type_name() not in _WEIGHTED_OPS:
             continue
         source = _weight_constant(op)

@@ -1,9 +1,15 @@
-"""Quantized layers: Conv1d/2d/3d, ConvTranspose1d/2d/3d and Linear, swapped in place.
+"""Quantized layers: Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and norm inputs, swapped in place.
 
 ``quantize`` changes the class of a float layer to its quantized twin (e.g. ``nn.Conv3d`` ->
 :class:`QuantConv3d`, a subclass) and attaches ``weight_quantizer`` / ``input_quantizer`` submodules. The
 layer keeps its parameters under the same names, so checkpoints and optimizers keep working, and
-``dequantize`` restores the original class exactly. Norms, activations and pooling stay in float.
+``dequantize`` restores the original class exactly. Activations and pooling stay in float.
+
+Norms are quantizable only on their *input*, and only on request (selector ``norm``, not in the default
+``include``): InstanceNorm1d/2d/3d and GroupNorm compute their statistics at run time, so an INT8 runtime that
+reads their input in INT8 (OpenVINO's MVN) lets the producing convolution write INT8 instead of FP32. Quantizing
+that input is what NNCF's and TensorRT's explicit-quantization recipes do; the norm itself and its affine
+parameters stay float. BatchNorm is not offered: at inference it is an affine map folded into the convolution.
 
 Axes: Conv weights are (C_out, C_in/g, *k): per-channel axis 0, reduction axis 1. ConvTranspose weights are
 (C_in, C_out/g, *k): per-output-channel axis 1, reduction axis 0. Linear weights are (out, in): axis 0 / 1.
@@ -22,7 +28,7 @@ from torch import nn
 from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer
 from mqb.quant.spec import QuantSpec
 
-LAYER_KINDS = ("conv", "conv_transpose", "linear", "attention")
+LAYER_KINDS = ("conv", "conv_transpose", "linear", "attention", "norm")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ VALID_ACTIVATION_GRANULARITIES = {
     "conv": ("per_tensor", "per_channel", "per_voxel", "per_group"),
     "conv_transpose": ("per_tensor", "per_channel", "per_voxel", "per_group"),
     "linear": ("per_tensor", "per_channel", "per_token", "per_group"),
+    "norm": ("per_tensor", "per_channel"),
 }
 
 
@@ -271,6 +278,31 @@ class QuantLinear(QuantLayer, nn.Linear):
         return F.linear(x, weight, bias)
 
 
+class _QuantNormInput(QuantLayer):
+    """A normalization layer whose input is fake-quantized: ``y = norm(Q(x))``; no weight quantizer."""
+
+    kind = "norm"
+
+    def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.float_class.forward(self, x)  # type: ignore[arg-type]
+
+
+class QuantInstanceNorm1d(_QuantNormInput, nn.InstanceNorm1d):
+    float_class = nn.InstanceNorm1d
+
+
+class QuantInstanceNorm2d(_QuantNormInput, nn.InstanceNorm2d):
+    float_class = nn.InstanceNorm2d
+
+
+class QuantInstanceNorm3d(_QuantNormInput, nn.InstanceNorm3d):
+    float_class = nn.InstanceNorm3d
+
+
+class QuantGroupNorm(_QuantNormInput, nn.GroupNorm):
+    float_class = nn.GroupNorm
+
+
 #: Float layer class -> quantized twin. Matching is by exact type, so subclasses with their own forward are
 #: never silently replaced.
 QUANT_LAYERS: dict[type[nn.Module], type[QuantLayer]] = {
@@ -283,15 +315,25 @@ QUANT_LAYERS: dict[type[nn.Module], type[QuantLayer]] = {
         QuantConvTranspose2d,
         QuantConvTranspose3d,
         QuantLinear,
+        QuantInstanceNorm1d,
+        QuantInstanceNorm2d,
+        QuantInstanceNorm3d,
+        QuantGroupNorm,
     )
 }
 
 
 def describe_layer(name: str, module: nn.Module) -> LayerInfo | None:
-    """A :class:`LayerInfo` for a quantizable float layer (conv, conv-transpose or linear), else ``None``."""
+    """A :class:`LayerInfo` for a quantizable float layer (conv, conv-transpose, linear, norm), else ``None``."""
     quant_cls = QUANT_LAYERS.get(type(module))
     if quant_cls is None:
         return None
+    if quant_cls.kind == "norm":
+        if isinstance(module, nn.GroupNorm):
+            return LayerInfo(name, "norm", type(module).__name__, (), module.num_channels, module.num_channels,
+                             module.num_groups)  # fmt: skip
+        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        return LayerInfo(name, "norm", type(module).__name__, (), module.num_features, module.num_features, 1)
     if quant_cls.kind == "linear":
         assert isinstance(module, nn.Linear)
         return LayerInfo(name, "linear", type(module).__name__, (), module.in_features, module.out_features, 1)

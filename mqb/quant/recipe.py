@@ -108,6 +108,11 @@ class QuantRecipe:
                 return None
             granularity = get_scheme(scheme)(info)
             return LayerPlan(info, None, activation.replace(granularity=granularity.activation))
+        if info.kind == "norm":  # only the input of a norm is quantized
+            if activation is None:
+                return None
+            granularity = get_scheme(scheme)(info)
+            return LayerPlan(info, None, activation.replace(granularity=granularity.activation))
         if weight is None and activation is None:
             return None
         granularity = get_scheme(scheme)(info)

@@ -9,6 +9,9 @@
 | per_group     | per-group    | per-group (blocks along the reduction axis)     | per-group           |
 | deploy        | per-channel  | per-tensor                                      | per-channel / tensor|
 
+Norm inputs (selector ``norm``, opt-in) have no weight; their activation is per-tensor under ``per_tensor``,
+``per_group`` and ``deploy`` and per-channel otherwise (a norm has no reduction axis to group or voxel to scale).
+
 ``per_channel`` is the paper's "per-channel/token"; ``adaptive`` is its "adaptive stratification"; ``deploy`` is
 what INT8 runtimes execute (TensorRT, OpenVINO, ONNX Runtime QDQ: per-channel weights, one static activation
 scale). Depthwise convolutions always use per-channel activations outside ``per_tensor``/``per_group``:
@@ -34,6 +37,8 @@ def _per_tensor(info: LayerInfo) -> LayerGranularity:
 
 
 def _per_channel(info: LayerInfo) -> LayerGranularity:
+    if info.kind == "norm":
+        return LayerGranularity("per_tensor", "per_channel")
     if info.kind in ("linear", "attention"):
         return LayerGranularity("per_channel", "per_token")
     return LayerGranularity("per_channel", "per_channel")
@@ -54,6 +59,8 @@ def _deploy(info: LayerInfo) -> LayerGranularity:
 
 
 def _per_group(info: LayerInfo) -> LayerGranularity:
+    if info.kind == "norm":
+        return LayerGranularity("per_tensor", "per_tensor")
     return LayerGranularity("per_group", "per_group")
 
 

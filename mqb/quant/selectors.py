@@ -2,7 +2,8 @@
 
 A selector is a string:
 
-* a kind: ``conv``, ``conv_transpose``, ``linear``, ``attention``;
+* a kind: ``conv``, ``conv_transpose``, ``linear``, ``attention``, ``norm`` (the input of InstanceNorm /
+  GroupNorm; never in the default ``include``);
 * a kernel shape: ``conv3x3x3``, ``conv1x3x3``, ``conv1x1x1``, ``conv_transpose2x2x2`` (2D: ``conv3x3``);
 * a property: ``depthwise``, ``pointwise`` (1x1x1 channel-mixing conv), ``grouped``;
 * a class: ``type:Conv3d``;
@@ -19,7 +20,7 @@ import re
 
 from mqb.quant.layers import LayerInfo
 
-KIND_WORDS = ("conv", "conv_transpose", "linear", "attention", "depthwise", "pointwise", "grouped")
+KIND_WORDS = ("conv", "conv_transpose", "linear", "attention", "norm", "depthwise", "pointwise", "grouped")
 _KERNEL = re.compile(r"^(conv|conv_transpose)\d+(x\d+)*$")
 _GLOB_CHARS = set("*?[.")
 

@@ -116,7 +116,7 @@ def test_isolated_memory_of_a_runtime(tmp_path) -> None:
 def test_cli_rejects_a_float_precision() -> None:
     from mqb.deploy.__main__ import main
 
-    assert main(["export", "precision=fp32", "--out", "/nonexistent/never-written"]) == 2
+    assert main(["export", "precision=fp32", "deploy.out=/nonexistent/never-written"]) == 2
 
 
 @pytest.mark.slow
@@ -130,8 +130,8 @@ def test_cli_export_profile_compare(tmp_path: Path) -> None:
                  f"paths.cache_dir={tmp_path / 'cache'}", f"results_dir={tmp_path / 'results'}"]  # fmt: skip
     for command in ("export", "profile", "compare"):
         out = tmp_path / command
-        args = [sys.executable, "-m", "mqb.deploy", command, *overrides, "--out", str(out), "--repeats", "1",
-                "--volume-repeats", "1"]  # fmt: skip
+        args = [sys.executable, "-m", "mqb.deploy", command, *overrides, f"deploy.out={out}",
+                "deploy.profile.repeats=1", "deploy.profile.volume_repeats=1"]  # fmt: skip
         done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         record = json.loads((out / "deploy.json").read_text())

@@ -64,7 +64,8 @@ class PTQMethod:
         report = MethodReport(self.name)
         chosen: dict[str, QuantLayer] = {}
         for name, layer in self.selected(model):
-            reason = self.skip_reason(layer)
+            reason = "a quantized norm input has no weight to rewrite" if layer.kind == "norm" else None
+            reason = reason or self.skip_reason(layer)
             if reason is None and self.needs_input_ranges and name not in (ranges or {}):
                 reason = "no calibration statistics (the layer never ran)"
             if reason is None:
