@@ -12,7 +12,13 @@ round (median of ``--rounds`` after one warm-up):
 * ``ov_fp32``: OpenVINO CPU, ``INFERENCE_PRECISION_HINT=f32`` (the FP32 reference of the speedup);
 * ``ov_default``: OpenVINO's default precision on the FP32 ONNX (bf16 on CPUs with AVX512-BF16 / AMX);
 * ``ov_int8``: OpenVINO reading the QDQ ONNX, float remainder (norms, activations) in f32;
-* ``ov_int8_default``: the same with the default precision (float remainder in bf16 where the CPU has it).
+* ``ov_int8_default``: the same with the default precision (float remainder in bf16 where the CPU has it);
+* ``ov_int8n`` / ``ov_int8n_default``: models with InstanceNorm / GroupNorm only: mqb W8A8 with the norm inputs
+  quantized too (``include=[conv, conv_transpose, norm]``: the convolution writes INT8 and OpenVINO's MVN reads
+  it), again with mqb's own calibrated scales.
+
+Every INT8 file is written with the exact QDQ sharing of :func:`mqb.deploy.graph.share_quantization` (the
+default of ``export_onnx``).
 
 ``--nncf`` also times OpenVINO + NNCF's own post-training INT8 of the FP32 model (its own scales and quantization
 points) for comparison, if nncf is installed.
@@ -21,10 +27,12 @@ Sizes: the serialized ONNX files and their initializer bytes (weights), FP32 vs 
 argmax of mqb's fake-quantized prediction and of each INT8 runtime on a third phantom (target >= 0.99).
 Targets (issue): INT8 >= 3.0x faster than OpenVINO FP32 (f32 hint), weights >= 3.9x smaller.
 
-Last line: ``int8_speedup=<x> size_ratio=<y> runtime=openvino config=... model=... file_ratio=<z>``: the smallest
-speedup over the models (OpenVINO FP32 with the f32 hint vs the faster of OpenVINO's two INT8 configurations, named
-by ``config``), the smallest weight-bytes ratio (``file_ratio``: whole ONNX files); per-model figures on the lines
-before. The machine is shared: the load average is printed, and the fastest-run ratios next to the medians.
+Last line: ``int8_speedup=<x> size_ratio=<y> runtime=openvino config=... model=... file_ratio=<z> [vs_nncf=<r>]``:
+the smallest speedup over the models (OpenVINO FP32 with the f32 hint vs the fastest of mqb's OpenVINO INT8
+configurations, named by ``config``), the smallest weight-bytes ratio (``file_ratio``: whole ONNX files), and with
+``--nncf`` the smallest ratio NNCF INT8 latency / mqb INT8 latency (1.0: as fast as NNCF's own INT8, same precision
+hint on the float remainder); per-model figures on the lines before. The machine is shared: the load average is
+printed, and the fastest-run ratios next to the medians.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from mqb.deploy.profile import interleaved_latency
 from mqb.deploy.report import openvino_nodes, runtime_report
 from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, runtime_versions
 from mqb.eval import resolve_checkpoint
-from mqb.quant import QuantRecipe, calibrate, quantize
+from mqb.quant import QuantRecipe, calibrate, plan, quantize
 from mqb.sensitivity import compose_eval
 
 
@@ -85,6 +93,9 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], shape: tuple[int, ...]
     return out
 
 
+NORM_INPUTS = ("conv", "conv_transpose", "linear", "norm")
+
+
 def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool = False) -> dict[str, float]:
     net, weights = build(model)
     calib = [phantom(size, 1), phantom(size, 2)]
@@ -102,6 +113,15 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
         "ov_int8": OpenVINORuntime(int8.path, precision="f32", shape=shape),
         "ov_int8_default": OpenVINORuntime(int8.path, precision=None, shape=shape),
     }
+    quantized = {"ov_int8": fq, "ov_int8_default": fq, "ort_int8": fq}
+    recipe_n = QuantRecipe.from_precision("w8a8", granularity="deploy", include=NORM_INPUTS)
+    if any(p.info.kind == "norm" for p in plan(net, recipe_n)):
+        fqn = quantize(copy.deepcopy(net), recipe_n)
+        calibrate(fqn, calib)
+        int8n = export_onnx(fqn, x, workdir / f"{model}_int8n.onnx", strict=True)
+        runtimes["ov_int8n"] = OpenVINORuntime(int8n.path, precision="f32", shape=shape)
+        runtimes["ov_int8n_default"] = OpenVINORuntime(int8n.path, precision=None, shape=shape)
+        quantized.update(ov_int8n=fqn, ov_int8n_default=fqn)
     nncf_ir = nncf_int8(fp32.path, calib, shape, workdir / f"{model}_nncf.xml") if with_nncf else None
     if nncf_ir is not None:
         runtimes["nncf_int8"] = OpenVINORuntime(nncf_ir, precision="f32", shape=shape)
@@ -120,6 +140,13 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
             flush=True,
         )
     default_precision = runtimes["ov_default"].precision
+    if "ov_int8n" in med:
+        print(
+            f"{model} mqb INT8 with quantized norm inputs: f32 rest {med['ov_int8n']:.3f}s "
+            f"({med['ov_fp32'] / med['ov_int8n']:.2f}x), {default_precision} rest {med['ov_int8n_default']:.3f}s "
+            f"({med['ov_fp32'] / med['ov_int8n_default']:.2f}x)",
+            flush=True,
+        )
     print(
         f"{model} {size}^3 [median of {rounds}]: ORT fp32 {med['ort_fp32']:.3f}s int8 {med['ort_int8']:.3f}s "
         f"({med['ort_fp32'] / med['ort_int8']:.2f}x) | OpenVINO f32 {med['ov_fp32']:.3f}s, "
@@ -143,10 +170,10 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
         f"INT8 file holds {int8.initializer_bytes})",
         flush=True,
     )
-    with torch.no_grad():
-        reference = fq(x).numpy()
     agree = []
-    for k in ("ort_int8", "ov_int8", "ov_int8_default"):
+    for k, fake_quant in quantized.items():
+        with torch.no_grad():
+            reference = fake_quant(x).numpy()
         out = runtimes[k](xn)
         steps = logit_agreement(reference, out)
         agree.append(f"{k} {prediction_dice(reference, out)['dice']:.4f} ({100 * steps['within_one_step']:.1f}%)")
@@ -165,8 +192,8 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
         f"fell back: {rep['fell_back'] or 'none'}; time by op: {top}",
         flush=True,
     )
-    best = min(("ov_int8", "ov_int8_default"), key=lambda k: med[k])
-    return {
+    best = min((k for k in quantized if k.startswith("ov_")), key=lambda k: med[k])
+    out = {
         "speedup": med["ov_fp32"] / med[best],
         "speedup_f32_rest": med["ov_fp32"] / med["ov_int8"],
         "file_ratio": file_ratio,
@@ -174,6 +201,11 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
         "best": best,
         "ort_speedup": med["ort_fp32"] / med["ort_int8"],
     }
+    if "nncf_int8" in med:  # same precision hint on both sides: f32 vs f32, default vs default
+        hint = "nncf_int8_default" if best.endswith("_default") else "nncf_int8"
+        out["vs_nncf"] = med[hint] / med[best]
+        print(f"{model} mqb {best} vs NNCF {hint}: NNCF latency / mqb latency = {out['vs_nncf']:.2f}", flush=True)
+    return out
 
 
 def main() -> None:
@@ -196,15 +228,17 @@ def main() -> None:
     worst = min(results, key=lambda m: results[m]["speedup"])
     per_model = " ".join(
         f"{m}_speedup={r['speedup']:.2f} {m}_speedup_f32_rest={r['speedup_f32_rest']:.2f} "
-        f"{m}_ort={r['ort_speedup']:.2f}"
+        f"{m}_ort={r['ort_speedup']:.2f}" + (f" {m}_vs_nncf={r['vs_nncf']:.2f}" if "vs_nncf" in r else "")
         for m, r in results.items()
     )
     print(per_model)
     weight_ratio = min(r["weight_ratio"] for r in results.values())
     file_ratio = min(r["file_ratio"] for r in results.values())
+    vs_nncf = [r["vs_nncf"] for r in results.values() if "vs_nncf" in r]
     print(
         f"int8_speedup={results[worst]['speedup']:.2f} size_ratio={weight_ratio:.2f} runtime=openvino "
         f"config={results[worst]['best']} model={worst} file_ratio={file_ratio:.2f}"
+        + (f" vs_nncf={min(vs_nncf):.2f}" if len(vs_nncf) == len(results) else "")
     )
 
 

@@ -67,3 +67,22 @@ def test_headline_is_the_design_card_command():
     text = (CONF_DIR / "experiment" / "headline.yaml").read_text()
     assert "model: unetr,medformer" in text and "/precision: w4a4" in text and "/granularity: adaptive" in text
     assert Path(CONF_DIR / "model" / "medformer.yaml").is_file()
+
+
+def test_int8_deploy_preset_quantizes_every_conv_and_instance_norm_input() -> None:
+    """``experiment=int8_deploy`` on nnU-Net: per-channel INT8 weights, per-tensor activations, and one quantized
+    input per InstanceNorm3d (counted in the network, not taken from the recipe)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["experiment=int8_deploy", "model=nnunet"])
+    recipe = build_recipe(cfg)
+    assert recipe is not None and recipe.granularity == "deploy"
+    with torch.device("meta"):
+        net = instantiate(cfg.model.net)
+    plans = [p for info in quantizable_layers(net) if (p := recipe.plan(info)) is not None]
+    norms = [n for n, m in net.named_modules() if isinstance(m, torch.nn.InstanceNorm3d)]
+    convs = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d))]
+    assert sorted(p.info.name for p in plans if p.info.kind == "norm") == sorted(norms)
+    assert sorted(p.info.name for p in plans if p.info.kind != "norm") == sorted(convs)
+    assert {p.activation.granularity for p in plans} == {"per_tensor"}
+    assert {p.weight.granularity for p in plans if p.weight is not None} == {"per_channel"}
+    assert all(p.weight is None for p in plans if p.info.kind == "norm")

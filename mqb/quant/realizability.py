@@ -10,7 +10,9 @@ of the inner dot product (paper eqs. 2-4):
   the inner sum runs over channels with different scales -> simulation only;
 * per-voxel activations on a k>1 conv need eq. 4's per-kernel-offset scaled dot products, for which no
   kernels exist -> simulation only;
-* per-group scales along the reduction axis need block-scaled hardware (MX / NVFP4 on Blackwell).
+* per-group scales along the reduction axis need block-scaled hardware (MX / NVFP4 on Blackwell);
+* a quantized norm input (InstanceNorm / GroupNorm, selector ``norm``): per-tensor or per-channel scales factor
+  out of the per-channel statistics, so the producer can write INT8 and the norm read it (OpenVINO's MVN).
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def realizability(info: LayerInfo, weight: QuantSpec | None, activation: QuantSp
     specs = [s for s in (weight, activation) if s is not None]
     if not specs:
         return Realizability("float", "not quantized")
+    if info.kind == "norm" and activation is not None and activation.format == "int":
+        if activation.granularity in ("per_tensor", "per_channel"):
+            return Realizability("integer-kernel", f"INT{activation.bits} norm input (the producer writes integers)")
+        return Realizability("simulation-only", f"{activation.granularity} scales on a norm input")
     issues = [
         issue
         for issue in (

@@ -11,6 +11,7 @@ from torch import nn
 
 from mqb.quant import QuantRecipe, calibrate, dequantize, quantize, quantized_layers
 from mqb.quant.methods import SmoothQuant
+from mqb.quant.realizability import realizability
 
 WITH_NORMS = ("conv", "conv_transpose", "norm")
 
@@ -97,3 +98,10 @@ def test_methods_skip_norm_inputs_with_the_reason() -> None:
     net = quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy", include=WITH_NORMS))
     _, report = SmoothQuant(layers=("all",)).partition(net, ranges={})
     assert "no weight" in report.skipped["1"] and "no weight" in report.skipped["4"]
+
+
+def test_norm_inputs_are_realizable_on_integer_kernels() -> None:
+    net = quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy", include=("norm",)))
+    for _, layer in quantized_layers(net):
+        verdict = realizability(layer.mqb_info, layer.weight_spec, layer.activation_spec)
+        assert verdict.status == "integer-kernel" and "norm input" in verdict.reason
