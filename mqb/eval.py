@@ -39,6 +39,7 @@ from mqb.lit.callbacks import QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.quant import LayerRule, QuantRecipe
 from mqb.quant.methods import PTQMethod
+from mqb.quant.recipe import DEFAULT_INCLUDE
 from mqb.results import (
     config_id,
     git_commit,
@@ -77,6 +78,13 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
         attention=bool(method.attention),
         rules=rules,
     )
+
+
+def method_label(cfg: DictConfig) -> str:
+    """The method's name, plus the layer kinds quantized beyond the default ones: ``rtn+norm`` for
+    ``method.include=[conv, conv_transpose, linear, norm]`` (so tables tell such runs apart)."""
+    extra = [str(s) for s in cfg.method.get("include") or () if str(s) not in DEFAULT_INCLUDE]
+    return "+".join([str(cfg.method.get("name")), *extra])
 
 
 def build_methods(cfg: DictConfig) -> list[PTQMethod]:
@@ -331,7 +339,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "dataset": cfg.dataset.name,
         "precision": cfg.precision.name,
         "granularity": cfg.granularity.name if recipe is not None else "-",
-        "method": cfg.method.name if recipe is not None else "-",
+        "method": method_label(cfg) if recipe is not None else "-",
         "untrained": untrained,
         "reference": "labels" if labelled else "fp32_prediction",
         "checkpoint": {"path": str(checkpoint) if checkpoint else None, "sha256": checkpoint_sha},
@@ -459,7 +467,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
             "dataset": cfg.dataset.get("name"),
             "precision": cfg.precision.get("name"),
             "granularity": cfg.granularity.get("name"),
-            "method": cfg.method.get("name"),
+            "method": method_label(cfg),
             "error": f"{type(_user_error(err) or err).__name__}: {_user_error(err) or err}",
             "traceback": traceback.format_exc(),
             "sweep": Path(HydraConfig.get().sweep.dir).name if _is_multirun() else None,

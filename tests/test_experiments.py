@@ -11,7 +11,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
 from mqb.config import register_configs
-from mqb.eval import CONF_DIR, build_methods, build_recipe
+from mqb.eval import CONF_DIR, build_methods, build_recipe, method_label
 from mqb.quant import quantizable_layers
 from mqb.quant.selectors import matches
 
@@ -86,3 +86,11 @@ def test_int8_deploy_preset_quantizes_every_conv_and_instance_norm_input() -> No
     assert {p.activation.granularity for p in plans} == {"per_tensor"}
     assert {p.weight.granularity for p in plans if p.weight is not None} == {"per_channel"}
     assert all(p.weight is None for p in plans if p.info.kind == "norm")
+
+
+def test_method_label_names_extra_layer_kinds() -> None:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        plain = compose("eval", overrides=["precision=w8a8"])
+        deploy = compose("eval", overrides=["experiment=int8_deploy", "method=smoothquant"])
+    assert method_label(plain) == "rtn"
+    assert method_label(deploy) == "smoothquant+norm"
