@@ -316,7 +316,8 @@ def markdown(record: dict[str, Any]) -> str:
         f"ONNX: FP32 {sizes['fp32']['file_bytes'] / 1e6:.2f} MB (weights {sizes['fp32']['weight_bytes'] / 1e6:.2f} MB)"
         f", INT8 {sizes['int8']['file_bytes'] / 1e6:.2f} MB (weights {sizes['int8']['weight_bytes'] / 1e6:.2f} MB): "
         f"{sizes['size_ratio']:.2f}x smaller file, {sizes['weight_ratio']:.2f}x smaller weights; "
-        f"{sizes['int8']['counts']['int8']} layers INT8, {sizes['int8']['counts']['float']} in float.",
+        f"{sizes['int8']['counts']['int8']} layers INT8, {sizes['int8']['counts']['int8-input']} norm inputs INT8, "
+        f"{sizes['int8']['counts']['float']} in float.",
         "",
     ]
     profile = record.get("profile", {})
