@@ -95,13 +95,14 @@ class QuantSummary:
 
 
 def summarize(model: nn.Module) -> QuantSummary:
-    """Summarize every quantizable layer of ``model`` (float layers included, marked ``float``)."""
+    """Summarize every quantizable layer of ``model`` (float layers included, marked ``float``; norms only when
+    their input is quantized: a float norm is the default, not a layer the recipe left out)."""
     from mqb.quant.api import describe, used_modules  # local import: api imports this module's siblings
 
     rows = []
     for name, module in used_modules(model):
         info = getattr(module, "mqb_info", None) or describe(name, module)
-        if info is None:
+        if info is None or (info.kind == "norm" and not hasattr(module, "mqb_info")):
             continue
         weight = getattr(module, "weight_spec", None) if hasattr(module, "mqb_info") else None
         activation = getattr(module, "activation_spec", None) if hasattr(module, "mqb_info") else None

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from mqb.quant import QuantRecipe, calibrate, dequantize, quantize, quantized_layers
+from mqb.quant import QuantRecipe, calibrate, dequantize, quantize, quantized_layers, summarize
 from mqb.quant.methods import SmoothQuant
 from mqb.quant.realizability import realizability
 
@@ -105,3 +105,15 @@ def test_norm_inputs_are_realizable_on_integer_kernels() -> None:
     for _, layer in quantized_layers(net):
         verdict = realizability(layer.mqb_info, layer.weight_spec, layer.activation_spec)
         assert verdict.status == "integer-kernel" and "norm input" in verdict.reason
+
+
+def test_summary_lists_norms_only_when_their_input_is_quantized() -> None:
+    plain = summarize(quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy")))
+    assert [r.info.name for r in plain.rows] == ["0", "3", "6"]
+    with_norms = summarize(
+        quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy", include=WITH_NORMS))
+    )
+    assert [(r.info.name, r.info.kind) for r in with_norms.rows if r.info.kind == "norm"] == [
+        ("1", "norm"),
+        ("4", "norm"),
+    ]
