@@ -13,9 +13,10 @@ round (median of ``--rounds`` after one warm-up):
 * ``ov_default``: OpenVINO's default precision on the FP32 ONNX (bf16 on CPUs with AVX512-BF16 / AMX);
 * ``ov_int8``: OpenVINO reading the QDQ ONNX, float remainder (norms, activations) in f32;
 * ``ov_int8_default``: the same with the default precision (float remainder in bf16 where the CPU has it);
-* ``ov_int8n`` / ``ov_int8n_default``: models with InstanceNorm / GroupNorm only: mqb W8A8 with the norm inputs
-  quantized too (``include=[conv, conv_transpose, norm]``: the convolution writes INT8 and OpenVINO's MVN reads
-  it), again with mqb's own calibrated scales.
+* ``ov_int8d`` / ``ov_int8d_default``: mqb's ``experiment=int8_deploy`` recipe: the inputs of InstanceNorm /
+  GroupNorm quantized too (the convolution writes INT8 and OpenVINO's MVN reads it) and one range per tensor
+  (``calibration.shared_ranges``: readers of a residual or skip tensor share the largest calibrated range), again
+  with mqb's own calibrated scales.
 
 Every INT8 file is written with the exact QDQ sharing of :func:`mqb.deploy.graph.share_quantization` (the
 default of ``export_onnx``).
@@ -55,7 +56,8 @@ from mqb.deploy.profile import interleaved_latency
 from mqb.deploy.report import openvino_nodes, runtime_report
 from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, runtime_versions
 from mqb.eval import resolve_checkpoint
-from mqb.quant import QuantRecipe, calibrate, plan, quantize
+from mqb.quant import QuantRecipe, calibrate, quantize
+from mqb.quant.methods import SharedInputRanges
 from mqb.sensitivity import compose_eval
 
 
@@ -93,7 +95,8 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], shape: tuple[int, ...]
     return out
 
 
-NORM_INPUTS = ("conv", "conv_transpose", "linear", "norm")
+#: experiment=int8_deploy: norm inputs quantized, one range per tensor
+DEPLOY_INCLUDE = ("conv", "conv_transpose", "linear", "norm")
 
 
 def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool = False) -> dict[str, float]:
@@ -115,15 +118,14 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     }
     quantized = {"ov_int8": fq, "ov_int8_default": fq, "ort_int8": fq}
     exports = {"mqb int8": int8}
-    recipe_n = QuantRecipe.from_precision("w8a8", granularity="deploy", include=NORM_INPUTS)
-    if any(p.info.kind == "norm" for p in plan(net, recipe_n)):
-        fqn = quantize(copy.deepcopy(net), recipe_n)
-        calibrate(fqn, calib)
-        int8n = export_onnx(fqn, x, workdir / f"{model}_int8n.onnx", strict=True)
-        runtimes["ov_int8n"] = OpenVINORuntime(int8n.path, precision="f32", shape=shape)
-        runtimes["ov_int8n_default"] = OpenVINORuntime(int8n.path, precision=None, shape=shape)
-        quantized.update(ov_int8n=fqn, ov_int8n_default=fqn)
-        exports["mqb int8 + norm inputs"] = int8n
+    fqd = quantize(copy.deepcopy(net), QuantRecipe.from_precision("w8a8", granularity="deploy", include=DEPLOY_INCLUDE))
+    calibrate(fqd, calib)
+    SharedInputRanges().apply(fqd, batches=lambda: calib)
+    int8d = export_onnx(fqd, x, workdir / f"{model}_int8d.onnx", strict=True)
+    runtimes["ov_int8d"] = OpenVINORuntime(int8d.path, precision="f32", shape=shape)
+    runtimes["ov_int8d_default"] = OpenVINORuntime(int8d.path, precision=None, shape=shape)
+    quantized.update(ov_int8d=fqd, ov_int8d_default=fqd)
+    exports["mqb int8_deploy"] = int8d
     nncf_ir = nncf_int8(fp32.path, calib, shape, workdir / f"{model}_nncf.xml") if with_nncf else None
     if nncf_ir is not None:
         runtimes["nncf_int8"] = OpenVINORuntime(nncf_ir, precision="f32", shape=shape)
@@ -142,11 +144,11 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
             flush=True,
         )
     default_precision = runtimes["ov_default"].precision
-    if "ov_int8n" in med:
+    if "ov_int8d" in med:
         print(
-            f"{model} mqb INT8 with quantized norm inputs: f32 rest {med['ov_int8n']:.3f}s "
-            f"({med['ov_fp32'] / med['ov_int8n']:.2f}x), {default_precision} rest {med['ov_int8n_default']:.3f}s "
-            f"({med['ov_fp32'] / med['ov_int8n_default']:.2f}x)",
+            f"{model} mqb experiment=int8_deploy (norm inputs, shared ranges): f32 rest {med['ov_int8d']:.3f}s "
+            f"({med['ov_fp32'] / med['ov_int8d']:.2f}x), {default_precision} rest {med['ov_int8d_default']:.3f}s "
+            f"({med['ov_fp32'] / med['ov_int8d_default']:.2f}x)",
             flush=True,
         )
     print(

@@ -76,6 +76,9 @@ class CalibrationConfig:
     percentile: float = 99.99
     num_volumes: int = 4
     seed: int = 0
+    #: quantizers reading one tensor (directly or through torch.cat) share its largest range
+    #: (mqb.quant.methods.SharedInputRanges; what INT8 runtimes execute with one quantize per tensor)
+    shared_ranges: bool = False
 
 
 @dataclass

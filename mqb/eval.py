@@ -38,7 +38,7 @@ from mqb.data.sources import DatasetError
 from mqb.lit.callbacks import QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.quant import LayerRule, QuantRecipe
-from mqb.quant.methods import PTQMethod
+from mqb.quant.methods import PTQMethod, SharedInputRanges
 from mqb.quant.recipe import DEFAULT_INCLUDE
 from mqb.results import (
     config_id,
@@ -81,18 +81,25 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
 
 
 def method_label(cfg: DictConfig) -> str:
-    """The method's name, plus the layer kinds quantized beyond the default ones: ``rtn+norm`` for
-    ``method.include=[conv, conv_transpose, linear, norm]`` (so tables tell such runs apart)."""
+    """The method's name, plus the layer kinds quantized beyond the default ones and ``shared_ranges`` when
+    ``calibration.shared_ranges`` is on: ``rtn+norm+shared_ranges`` for ``experiment=int8_deploy`` (so tables
+    tell such runs apart)."""
     extra = [str(s) for s in cfg.method.get("include") or () if str(s) not in DEFAULT_INCLUDE]
+    if cfg.get("calibration") is not None and cfg.calibration.get("shared_ranges"):
+        extra.append("shared_ranges")
     return "+".join([str(cfg.method.get("name")), *extra])
 
 
 def build_methods(cfg: DictConfig) -> list[PTQMethod]:
-    """The PTQ methods of ``cfg.method.steps`` (empty for round-to-nearest), in order."""
+    """The PTQ methods of ``cfg.method.steps`` (empty for round-to-nearest), in order, preceded by
+    :class:`~mqb.quant.methods.SharedInputRanges` when ``calibration.shared_ranges`` is on (it runs right after
+    calibration, before post-calibration methods such as bias correction measure anything)."""
     methods = [instantiate(step) for step in cfg.method.get("steps") or []]
     wrong = [type(m).__name__ for m in methods if not isinstance(m, PTQMethod)]
     if wrong:
         raise ValueError(f"method.steps must build mqb.quant.methods.PTQMethod objects, got {wrong}")
+    if cfg.calibration.get("shared_ranges"):
+        methods.insert(0, SharedInputRanges())
     return methods
 
 

@@ -33,3 +33,19 @@ def deployable(net: nn.Module, rules: tuple[LayerRule, ...] = (), batches: int =
     quantize(net, QuantRecipe.from_precision("w8a8", granularity="deploy", rules=rules))
     calibrate(net, [volume(100 + i, (2, *SHAPE[1:])) for i in range(batches)])
     return net
+
+
+class ResidualConcat(nn.Module):
+    """A residual unit (conv + 1x1 shortcut read the same tensor) and a U-Net skip Concat feeding a conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(1, 8, 3, padding=1)
+        self.conv = nn.Conv3d(8, 8, 3, padding=1)
+        self.shortcut = nn.Conv3d(8, 8, 1)
+        self.head = nn.Conv3d(16, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.stem(x))
+        y = torch.relu(self.conv(skip) + self.shortcut(skip))
+        return self.head(torch.cat([skip, y], dim=1))

@@ -12,26 +12,10 @@ from torch import nn
 
 from mqb.deploy.export import NORM_INPUT_PREFIX, export_onnx
 from mqb.quant import QuantRecipe, calibrate, quantize
-from tests.deploy import SHAPE, small_net, volume
+from tests.deploy import SHAPE, ResidualConcat, small_net, volume
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-
-
-class ResidualConcat(nn.Module):
-    """A residual unit (conv + 1x1 shortcut read the same tensor) and a U-Net skip Concat feeding a conv."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Conv3d(1, 8, 3, padding=1)
-        self.conv = nn.Conv3d(8, 8, 3, padding=1)
-        self.shortcut = nn.Conv3d(8, 8, 1)
-        self.head = nn.Conv3d(16, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skip = torch.relu(self.stem(x))
-        y = torch.relu(self.conv(skip) + self.shortcut(skip))
-        return self.head(torch.cat([skip, y], dim=1))
 
 
 def _calibrated(net: nn.Module, include: tuple[str, ...] = ("conv", "conv_transpose")) -> nn.Module:

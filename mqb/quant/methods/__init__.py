@@ -10,6 +10,8 @@ Each method is a small class with ``layers`` (selectors, see :mod:`mqb.quant.sel
 * :class:`BiasCorrection` (Nagel et al. 2019): after calibration, the mean output error per channel is removed.
 * :class:`GPTQ` (Frantar et al. 2023): weight rounding that spreads each column's error over the remaining
   columns through the inverse Hessian of the layer's reconstruction loss.
+* :class:`SharedInputRanges` (``calibration.shared_ranges``): quantizers reading one tensor (directly or
+  through ``torch.cat``) share its largest calibrated range, as deployment toolkits quantize each tensor once.
 
 Methods run in the order given (``smoothquant`` then ``svd`` is the paper's "Activation Smoothing+SVD"), with
 :func:`apply_methods` between :func:`mqb.quant.quantize` and :func:`mqb.quant.calibrate`, and post-calibration
@@ -20,6 +22,7 @@ from mqb.quant.methods.base import MethodReport, PTQMethod, apply_methods, float
 from mqb.quant.methods.bias_correction import BiasCorrection
 from mqb.quant.methods.gptq import GPTQ
 from mqb.quant.methods.rotation import HadamardRotation, block_hadamard
+from mqb.quant.methods.shared_ranges import SharedInputRanges, shared_input_groups
 from mqb.quant.methods.smoothquant import SmoothQuant, smoothing_factors
 from mqb.quant.methods.svd import LowRankSVD
 
@@ -30,10 +33,12 @@ __all__ = [
     "LowRankSVD",
     "MethodReport",
     "PTQMethod",
+    "SharedInputRanges",
     "SmoothQuant",
     "apply_methods",
     "block_hadamard",
     "float_output",
     "quantizers_disabled",
+    "shared_input_groups",
     "smoothing_factors",
 ]
