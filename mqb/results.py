@@ -24,6 +24,8 @@ import mqb
 VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer", "deploy")
 #: Keys at any depth that only say where things are cached or how fast data loads.
 NESTED_VOLATILE_KEYS = ("cache_dir", "num_workers")
+#: Options added after records existed, dropped from the id while at their default so earlier records keep theirs.
+DEFAULT_OPTIONS = (("calibration", "shared_ranges", False),)
 #: Groups that do not matter when nothing is quantized (fp32/fp16/bf16).
 QUANT_ONLY_KEYS = ("granularity", "method", "calibration")
 
@@ -42,6 +44,9 @@ def config_id(cfg: DictConfig) -> str:
     for key in VOLATILE_KEYS:
         data.pop(key, None)
     _drop_nested(data, NESTED_VOLATILE_KEYS)
+    for group, key, default in DEFAULT_OPTIONS:
+        if isinstance(data.get(group), dict) and data[group].get(key, default) == default:
+            data[group].pop(key, None)
     precision = data.get("precision") or {}
     if precision.get("weight") is None and precision.get("activation") is None:
         for key in QUANT_ONLY_KEYS:

@@ -128,3 +128,13 @@ def test_config_id_ignores_outputs_and_float_quant_keys():
     fp_b = _compose("precision=fp32", "granularity=per_tensor")
     assert config_id(fp_a) == config_id(fp_b)
     assert OmegaConf.select(a, "results_dir") == str(Path("/tmp/a") / "results")
+
+
+def test_options_at_their_default_do_not_change_the_id_of_earlier_records():
+    """``calibration.shared_ranges`` came after records existed: at its default the id is the id computed without
+    the key (an earlier config), and switching it on gives another id."""
+    a = _compose("precision=w8a8")
+    earlier = OmegaConf.create(OmegaConf.to_container(a))  # untyped, so the key can be removed
+    del earlier.calibration["shared_ranges"]
+    assert config_id(a) == config_id(earlier)
+    assert config_id(a) != config_id(_compose("precision=w8a8", "calibration.shared_ranges=true"))
