@@ -57,6 +57,15 @@ class PTQMethod:
         """Why this method cannot rewrite ``layer`` (``None`` if it can)."""
         return None
 
+    def first_batch(self, batches: Callable[[], Iterable[Any]] | None) -> Any:
+        """The first calibration batch, with an error naming the method when there is none."""
+        if batches is None:
+            raise ValueError(f"{self.name} needs calibration batches")
+        batch = next(iter(batches()), None)
+        if batch is None:
+            raise ValueError(f"{self.name}: the calibration batches were empty")
+        return batch
+
     def partition(
         self, model: nn.Module, ranges: InputRanges | None = None
     ) -> tuple[dict[str, QuantLayer], MethodReport]:

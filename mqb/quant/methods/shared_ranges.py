@@ -142,12 +142,8 @@ class SharedInputRanges(PTQMethod):
         batches: Callable[[], Iterable[Any]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
     ) -> MethodReport:
-        if batches is None:
-            raise ValueError("shared_ranges needs calibration batches (to see which layers read the same tensor)")
+        batch = self.first_batch(batches)  # one forward shows which layers read the same tensor
         report = MethodReport(self.name)
-        batch = next(iter(batches()), None)
-        if batch is None:
-            raise ValueError("shared_ranges: the calibration batches were empty")
         modules = dict(model.named_modules())
         selected = {name for name, _ in self.selected(model)}
         for group in shared_input_groups(model, batch, forward):
