@@ -87,6 +87,8 @@ class Prepared:
     checkpoint: str | None
     scheme: str
     timings: dict[str, float]
+    #: what each PTQ method (and ``calibration.shared_ranges``) did, as in ``mqb.eval`` records
+    methods: list[dict[str, Any]]
 
 
 def validate(cfg: DictConfig, command: str) -> None:
@@ -152,10 +154,10 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
         collect_input_ranges(net, batches(), forward=forward) if any(m.needs_input_ranges for m in methods) else None
     )
     quantize(net, recipe)
-    apply_methods(net, methods, "transform", ranges=ranges)
+    reports = apply_methods(net, methods, "transform", ranges=ranges)
     if needs_calibration(net):
         calibrate(net, batches(), forward=forward)
-    apply_methods(net, methods, "post_calibration", batches=batches, forward=forward)
+    reports += apply_methods(net, methods, "post_calibration", batches=batches, forward=forward)
     timings["calibration_s"] = time.perf_counter() - start
 
     roi = tuple(int(r) for r in dm.roi_size)
@@ -167,7 +169,8 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
                        share_quantization=bool(deploy.share_quantization))  # fmt: skip
     timings["export_s"] = time.perf_counter() - start
     return Prepared(cfg, float_net, net, dm, roi, example, fp32, int8, checkpoint is None,
-                    str(checkpoint) if checkpoint else None, scheme, timings)  # fmt: skip
+                    str(checkpoint) if checkpoint else None, scheme, timings,
+                    [r.as_dict() for r in reports])  # fmt: skip
 
 
 def build_runtimes(p: Prepared, families: list[str]) -> dict[str, Any]:
@@ -405,6 +408,7 @@ def run(command: str, cfg: DictConfig) -> dict[str, Any]:
         "versions": runtime_versions(),
         "host": host_info(),
         "timings": p.timings,
+        "methods": p.methods,
         "config": _config_dict(cfg),
     }
     for layer in p.int8.float_layers:

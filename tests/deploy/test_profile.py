@@ -144,3 +144,29 @@ def test_cli_export_profile_compare(tmp_path: Path) -> None:
         if command == "compare":
             for name, row in record["agreement"].items():
                 assert row["dice"] >= 0.9, name
+
+
+@pytest.mark.slow
+def test_cli_export_int8_deploy_preset(tmp_path: Path) -> None:
+    """``experiment=int8_deploy`` through the real CLI on an InstanceNorm UNet: norm inputs exported as INT8 and
+    the shared-ranges step recorded with the layers it changed."""
+    pytest.importorskip("onnx")
+    out = tmp_path / "export"
+    args = [sys.executable, "-m", "mqb.deploy", "export", "experiment=int8_deploy", "model=unet",
+            "model.checkpoint=null", "model.net.channels=[4,8,16]", "model.net.strides=[2,2]",
+            "model.net.num_res_units=1", "model.net.norm=instance", "dataset.source.num_cases=6",
+            "dataset.splits={test: 1, calib: 1, val: 1}", "calibration.num_volumes=1",
+            f"paths.cache_dir={tmp_path / 'cache'}", f"results_dir={tmp_path / 'results'}", f"deploy.out={out}",
+            "deploy.strict=true"]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "deploy.json").read_text())
+    from monai.networks.nets import UNet
+
+    net = UNet(3, 1, 8, channels=(4, 8, 16), strides=(2, 2), num_res_units=1, norm="instance")
+    norms = sum(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())
+    counts = record["export"]["int8"]["counts"]
+    assert counts["float"] == 0 and counts["int8-input"] == norms > 0
+    (shared,) = [m for m in record["methods"] if m["method"] == "shared_ranges"]
+    assert len(shared["applied"]) >= 2 and shared["skipped"] == {}
+    assert record["export"]["int8"]["graph_rewrites"]["quantized_concats"] == 2
