@@ -14,9 +14,10 @@ round (median of ``--rounds`` after one warm-up):
 * ``ov_int8``: OpenVINO reading the QDQ ONNX, float remainder (norms, activations) in f32;
 * ``ov_int8_default``: the same with the default precision (float remainder in bf16 where the CPU has it);
 * ``ov_int8d`` / ``ov_int8d_default``: mqb's ``experiment=int8_deploy`` recipe: the inputs of InstanceNorm /
-  GroupNorm quantized too (the convolution writes INT8 and OpenVINO's MVN reads it) and one range per tensor
-  (``calibration.shared_ranges``: readers of a residual or skip tensor share the largest calibrated range), again
-  with mqb's own calibrated scales.
+  GroupNorm quantized too (the convolution writes INT8 and OpenVINO's MVN reads it) and one quantizer per tensor
+  (``calibration.shared_ranges`` + ``tensor_quantizers``: readers of a residual or skip tensor share the largest
+  calibrated range, and the tensor is quantized where it is produced, so an identity shortcut's Add reads INT8),
+  again with mqb's own calibrated scales.
 
 Every INT8 file is written with the exact QDQ sharing of :func:`mqb.deploy.graph.share_quantization` (the
 default of ``export_onnx``).
@@ -120,7 +121,7 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     exports = {"mqb int8": int8}
     fqd = quantize(copy.deepcopy(net), QuantRecipe.from_precision("w8a8", granularity="deploy", include=DEPLOY_INCLUDE))
     calibrate(fqd, calib)
-    SharedInputRanges().apply(fqd, batches=lambda: calib)
+    SharedInputRanges(quantize_tensors=True).apply(fqd, batches=lambda: calib)
     int8d = export_onnx(fqd, x, workdir / f"{model}_int8d.onnx", strict=True)
     runtimes["ov_int8d"] = OpenVINORuntime(int8d.path, precision="f32", shape=shape)
     runtimes["ov_int8d_default"] = OpenVINORuntime(int8d.path, precision=None, shape=shape)
@@ -146,7 +147,7 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     default_precision = runtimes["ov_default"].precision
     if "ov_int8d" in med:
         print(
-            f"{model} mqb experiment=int8_deploy (norm inputs, shared ranges): f32 rest {med['ov_int8d']:.3f}s "
+            f"{model} mqb experiment=int8_deploy (norm inputs, tensor quantizers): f32 rest {med['ov_int8d']:.3f}s "
             f"({med['ov_fp32'] / med['ov_int8d']:.2f}x), {default_precision} rest {med['ov_int8d_default']:.3f}s "
             f"({med['ov_fp32'] / med['ov_int8d_default']:.2f}x)",
             flush=True,

@@ -79,6 +79,9 @@ class CalibrationConfig:
     #: quantizers reading one tensor (directly or through torch.cat) share its largest range
     #: (mqb.quant.methods.SharedInputRanges; what INT8 runtimes execute with one quantize per tensor)
     shared_ranges: bool = False
+    #: also quantize each such tensor where it is produced (mqb.quant.output), so float readers (a residual Add)
+    #: read the INT8 value too, as NNCF / TensorRT place quantizers; needs shared_ranges' trace (implies it)
+    tensor_quantizers: bool = False
 
 
 @dataclass

@@ -81,25 +81,28 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
 
 
 def method_label(cfg: DictConfig) -> str:
-    """The method's name, plus the layer kinds quantized beyond the default ones and ``shared_ranges`` when
-    ``calibration.shared_ranges`` is on: ``rtn+norm+shared_ranges`` for ``experiment=int8_deploy`` (so tables
-    tell such runs apart)."""
+    """The method's name, plus the layer kinds quantized beyond the default ones and the calibration options
+    that change the quantized model: ``rtn+norm+shared_ranges+tensor_quantizers`` for ``experiment=int8_deploy``
+    (so tables tell such runs apart)."""
     extra = [str(s) for s in cfg.method.get("include") or () if str(s) not in DEFAULT_INCLUDE]
-    if cfg.get("calibration") is not None and cfg.calibration.get("shared_ranges"):
-        extra.append("shared_ranges")
+    for option in ("shared_ranges", "tensor_quantizers"):
+        if cfg.get("calibration") is not None and cfg.calibration.get(option):
+            extra.append(option)
     return "+".join([str(cfg.method.get("name")), *extra])
 
 
 def build_methods(cfg: DictConfig) -> list[PTQMethod]:
     """The PTQ methods of ``cfg.method.steps`` (empty for round-to-nearest), in order, preceded by
-    :class:`~mqb.quant.methods.SharedInputRanges` when ``calibration.shared_ranges`` is on (it runs right after
-    calibration, before post-calibration methods such as bias correction measure anything)."""
+    :class:`~mqb.quant.methods.SharedInputRanges` when ``calibration.shared_ranges`` or
+    ``calibration.tensor_quantizers`` is on (it runs right after calibration, before post-calibration methods
+    such as bias correction measure anything)."""
     methods = [instantiate(step) for step in cfg.method.get("steps") or []]
     wrong = [type(m).__name__ for m in methods if not isinstance(m, PTQMethod)]
     if wrong:
         raise ValueError(f"method.steps must build mqb.quant.methods.PTQMethod objects, got {wrong}")
-    if cfg.calibration.get("shared_ranges"):
-        methods.insert(0, SharedInputRanges())
+    tensor_quantizers = bool(cfg.calibration.get("tensor_quantizers"))
+    if cfg.calibration.get("shared_ranges") or tensor_quantizers:
+        methods.insert(0, SharedInputRanges(quantize_tensors=tensor_quantizers))
     return methods
 
 

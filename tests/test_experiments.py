@@ -93,7 +93,7 @@ def test_method_label_names_extra_layer_kinds() -> None:
         plain = compose("eval", overrides=["precision=w8a8"])
         deploy = compose("eval", overrides=["experiment=int8_deploy", "method=smoothquant"])
     assert method_label(plain) == "rtn"
-    assert method_label(deploy) == "smoothquant+norm+shared_ranges"
+    assert method_label(deploy) == "smoothquant+norm+shared_ranges+tensor_quantizers"
     steps = build_methods(deploy)  # shared ranges first: before post-calibration methods measure anything
-    assert [type(m).__name__ for m in steps] == ["SharedInputRanges", "SmoothQuant"]
+    assert [type(m).__name__ for m in steps] == ["SharedInputRanges", "SmoothQuant"] and steps[0].quantize_tensors
     assert build_methods(plain) == []

@@ -46,6 +46,7 @@ from torch import nn
 from mqb.quant.attention import QuantAttention
 from mqb.quant.fake_quant import _safe_scale, int_scale
 from mqb.quant.layers import QuantLayer
+from mqb.quant.output import OUTPUT_QUANTIZER, output_quantizers
 from mqb.quant.spec import QuantSpec
 
 #: The ONNX opset written by default (per-axis DequantizeLinear needs >= 13).
@@ -140,6 +141,8 @@ class ExportResult:
     narrow_range: bool = True
     #: what :func:`mqb.deploy.graph.share_quantization` changed (empty when it was not run)
     graph_rewrites: dict[str, int] = field(default_factory=dict)
+    #: modules whose output is quantized (tensor quantizers, :mod:`mqb.quant.output`), exported as QDQ after them
+    tensor_quantizers: list[str] = field(default_factory=list)
 
     @property
     def float_layers(self) -> list[LayerExport]:
@@ -160,6 +163,7 @@ class ExportResult:
             "quantized": self.quantized,
             "narrow_range": self.narrow_range,
             "graph_rewrites": self.graph_rewrites,
+            "tensor_quantizers": self.tensor_quantizers,
             "file_bytes": self.file_bytes,
             "weight_bytes": self.weight_bytes,
             "initializer_bytes": self.initializer_bytes,
@@ -299,10 +303,16 @@ def plan_export(model: nn.Module) -> list[LayerExport]:
 
 @contextlib.contextmanager
 def export_mode(model: nn.Module, rows: list[LayerExport], narrow_range: bool = True) -> Iterator[None]:
-    """Swap the quantizers of ``model`` for their export forms (per ``rows``); everything is put back after."""
+    """Swap the quantizers of ``model`` for their export forms (per ``rows``, and every tensor quantizer of
+    :mod:`mqb.quant.output`); everything is put back after."""
     modules = dict(model.named_modules())
     undo: list[Any] = []
     try:
+        for _, producer in output_quantizers(model):
+            saved_output = producer._modules[OUTPUT_QUANTIZER]
+            scale = _safe_scale(int_scale(saved_output.amax.detach().float().reshape(()), saved_output.spec.bits))
+            producer._modules[OUTPUT_QUANTIZER] = ExportActivationQDQ(scale, narrow_range)
+            undo.append(lambda m=producer, q=saved_output: m._modules.__setitem__(OUTPUT_QUANTIZER, q))
         for row in rows:
             layer = modules[row.name]
             if isinstance(layer, QuantAttention):
@@ -501,4 +511,5 @@ def export_onnx(
         initializer_bytes=by_type,
         narrow_range=narrow_range,
         graph_rewrites=rewrites,
+        tensor_quantizers=[name for name, _ in output_quantizers(model)],
     )

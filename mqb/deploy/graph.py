@@ -3,12 +3,14 @@
 An INT8 runtime fuses a ``QuantizeLinear`` into the op that produces its input (OpenVINO folds it into the
 convolution's post-ops and writes INT8) only when every consumer of that tensor reads the same quantized value.
 mqb quantizes layer *inputs*, so a tensor read by two quantized layers gets two identical quantize chains, and a
-``Concat`` feeding a quantized layer is concatenated in float and quantized afterwards. Two rewrites fix that
+``Concat`` feeding a quantized layer is concatenated in float and quantized afterwards. These rewrites fix that
 without changing a single output value:
 
 * :func:`merge_duplicate_qdq`: chains ``[Clip ->] QuantizeLinear -> DequantizeLinear`` that read the same tensor
   with bit-identical scale, zero point and clip bounds are computed once (the layers' calibrated input ranges of
   one tensor are equal under the same observer, e.g. a residual unit's first conv and its 1x1 shortcut).
+* :func:`drop_requantization`: a chain that reads the output of a bit-identical chain returns its input
+  unchanged (the values are on its grid already) and is removed.
 * :func:`quantize_concat_inputs`: ``Concat(a, b) -> [Clip] -> Q(S) -> DQ(S)`` becomes
   ``Concat(DQ(Q([Clip] a, S)), DQ(Q([Clip] b, S)))``. Clip, Q and DQ act element by element, so they commute with
   concatenation; the runtime then concatenates INT8 (one byte per voxel) and may fuse each Q into its producer.
@@ -138,6 +140,47 @@ def merge_duplicate_qdq(model: Any) -> int:
     return removed
 
 
+def _chain_ending_at(g: _Graph, dq: Any) -> QDQChain | None:
+    """The QDQ chain whose DequantizeLinear is ``dq``, if any."""
+    q = g.producer.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear":
+        return None
+    clip = g.producer.get(q.input[0])
+    first = clip if clip is not None and clip.op_type == "Clip" and g.only_consumer(clip.output[0], q.op_type) else q
+    chain = g.chain_from(first)
+    return chain if chain is not None and chain.nodes[-1] is dq else None
+
+
+def drop_requantization(model: Any) -> int:
+    """Remove a QDQ chain that reads the output of a bit-identical chain: its input is already on its grid.
+
+    ``x = q·S`` with ``|q| <= 127`` gives ``round(x / S) = q`` (float32 keeps ``q·S/S`` within far less than half
+    a step of ``q``) and passes the Clip at ``±127·S`` unchanged, so the second chain returns its input exactly.
+    Such pairs appear when a tensor quantizer (:mod:`mqb.quant.output`) quantizes a producer's output that a
+    quantized layer's own input quantizer reads again. Returns how many chains were removed."""
+    graph = model.graph
+    removed = 0
+    g = _Graph(graph)
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        first = _chain_ending_at(g, dq)
+        if first is None:
+            continue
+        key = g.chain_key(first)
+        for reader in list(g.consumers.get(dq.output[0], [])):
+            if reader.op_type not in ("Clip", "QuantizeLinear") or reader.input[0] != dq.output[0]:
+                continue
+            second = g.chain_from(reader)
+            if second is None or second.output in g.outputs or g.chain_key(second) != key:
+                continue
+            _rename_input(graph, second.output, dq.output[0])
+            for node in second.nodes:
+                graph.node.remove(node)
+            removed += 1
+        if removed:
+            g = _Graph(graph)
+    return removed
+
+
 def quantize_concat_inputs(model: Any) -> int:
     """Move a QDQ chain that reads a ``Concat`` (and is its only reader) onto each Concat input; returns how many
     Concats now join quantized tensors."""
@@ -225,6 +268,7 @@ def share_quantization(model: Any) -> dict[str, int]:
     merged = merge_duplicate_qdq(model)
     concats = quantize_concat_inputs(model)
     merged += merge_duplicate_qdq(model)
+    requantized = drop_requantization(model)
     topological_sort(model.graph)
     drop_unused(model.graph)
-    return {"merged_qdq": merged, "quantized_concats": concats}
+    return {"merged_qdq": merged, "quantized_concats": concats, "dropped_requantization": requantized}

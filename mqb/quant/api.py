@@ -17,6 +17,7 @@ from torch import nn
 
 from mqb.quant.attention import QuantAttention, describe_attention, swap_in_attention, swap_out_attention
 from mqb.quant.layers import LayerInfo, QuantLayer, describe_layer, swap_in, swap_out
+from mqb.quant.output import detach_for_readers
 from mqb.quant.quantizer import TensorQuantizer
 from mqb.quant.recipe import LayerPlan, QuantRecipe
 from mqb.quant.selectors import VALID_SELECTORS, matches_any, validate_selector
@@ -280,4 +281,5 @@ def dequantize(model: nn.Module, layers: Iterable[str] | str = ("all",)) -> list
         chosen.update(hit)
     for module in chosen.values():
         _swap_out(module)
+    detach_for_readers(model, chosen)  # a dequantized layer reads float again
     return list(chosen)

@@ -49,3 +49,17 @@ class ResidualConcat(nn.Module):
         skip = torch.relu(self.stem(x))
         y = torch.relu(self.conv(skip) + self.shortcut(skip))
         return self.head(torch.cat([skip, y], dim=1))
+
+
+class IdentityResidual(nn.Module):
+    """stem -> ReLU -> (conv + identity): the ReLU output is read by a quantized conv and by a float Add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(1, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.stem(x))
+        return self.conv(y) + y

@@ -12,7 +12,7 @@ from torch import nn
 
 from mqb.deploy.export import NORM_INPUT_PREFIX, export_onnx
 from mqb.quant import QuantRecipe, calibrate, quantize
-from tests.deploy import SHAPE, ResidualConcat, small_net, volume
+from tests.deploy import SHAPE, IdentityResidual, ResidualConcat, small_net, volume
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -50,7 +50,11 @@ def test_shared_quantization_is_exact_and_removes_duplicates(tmp_path) -> None:
     assert torch.equal(net.conv.input_quantizer.amax, net.shortcut.input_quantizer.amax)
     same_as_skip = bool(torch.equal(net.head.input_quantizer.amax, net.conv.input_quantizer.amax))
     assert plain.graph_rewrites == {}
-    assert shared.graph_rewrites == {"merged_qdq": 1 + same_as_skip, "quantized_concats": 1}
+    assert shared.graph_rewrites == {
+        "merged_qdq": 1 + same_as_skip,
+        "quantized_concats": 1,
+        "dropped_requantization": 0,
+    }
     before, after = _ops(plain.path), _ops(shared.path)
     assert before["QuantizeLinear"] == 4  # the inputs of stem, conv, shortcut and head
     assert after["QuantizeLinear"] == 4 - 1 + 1 - same_as_skip
@@ -117,3 +121,30 @@ def test_openvino_runs_the_quantized_norm_on_int8(tmp_path) -> None:
     norm = next(r for r in report["layers"] if r["layer"] == "1")
     assert norm["export_mode"] == "int8-input" and norm["runtime_type"] == "MVN"
     assert report["unmatched"] == []
+
+
+def test_tensor_quantizer_exports_one_chain_that_the_add_reads_too(tmp_path) -> None:
+    """A quantized producer output (mqb.quant.output) read by a conv and a float Add: the conv's own chain is a
+    requantization of the same grid, dropped without changing a value; the Add reads the DequantizeLinear."""
+    from mqb.quant.methods import SharedInputRanges
+
+    torch.manual_seed(0)
+    net = quantize(IdentityResidual().eval(), QuantRecipe.from_precision("w8a8", granularity="deploy"))
+    calib = [volume(100 + i, (2, 1, 8, 8, 8)) for i in range(2)]
+    calibrate(net, calib)
+    SharedInputRanges(quantize_tensors=True).apply(net, batches=lambda: calib)
+    x = volume(7, (2, 1, 8, 8, 8))
+    shared = export_onnx(net, x, tmp_path / "shared.onnx")
+    plain = export_onnx(net, x, tmp_path / "plain.onnx", share_quantization=False)
+    assert shared.tensor_quantizers == ["act"] and shared.graph_rewrites["dropped_requantization"] == 1
+    graph = onnx.load(str(shared.path)).graph
+    relu = next(n for n in graph.node if n.op_type == "Relu")
+    (reader,) = [n for n in graph.node if relu.output[0] in n.input]  # one chain on the ReLU output
+    add = next(n for n in graph.node if n.op_type == "Add")
+    producer = {o: n for n in graph.node for o in n.output}
+    assert reader.op_type == "Clip" and {producer[i].op_type for i in add.input} == {"DequantizeLinear", "Conv"}
+    np.testing.assert_array_equal(_run(shared.path, x, optimize=False), _run(plain.path, x, optimize=False))
+    with torch.no_grad():
+        reference = net(x).numpy()
+    step = np.abs(reference).max() / 127
+    assert (np.abs(_run(shared.path, x) - reference) <= step).mean() >= 0.99

@@ -25,9 +25,14 @@ class MethodReport:
     method: str
     applied: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    #: modules whose output the method quantized (:mod:`mqb.quant.output`)
+    outputs: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "applied": list(self.applied), "skipped": dict(self.skipped)}
+        out = {"method": self.method, "applied": list(self.applied), "skipped": dict(self.skipped)}
+        if self.outputs:
+            out["outputs"] = list(self.outputs)
+        return out
 
 
 class PTQMethod:

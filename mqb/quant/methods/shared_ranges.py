@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import itertools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from mqb.quant.api import default_forward
 from mqb.quant.layers import QuantLayer
 from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod
+from mqb.quant.output import OUTPUT_QUANTIZER, attach_output_quantizer, make_output_quantizer
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 
@@ -45,10 +47,13 @@ class _TensorTokens:
         self.entries: dict[int, tuple[weakref.ref, frozenset[int]]] = {}
         self.counter = itertools.count()
 
-    def of(self, t: torch.Tensor) -> frozenset[int]:
+    def known(self, t: torch.Tensor) -> bool:
         entry = self.entries.get(id(t))
-        if entry is not None and entry[0]() is t:
-            return entry[1]
+        return entry is not None and entry[0]() is t
+
+    def of(self, t: torch.Tensor) -> frozenset[int]:
+        if self.known(t):
+            return self.entries[id(t)][1]
         return self.set(t, frozenset({next(self.counter)}))
 
     def set(self, t: torch.Tensor, tokens: frozenset[int]) -> frozenset[int]:
@@ -70,21 +75,65 @@ class _CatTracker(TorchFunctionMode):
         return out
 
 
-def shared_input_groups(
-    model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
-) -> list[list[str]]:
-    """Groups (of >= 2) of quantized layers whose inputs are the same tensor or concatenations sharing one,
-    found by running ``forward(model, batch)`` once; layer names in module order."""
+@dataclass
+class InputTrace:
+    """What one forward showed: the tokens of each quantized layer's input, and the leaf module that produced each
+    token (a tensor first seen as that module's output)."""
+
+    inputs: dict[str, set[int]]
+    producers: dict[int, str]
+    order: list[str]
+
+    def groups(self) -> list[list[str]]:
+        """Groups (of >= 2) of quantized layers whose inputs share a token, in module order."""
+        parent = {name: name for name in self.inputs}
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        owner: dict[int, str] = {}
+        for name, toks in self.inputs.items():
+            for tok in toks:
+                if tok in owner:
+                    parent[root(name)] = root(owner[tok])
+                else:
+                    owner[tok] = name
+        groups: dict[str, list[str]] = {}
+        for name in self.order:
+            if name in self.inputs:
+                groups.setdefault(root(name), []).append(name)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def producer_of(self, layer: str) -> str | None:
+        """The leaf module whose output is exactly ``layer``'s input (not a concatenation), if any."""
+        toks = self.inputs.get(layer, set())
+        return self.producers.get(next(iter(toks))) if len(toks) == 1 else None
+
+
+def trace_inputs(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None) -> InputTrace:
+    """Run ``forward(model, batch)`` once and record, for every quantized layer, which tensors its input is made of
+    (through ``torch.cat``), and which leaf module produced each tensor."""
     tokens = _TensorTokens()
-    seen: dict[str, set[int]] = {}
-    names = {id(m): n for n, m in model.named_modules() if isinstance(m, QuantLayer)}
-    order = list(names.values())
+    inputs: dict[str, set[int]] = {}
+    producers: dict[int, str] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    quantized = [m for m in model.modules() if isinstance(m, QuantLayer)]
 
-    def hook(module: nn.Module, args: tuple) -> None:
+    def pre_hook(module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor):
-            seen.setdefault(names[id(module)], set()).update(tokens.of(args[0]))
+            inputs.setdefault(names[id(module)], set()).update(tokens.of(args[0]))
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, QuantLayer)]
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and not tokens.known(output):
+            (tok,) = tokens.of(output)
+            producers[tok] = names[id(module)]
+
+    leaves = [m for m in model.modules() if isinstance(m, QuantLayer) or next(m.children(), None) is None]
+    handles = [m.register_forward_pre_hook(pre_hook) for m in quantized]
+    handles += [m.register_forward_hook(post_hook) for m in leaves]
     was_training = model.training
     model.eval()
     try:
@@ -94,26 +143,15 @@ def shared_input_groups(
         for h in handles:
             h.remove()
         model.train(was_training)
-    parent = {name: name for name in seen}
+    return InputTrace(inputs, producers, [names[id(m)] for m in quantized])
 
-    def root(name: str) -> str:
-        while parent[name] != name:
-            parent[name] = parent[parent[name]]
-            name = parent[name]
-        return name
 
-    owner: dict[int, str] = {}
-    for name, toks in seen.items():
-        for tok in toks:
-            if tok in owner:
-                parent[root(name)] = root(owner[tok])
-            else:
-                owner[tok] = name
-    groups: dict[str, list[str]] = {}
-    for name in order:
-        if name in seen:
-            groups.setdefault(root(name), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
+def shared_input_groups(
+    model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None
+) -> list[list[str]]:
+    """Groups (of >= 2) of quantized layers whose inputs are the same tensor or concatenations sharing one,
+    found by running ``forward(model, batch)`` once; layer names in module order."""
+    return trace_inputs(model, batch, forward).groups()
 
 
 def _shareable(layer: QuantLayer) -> str | None:
@@ -130,10 +168,21 @@ def _shareable(layer: QuantLayer) -> str | None:
 
 
 class SharedInputRanges(PTQMethod):
-    """After calibration, give each group of quantizers that read one tensor the group's largest range."""
+    """After calibration, give each group of quantizers that read one tensor the group's largest range.
+
+    Args:
+        layers: selectors of the quantized layers whose ranges may change.
+        quantize_tensors: also quantize each such tensor where it is produced (:mod:`mqb.quant.output`), when a
+            leaf module produces it and all its quantized readers now share one range: float readers of the tensor
+            (a residual Add) then read the quantized value too, as NNCF / TensorRT place quantizers.
+    """
 
     name = "shared_ranges"
     stage = "post_calibration"
+
+    def __init__(self, layers: Sequence[str] | str = ("all",), quantize_tensors: bool = False) -> None:
+        super().__init__(layers)
+        self.quantize_tensors = quantize_tensors
 
     def apply(
         self,
@@ -142,11 +191,11 @@ class SharedInputRanges(PTQMethod):
         batches: Callable[[], Iterable[Any]] | None = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
     ) -> MethodReport:
-        batch = self.first_batch(batches)  # one forward shows which layers read the same tensor
+        trace = trace_inputs(model, self.first_batch(batches), forward)  # which layers read the same tensor
         report = MethodReport(self.name)
         modules = dict(model.named_modules())
         selected = {name for name, _ in self.selected(model)}
-        for group in shared_input_groups(model, batch, forward):
+        for group in trace.groups():
             chosen = [n for n in group if n in selected]
             ok = [n for n in chosen if _shareable(modules[n]) is None]
             report.skipped.update({n: str(_shareable(modules[n])) for n in chosen if n not in ok})
@@ -163,4 +212,26 @@ class SharedInputRanges(PTQMethod):
                     q = modules[n].input_quantizer
                     q.amax = amax.clone().reshape(q.amax.shape)
                 report.applied.extend(members)
+        if self.quantize_tensors:
+            report.outputs = self._quantize_tensors(trace, modules, selected)
         return report
+
+    @staticmethod
+    def _quantize_tensors(trace: InputTrace, modules: dict[str, nn.Module], selected: set[str]) -> list[str]:
+        """Attach an output quantizer to each producer whose quantized readers all share one range and spec."""
+        attached = []
+        for token, producer in trace.producers.items():
+            readers = [n for n, toks in trace.inputs.items() if token in toks]
+            if not any(trace.inputs[n] == {token} for n in readers):
+                continue  # only read inside concatenations: their readers quantize the concatenation
+            if any(n not in selected or _shareable(modules[n]) is not None for n in readers):
+                continue
+            quantizers = [modules[n].input_quantizer for n in readers]
+            if len({(q.spec, float(q.amax.reshape(()))) for q in quantizers}) != 1:
+                continue
+            if OUTPUT_QUANTIZER in modules[producer]._modules:
+                continue
+            quantizer = make_output_quantizer(quantizers[0], f"{producer}.output")
+            attach_output_quantizer(modules[producer], quantizer, readers)
+            attached.append(producer)
+        return attached
