@@ -433,11 +433,24 @@ def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool
     from mqb.deploy.graph import share_quantization as share
 
     model = onnx.load(str(path))
+    graph = model.graph
+    scales = {f"{r.name}.input_quantizer.scale": r.name for r in rows if r.mode == "int8-input"}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    norms = {}  # norm node name -> layer, found before the rewrites (which may drop the norm's own chain)
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[1] in scales:
+            for reader in readers.get(node.output[0], []):
+                if reader.op_type != "QuantizeLinear":
+                    norms[reader.name] = scales[node.input[1]]
     counts = share(model) if share_quantization else {}
-    norms = {f"{r.name}.input_quantizer.scale": r.name for r in rows if r.mode == "int8-input"}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[1] in norms:
-            node.name = NORM_INPUT_PREFIX + norms[node.input[1]]
+    producer = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        dq = producer.get(node.input[0]) if node.name in norms and node.input else None
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            dq.name = NORM_INPUT_PREFIX + norms[node.name]
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return counts

@@ -104,13 +104,23 @@ def test_norm_input_is_exported_as_int8_qdq_before_the_norm(tmp_path) -> None:
     assert (np.abs(_run(result.path, x) - reference) <= step).mean() >= 0.99
 
 
-def test_openvino_runs_the_quantized_norm_on_int8(tmp_path) -> None:
+@pytest.mark.parametrize("tensor_quantizers", [False, True])
+def test_openvino_runs_the_quantized_norm_on_int8(tmp_path, tensor_quantizers: bool) -> None:
+    """Also when the conv's output is a tensor quantizer and the norm's own chain is dropped as a requantization:
+    the report still finds the norm."""
     pytest.importorskip("openvino")
     from mqb.deploy.report import openvino_nodes, runtime_report
     from mqb.deploy.runtimes import OpenVINORuntime
+    from mqb.quant.methods import SharedInputRanges
 
     net = _calibrated(small_net(), include=("conv", "conv_transpose", "norm"))
+    outputs = []
+    if tensor_quantizers:  # every producer here has one quantized reader: conv 0 -> norm 1, 2 -> 3, 4 -> 5, 5 -> 6
+        calib = [volume(100 + i, (2, *SHAPE[1:])) for i in range(2)]
+        outputs = SharedInputRanges(quantize_tensors=True).apply(net, batches=lambda: calib).outputs
+        assert outputs == ["0", "2", "4", "5"]
     result = export_onnx(net, volume(0), tmp_path / "norm.onnx", strict=True)
+    assert result.graph_rewrites["dropped_requantization"] == len(outputs)  # each reader's chain repeats one
     x = volume(7)
     runtime = OpenVINORuntime(result.path, precision="f32", shape=tuple(x.shape), perf_count=True)
     with torch.no_grad():
