@@ -71,3 +71,17 @@ def test_a_copy_uses_its_own_tensor_quantizer() -> None:
         copied.act._modules[OUTPUT_QUANTIZER].amax.mul_(0.5)
         assert not torch.allclose(copied(x), before)
         torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+
+
+def test_tensor_quantizers_found_when_the_forward_calls_the_network_per_patch() -> None:
+    """A sliding-window forward runs every layer once per patch (a new tensor each time): the producer and its
+    readers are still matched patch by patch."""
+    torch.manual_seed(0)
+    net = quantize(IdentityResidual().eval(), QuantRecipe.from_precision("w8a8", granularity="deploy"))
+    calibrate(net, _calib())
+
+    def per_patch(model: torch.nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
+        return [model(batch[..., :4]), model(batch[..., 4:])]
+
+    report = SharedInputRanges(quantize_tensors=True).apply(net, batches=_calib, forward=per_patch)
+    assert report.outputs == ["act"]

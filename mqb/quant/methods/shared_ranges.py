@@ -77,16 +77,37 @@ class _CatTracker(TorchFunctionMode):
 
 @dataclass
 class InputTrace:
-    """What one forward showed: the tokens of each quantized layer's input, and the leaf module that produced each
-    token (a tensor first seen as that module's output)."""
+    """What one forward showed: the tokens of each quantized layer's input (per call: a sliding-window forward
+    calls every layer once per patch), and the leaf module that produced each token (a tensor first seen as that
+    module's output)."""
 
-    inputs: dict[str, set[int]]
+    calls: list[tuple[str, frozenset[int]]]
     producers: dict[int, str]
     order: list[str]
 
+    @property
+    def inputs(self) -> dict[str, set[int]]:
+        """Every token each quantized layer read, over all its calls."""
+        out: dict[str, set[int]] = {}
+        for name, toks in self.calls:
+            out.setdefault(name, set()).update(toks)
+        return out
+
+    def readers(self) -> dict[int, tuple[set[str], bool]]:
+        """Per token: the quantized layers that read it (alone or inside a concatenation), and whether one read it
+        alone (the tensor itself, not a concatenation containing it)."""
+        out: dict[int, tuple[set[str], bool]] = {}
+        for name, toks in self.calls:
+            for tok in toks:
+                names, alone = out.get(tok, (set(), False))
+                names.add(name)
+                out[tok] = (names, alone or toks == {tok})
+        return out
+
     def groups(self) -> list[list[str]]:
         """Groups (of >= 2) of quantized layers whose inputs share a token, in module order."""
-        parent = {name: name for name in self.inputs}
+        inputs = self.inputs
+        parent = {name: name for name in inputs}
 
         def root(name: str) -> str:
             while parent[name] != name:
@@ -95,7 +116,7 @@ class InputTrace:
             return name
 
         owner: dict[int, str] = {}
-        for name, toks in self.inputs.items():
+        for name, toks in inputs.items():
             for tok in toks:
                 if tok in owner:
                     parent[root(name)] = root(owner[tok])
@@ -103,28 +124,23 @@ class InputTrace:
                     owner[tok] = name
         groups: dict[str, list[str]] = {}
         for name in self.order:
-            if name in self.inputs:
+            if name in inputs:
                 groups.setdefault(root(name), []).append(name)
         return [g for g in groups.values() if len(g) > 1]
-
-    def producer_of(self, layer: str) -> str | None:
-        """The leaf module whose output is exactly ``layer``'s input (not a concatenation), if any."""
-        toks = self.inputs.get(layer, set())
-        return self.producers.get(next(iter(toks))) if len(toks) == 1 else None
 
 
 def trace_inputs(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any], Any] | None = None) -> InputTrace:
     """Run ``forward(model, batch)`` once and record, for every quantized layer, which tensors its input is made of
     (through ``torch.cat``), and which leaf module produced each tensor."""
     tokens = _TensorTokens()
-    inputs: dict[str, set[int]] = {}
+    calls: list[tuple[str, frozenset[int]]] = []
     producers: dict[int, str] = {}
     names = {id(m): n for n, m in model.named_modules()}
     quantized = [m for m in model.modules() if isinstance(m, QuantLayer)]
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor):
-            inputs.setdefault(names[id(module)], set()).update(tokens.of(args[0]))
+            calls.append((names[id(module)], tokens.of(args[0])))
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
         if isinstance(output, torch.Tensor) and not tokens.known(output):
@@ -143,7 +159,7 @@ def trace_inputs(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any
         for h in handles:
             h.remove()
         model.train(was_training)
-    return InputTrace(inputs, producers, [names[id(m)] for m in quantized])
+    return InputTrace(calls, producers, [names[id(m)] for m in quantized])
 
 
 def shared_input_groups(
@@ -220,10 +236,12 @@ class SharedInputRanges(PTQMethod):
     def _quantize_tensors(trace: InputTrace, modules: dict[str, nn.Module], selected: set[str]) -> list[str]:
         """Attach an output quantizer to each producer whose quantized readers all share one range and spec."""
         attached = []
+        by_token = trace.readers()
         for token, producer in trace.producers.items():
-            readers = [n for n, toks in trace.inputs.items() if token in toks]
-            if not any(trace.inputs[n] == {token} for n in readers):
-                continue  # only read inside concatenations: their readers quantize the concatenation
+            found, alone = by_token.get(token, (set(), False))
+            readers = sorted(found, key=trace.order.index)
+            if not alone:
+                continue  # only read inside concatenations (or not at all): their readers quantize those
             if any(n not in selected or _shareable(modules[n]) is not None for n in readers):
                 continue
             quantizers = [modules[n].input_quantizer for n in readers]
