@@ -269,11 +269,10 @@ def weight_qdq(layer: QuantLayer) -> tuple[torch.Tensor, torch.Tensor, int | Non
     return q.to(torch.int8), scale, axis
 
 
-def activation_scale(layer: QuantLayer) -> torch.Tensor:
-    """The per-tensor INT8 input scale S = amax / 127 of a layer (mqb's safe-scale rule)."""
-    aq = layer.input_quantizer
-    assert aq is not None and aq.amax is not None
-    return _safe_scale(int_scale(aq.amax.detach().float().reshape(()), aq.spec.bits))
+def activation_scale(quantizer: nn.Module) -> torch.Tensor:
+    """The per-tensor INT8 scale S = amax / 127 of a static activation quantizer (mqb's safe-scale rule)."""
+    assert quantizer is not None and quantizer.amax is not None
+    return _safe_scale(int_scale(quantizer.amax.detach().float().reshape(()), quantizer.spec.bits))
 
 
 def plan_export(model: nn.Module) -> list[LayerExport]:
@@ -310,8 +309,7 @@ def export_mode(model: nn.Module, rows: list[LayerExport], narrow_range: bool = 
     try:
         for _, producer in output_quantizers(model):
             saved_output = producer._modules[OUTPUT_QUANTIZER]
-            scale = _safe_scale(int_scale(saved_output.amax.detach().float().reshape(()), saved_output.spec.bits))
-            producer._modules[OUTPUT_QUANTIZER] = ExportActivationQDQ(scale, narrow_range)
+            producer._modules[OUTPUT_QUANTIZER] = ExportActivationQDQ(activation_scale(saved_output), narrow_range)
             undo.append(lambda m=producer, q=saved_output: m._modules.__setitem__(OUTPUT_QUANTIZER, q))
         for row in rows:
             layer = modules[row.name]
@@ -331,7 +329,7 @@ def export_mode(model: nn.Module, rows: list[LayerExport], narrow_range: bool = 
                 layer.quantizers_enabled = False
                 continue
             if row.mode == "int8-input":
-                s = activation_scale(layer)
+                s = activation_scale(layer.input_quantizer)
                 row.activation_scale = float(s)
                 layer._modules["input_quantizer"] = ExportActivationQDQ(s, narrow_range)
                 continue
@@ -339,7 +337,7 @@ def export_mode(model: nn.Module, rows: list[LayerExport], narrow_range: bool = 
             row.weight_scale = scale.reshape(-1).tolist()
             layer._modules["weight_quantizer"] = ExportWeightQDQ(q, scale, axis)
             if row.mode == "int8":
-                s = activation_scale(layer)
+                s = activation_scale(layer.input_quantizer)
                 row.activation_scale = float(s)
                 layer._modules["input_quantizer"] = ExportActivationQDQ(s, narrow_range)
             else:
