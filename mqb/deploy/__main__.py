@@ -115,8 +115,7 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
     ``deploy`` settings."""
     from hydra.utils import instantiate
 
-    from mqb.checkpoints import load_weights
-    from mqb.eval import _evaluator, build_methods, build_recipe, resolve_checkpoint
+    from mqb.eval import _evaluator, build_methods, build_recipe, load_model
     from mqb.lit.evaluator import calibration_forward
     from mqb.quant import calibrate, collect_input_ranges, needs_calibration, quantize
     from mqb.quant.methods import apply_methods
@@ -133,15 +132,11 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
     if deploy.scheme == "deploy":
         recipe = dataclasses.replace(recipe, granularity="deploy")
         scheme = "deploy (weights per-channel, activations per-tensor)"
-    checkpoint = resolve_checkpoint(cfg)
+    net, checkpoint = load_model(cfg)
     if checkpoint is None:
         print(f"WARNING: {cfg.model.name} has no checkpoint for {cfg.dataset.name}: deploying an UNTRAINED network")
     dm = instantiate(cfg.dataset)
     dm.prepare_data()
-    net = instantiate(cfg.model.net)
-    if checkpoint is not None:
-        load_weights(net, checkpoint)
-    net.eval()
     float_net = copy.deepcopy(net)
     forward = calibration_forward(_evaluator(cfg, net, dm, "float32"))
 
