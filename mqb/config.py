@@ -157,6 +157,10 @@ class DeployConfig:
     #: INT8 export: apply the exact QDQ rewrites of ``mqb.deploy.graph.share_quantization`` (one quantize per
     #: tensor and scale, INT8 Concat) so runtimes fuse more; outputs are unchanged (``export_onnx`` keyword)
     share_quantization: bool = True
+    #: INT8 weights on a 7-bit grid (|q| <= 63) so CPUs without VNNI, which sum u8 x s8 pairs into saturating
+    #: int16, compute exactly what mqb fake-quantizes (NNCF's overflow_fix, ORT's reduce_range; mqb.deploy.isa):
+    #: auto (where this CPU's INT8 dot product saturates), enable, disable
+    overflow_fix: str = "auto"
     #: ONNX opset of both exports (>= 13: per-channel DequantizeLinear)
     opset: int = 17
     #: output folder; null: ``<results_dir>/../deploy/<model>-<precision>-<run id>``

@@ -16,6 +16,7 @@ Overrides are the usual ``mqb.eval`` ones (model, dataset, precision, granularit
     deploy.strict=true                       refuse layers that cannot be exported as INT8
     deploy.narrow_range=false                no Clip before QuantizeLinear (INT8 activations may reach -128)
     deploy.share_quantization=false          no shared-QDQ rewrites of the INT8 graph (outputs are unchanged)
+    deploy.overflow_fix=auto|enable|disable  7-bit INT8 weights where the CPU has no VNNI (see below)
     deploy.opset=17                          ONNX opset of both exports
     deploy.out=/path                         output folder
     deploy.profile.warmup=1 .repeats=5 .volume_repeats=3 .volume=false   profile: timing
@@ -29,6 +30,12 @@ per-output-channel (the INT8 scheme of TensorRT / OpenVINO / ONNX Runtime) whate
 mqb's ``per_channel`` scheme also makes conv activations per-channel, which no INT8 kernel takes. With
 ``deploy.scheme=as_configured`` the configured granularity is kept and layers without an INT8 form are exported in
 float (listed in the record; ``deploy.strict=true`` refuses them instead).
+
+INT8 on CPUs without VNNI (``mqb.deploy.isa``): such CPUs sum pairs of u8 x s8 products into saturating int16, so
+a W8A8 network deployed as is computes something else than mqb's fake quantization. ``deploy.overflow_fix=auto``
+(default) detects the ISA (``/proc/cpuinfo`` and ``ONEDNN_MAX_CPU_ISA``) and there quantizes the weights on a 7-bit
+grid (still INT8 tensors and kernels), in mqb's fake quantization and in the export alike; the record says which
+ISA was found and whether the fix was applied. ``enable`` / ``disable`` force it.
 
 Each command writes ``<out>/deploy.json`` (atomic; machine, runtime versions, export plan, and per command the
 profile / layer reports / agreement) and ``<out>/deploy.md`` (FP32 / BF16 / INT8 side by side); ``<out>``
@@ -55,6 +62,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mqb.config import DEPLOY_RUNTIMES, DEPLOY_SCHEMES
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import ExportResult, export_onnx
+from mqb.deploy.isa import OVERFLOW_FIX, int8_isa, overflow_fix_active, overflow_fixed
 from mqb.deploy.profile import interleaved_latency, isolated_memory, sliding_window, throughput, volume_latency
 from mqb.deploy.report import openvino_nodes, ort_nodes, report_markdown, runtime_report
 from mqb.deploy.runtimes import (
@@ -89,11 +97,17 @@ class Prepared:
     timings: dict[str, float]
     #: what each PTQ method (and ``calibration.shared_ranges``) did, as in ``mqb.eval`` records
     methods: list[dict[str, Any]]
+    #: the INT8 dot product found (:class:`mqb.deploy.isa.Int8Isa`) and whether the overflow fix was applied
+    isa: dict[str, Any]
 
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Refuse a bad ``deploy`` setting before any work: ``ValueError`` naming the key, the value and the valid ones."""
     deploy = cfg.deploy
+    if deploy.overflow_fix not in OVERFLOW_FIX:
+        raise ValueError(
+            f"deploy.overflow_fix={deploy.overflow_fix!r} is invalid; valid: {', '.join(OVERFLOW_FIX)}"
+        )
     if deploy.scheme not in DEPLOY_SCHEMES:
         raise ValueError(
             f"deploy.scheme={deploy.scheme!r} is not a deployment scheme; valid: {', '.join(DEPLOY_SCHEMES)}"
@@ -132,6 +146,14 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
     if deploy.scheme == "deploy":
         recipe = dataclasses.replace(recipe, granularity="deploy")
         scheme = "deploy (weights per-channel, activations per-tensor)"
+    isa = int8_isa()
+    fixed = overflow_fix_active(str(deploy.overflow_fix), isa)
+    if fixed:
+        recipe = overflow_fixed(recipe)
+        scheme += ", 7-bit weights (overflow fix)"
+    elif isa.saturates:
+        print(f"WARNING: this CPU's INT8 dot product saturates ({isa.describe()}) and deploy.overflow_fix=disable: "
+              "the INT8 runtimes may compute something else than mqb's fake quantization (see the agreement)")
     net, checkpoint = load_model(cfg)
     if checkpoint is None:
         print(f"WARNING: {cfg.model.name} has no checkpoint for {cfg.dataset.name}: deploying an UNTRAINED network")
@@ -159,13 +181,33 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
     example = torch.zeros(1, int(cfg.dataset.in_channels), *roi)
     start = time.perf_counter()
     fp32 = export_onnx(float_net, example, out / "fp32.onnx", opset=int(deploy.opset))
+    exact = _openvino_exact(list(deploy.runtimes))
     int8 = export_onnx(net, example, out / "int8.onnx", opset=int(deploy.opset), strict=bool(deploy.strict),
                        narrow_range=bool(deploy.narrow_range),
-                       share_quantization=bool(deploy.share_quantization))  # fmt: skip
+                       share_quantization=bool(deploy.share_quantization),
+                       int8_concat=exact.get("int8_concat", True))  # fmt: skip
     timings["export_s"] = time.perf_counter() - start
     return Prepared(cfg, float_net, net, dm, roi, example, fp32, int8, checkpoint is None,
                     str(checkpoint) if checkpoint else None, scheme, timings,
-                    [r.as_dict() for r in reports])  # fmt: skip
+                    [r.as_dict() for r in reports],
+                    {**isa.as_dict(), "overflow_fix": fixed, "openvino_exact": exact})  # fmt: skip
+
+
+def _openvino_exact(families: list[str]) -> dict[str, bool]:
+    """:func:`mqb.deploy.runtimes.openvino_exactness` where OpenVINO is to run the export (empty otherwise): the
+    INT8 Concat rewrite is left out of the export where OpenVINO computes it wrongly on this CPU."""
+    if "openvino" not in families:
+        return {}
+    try:
+        from mqb.deploy.runtimes import openvino_exactness
+
+        exact = openvino_exactness()
+    except ImportError:
+        return {}
+    for form, ok in exact.items():
+        if not ok:
+            print(f"note: OpenVINO does not compute the {form} graph form exactly on this CPU: not used")
+    return exact
 
 
 def build_runtimes(p: Prepared, families: list[str]) -> dict[str, Any]:
@@ -179,6 +221,8 @@ def build_runtimes(p: Prepared, families: list[str]) -> dict[str, Any]:
             built[name] = build()
         except (RuntimeUnavailable, ImportError) as err:
             built[name] = f"unavailable: {err}"
+        except RuntimeError as err:  # e.g. OpenVINO's default (bf16) precision under an ONEDNN_MAX_CPU_ISA cap
+            built[name] = f"unavailable: {type(err).__name__}: {' '.join(str(err).split())[-300:]}"
 
     if "onnxruntime" in families:
         add("onnxruntime fp32", lambda: OrtRuntime(p.fp32.path, name="onnxruntime fp32"))
@@ -308,6 +352,9 @@ def markdown(record: dict[str, Any]) -> str:
     machine = record["machine"]
     head = (f"# mqb.deploy: {record['model']} {record['precision']} ({record['scheme']})\n\n"
             f"{machine['model']}, {machine['cpu_count']} CPUs ({', '.join(machine['isa'])}); "
+            + (f"INT8: {record['int8_isa']['description']}"
+               + ("; 7-bit weights (overflow fix)" if record["int8_isa"]["overflow_fix"] else "") + "; "
+               if "int8_isa" in record else "")
             + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "\n\n")  # fmt: skip
     sizes = record["export"]
     lines = [
@@ -375,6 +422,8 @@ def run(command: str, cfg: DictConfig) -> dict[str, Any]:
     deploy = cfg.deploy
     cid = config_id(cfg)  # the evaluation's id: deploy.* is not part of it, so the export settings go in the run id
     export = {k: deploy[k] for k in ("scheme", "narrow_range", "share_quantization", "opset")}
+    if overflow_fix_active(str(deploy.overflow_fix)):  # only when it changes the export: earlier ids are kept
+        export["overflow_fix"] = True
     run_id = stable_hash({"config": cid, "export": export})[:12]
     out = Path(deploy.out) if deploy.out else Path(cfg.results_dir).parent / "deploy" / (
         f"{cfg.model.name}-{cfg.precision.name}-{run_id}"
@@ -400,6 +449,7 @@ def run(command: str, cfg: DictConfig) -> dict[str, Any]:
             "weight_ratio": p.fp32.weight_bytes / p.int8.weight_bytes,
         },  # fmt: skip
         "machine": cpu_features(),
+        "int8_isa": p.isa,
         "versions": runtime_versions(),
         "host": host_info(),
         "timings": p.timings,

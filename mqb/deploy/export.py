@@ -7,7 +7,8 @@ computes and that the exporter writes as ONNX QDQ:
 * weights (INT8, symmetric, static, per-tensor or per-output-channel): an ``int8`` initializer
   ``q = clamp(round(w · (1/S)), -127, 127)`` followed by ``DequantizeLinear(q, S, 0, axis)``. The INT8 tensor is
   what is stored, so the file holds one byte per weight. ``q · S`` reproduces mqb's fake-quantized weight bit for
-  bit (checked at export).
+  bit (checked at export). INT7 weights (``|q| <= 63``, the overflow fix of :mod:`mqb.deploy.isa` for CPUs
+  without VNNI) are stored the same way.
 * activations (INT8, symmetric, static, per-tensor): ``Clip(x, -127·S, 127·S) -> QuantizeLinear(S, 0) ->
   DequantizeLinear(S, 0)``. mqb's grid is the narrow range ±127 (``QuantSpec.qmax``) while ONNX INT8 saturates at
   -128; the Clip makes the exported model match mqb exactly also for inputs below the calibrated range
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mqb.deploy.isa import FIXED_WEIGHT_BITS
 from mqb.quant.attention import QuantAttention
 from mqb.quant.fake_quant import _safe_scale, int_scale
 from mqb.quant.layers import QuantLayer
@@ -61,8 +63,8 @@ def _spec_issue(spec: QuantSpec, role: str) -> str | None:
     """Why a spec has no INT8 QDQ form, or ``None`` if it has one."""
     if spec.format != "int":
         return f"{role} format {spec.format} is not INT (no INT8 QDQ form)"
-    if spec.bits != 8:
-        return f"{role} is INT{spec.bits}; only INT8 has ONNX QuantizeLinear kernels"
+    if spec.bits != 8 and not (role == "weight" and spec.bits == FIXED_WEIGHT_BITS):
+        return f"{role} is INT{spec.bits}; only INT8 (and INT7 weights, the overflow fix) has INT8 kernels"
     if not spec.symmetric:
         return f"{role} is asymmetric; only symmetric INT8 (zero-point 0) is exported"
     if spec.dynamic:
@@ -422,7 +424,8 @@ def _layer_nodes(path: Path, rows: list[LayerExport]) -> None:
 NORM_INPUT_PREFIX = "mqb-norm-input:"
 
 
-def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool) -> dict[str, int]:
+def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool, int8_concat: bool = True
+                   ) -> dict[str, int]:  # fmt: skip
     """Post-export rewrites of the file in place (checked by ``onnx.checker``): the exact QDQ sharing of
     :func:`mqb.deploy.graph.share_quantization` if asked, and the DequantizeLinear in front of each quantized norm
     named ``<NORM_INPUT_PREFIX><layer>`` so runtime reports find the norm (OpenVINO renames it ``MVN_<n>``)."""
@@ -443,7 +446,7 @@ def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool
             for reader in readers.get(node.output[0], []):
                 if reader.op_type != "QuantizeLinear":
                     norms[reader.name] = scales[node.input[1]]
-    counts = share(model) if share_quantization else {}
+    counts = share(model, int8_concat=int8_concat) if share_quantization else {}
     producer = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         dq = producer.get(node.input[0]) if node.name in norms and node.input else None
@@ -464,6 +467,7 @@ def export_onnx(
     narrow_range: bool = True,
     dynamic_batch: bool = True,
     share_quantization: bool = True,
+    int8_concat: bool = True,
 ) -> ExportResult:
     """Write ``model`` (float, or quantized and calibrated with mqb) to ``path`` as ONNX with INT8 QDQ.
 
@@ -475,6 +479,9 @@ def export_onnx(
         narrow_range: clip activations to mqb's ±127 grid before QuantizeLinear (exact match to mqb).
         share_quantization: apply the exact QDQ rewrites of :func:`mqb.deploy.graph.share_quantization` (one
             quantize per tensor and scale, INT8 Concat) so runtimes fuse more; outputs are unchanged.
+        int8_concat: with ``share_quantization``, also move a Concat's QDQ onto its inputs (INT8 Concat). OpenVINO
+            2026.4 computes that graph wrongly on CPUs without AMX (:func:`mqb.deploy.runtimes.openvino_exactness`
+            tells; ``mqb.deploy`` turns it off there).
 
     Returns an :class:`ExportResult` with every quantized layer's mode and reason, the file and weight bytes.
     """
@@ -505,7 +512,8 @@ def export_onnx(
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
-        rewrites = _rewrite_graph(tmp, rows, share_quantization) if any(r.mode != "float" for r in rows) else {}
+        quantized = any(r.mode != "float" for r in rows)
+        rewrites = _rewrite_graph(tmp, rows, share_quantization, int8_concat) if quantized else {}
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

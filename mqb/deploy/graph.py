@@ -263,10 +263,11 @@ def drop_unused(graph: Any) -> int:
         removed += len(dead) + len(dead_init)
 
 
-def share_quantization(model: Any) -> dict[str, int]:
-    """Both rewrites, then duplicates the Concat move may have created; counts of what changed."""
+def share_quantization(model: Any, int8_concat: bool = True) -> dict[str, int]:
+    """The rewrites (the Concat move only with ``int8_concat``), then duplicates the Concat move may have created;
+    counts of what changed."""
     merged = merge_duplicate_qdq(model)
-    concats = quantize_concat_inputs(model)
+    concats = quantize_concat_inputs(model) if int8_concat else 0
     merged += merge_duplicate_qdq(model)
     requantized = drop_requantization(model)
     topological_sort(model.graph)

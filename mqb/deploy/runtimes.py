@@ -6,7 +6,10 @@
   on CPUs with AVX512-BF16/AMX). INT8 comes from the Q/DQ pairs, which OpenVINO turns into FakeQuantize and its
   low-precision transformations into INT8 kernels. mqb's narrow INT8 grid (±127) is written to ONNX as
   ``Clip -> QuantizeLinear``; :func:`narrow_fake_quantize` folds each such pair into one FakeQuantize with 255
-  levels (the same values, and it keeps the Clip from blocking OpenVINO's fusions).
+  levels (the same values, and it keeps the Clip from blocking OpenVINO's fusions). The fold is applied only where
+  :func:`openvino_exactness` finds that this CPU plugin computes it exactly: OpenVINO 2026.4 on an AVX-512 VNNI
+  CPU without AMX shifted a folded 255-level input by half a step (exact on AMX), while the unfolded Clip is exact
+  everywhere.
 * :class:`TensorRTRuntime`: TensorRT through ONNX Runtime's TensorRT execution provider, only where a CUDA GPU and
   that provider exist (:func:`tensorrt_available` says why not otherwise; nothing is attempted on a CPU machine).
 * :class:`TorchRuntime`: a torch module (the FP32 network or mqb's fake-quantized one) as the reference.
@@ -18,8 +21,10 @@ one (the last sliding-window batch), so it serves as a MONAI ``sliding_window_in
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -183,6 +188,84 @@ def narrow_fake_quantize(model: Any) -> int:
     return folded
 
 
+def _isa_cap() -> str | None:
+    from mqb.deploy.isa import int8_isa
+
+    return int8_isa().cap
+
+
+def narrow_fold_exact() -> bool:
+    """Whether this machine's OpenVINO CPU plugin computes a folded narrow-range FakeQuantize (255 levels on
+    ``[-127 S, 127 S]``) exactly (see :func:`openvino_exactness`)."""
+    return openvino_exactness()["narrow_fold"]
+
+
+def openvino_exactness() -> dict[str, bool]:
+    """Which of mqb's exact graph forms this machine's OpenVINO CPU plugin also computes exactly, measured once per
+    process (and oneDNN ISA cap) on small probes against mqb's fake quantization:
+
+    * ``narrow_fold``: a ``Clip -> QuantizeLinear`` folded into a 255-level FakeQuantize (a calibrated W8A8 1x1x1
+      conv fed values inside and beyond its calibrated range). Exact on AMX; half a step off on an AVX-512 VNNI
+      CPU without AMX (OpenVINO 2026.4).
+    * ``int8_concat``: a Concat whose QDQ was moved onto its inputs (:func:`mqb.deploy.graph.quantize_concat_inputs`:
+      a stem, a residual unit and a head reading ``cat(skip, y)``). ONNX Runtime computes it exactly everywhere;
+      OpenVINO 2026.4 was ~90 steps off on that VNNI CPU.
+    """
+    return dict(_openvino_exactness(_isa_cap()))
+
+
+def _probe_max_error(net: torch.nn.Module, x: torch.Tensor, calib: torch.Tensor, fold: bool, **export: Any) -> float:
+    """max |OpenVINO - mqb fake quantization| / max |mqb| of ``net`` quantized W8A8 (deploy scheme; 7-bit weights
+    where this CPU's INT8 dot product saturates, so only the graph form is probed)."""
+    import openvino as ov
+
+    from mqb.deploy.export import export_onnx
+    from mqb.deploy.isa import int8_isa, overflow_fixed
+    from mqb.quant import QuantRecipe, calibrate, quantize
+
+    recipe = QuantRecipe.from_precision("w8a8", granularity="deploy")
+    quantize(net, overflow_fixed(recipe) if int8_isa().saturates else recipe)
+    calibrate(net, [calib])
+    with torch.no_grad():
+        reference = net(x).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(net, x, Path(tmp) / "probe.onnx", **export).path
+        core = ov.Core()
+        model = core.read_model(str(path))
+        if fold:
+            narrow_fake_quantize(model)
+        out = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: x.numpy()})[0]
+    return float(np.abs(out - reference).max() / max(np.abs(reference).max(), 1e-12))
+
+
+class _ConcatProbe(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.Conv3d(8, 8, 3, padding=1)
+        self.shortcut, self.head = torch.nn.Conv3d(8, 8, 1), torch.nn.Conv3d(16, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.stem(x))
+        y = torch.relu(self.conv(skip) + self.shortcut(skip))
+        return self.head(torch.cat([skip, y], dim=1))
+
+
+@functools.cache
+def _openvino_exactness(cap: str | None) -> tuple[tuple[str, bool], ...]:
+    gen = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        conv = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 1)).eval()  # one input channel: no pair sums at all
+        concat = _ConcatProbe().eval()
+    line = torch.linspace(-1, 1, 64).reshape(1, 1, 4, 4, 4)
+    fold = _probe_max_error(conv, 3 * line, line, fold=True)
+    volume = torch.randn(1, 1, 8, 8, 8, generator=gen)
+    cat = _probe_max_error(concat, volume, torch.randn(2, 1, 8, 8, 8, generator=gen), fold=False)
+    # a correct runtime differs from mqb by float rounding only (< 1e-4 of the output); the failures seen are one
+    # half step (~4e-3) and more
+    return (("narrow_fold", fold <= 1e-4), ("int8_concat", cat <= 1e-4))
+
+
 #: OpenVINO ops that carry a layer's weight (input 1)
 _WEIGHTED_OPS = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "GroupConvolutionBackpropData", "MatMul")
 _WEIGHT_PATH_OPS = ("Convert", "Subtract", "Multiply", "Reshape", "Transpose", "FakeQuantize", "Unsqueeze")
@@ -283,7 +366,12 @@ class OpenVINORuntime:
         self.path = Path(path)
         self.core = ov.Core()
         model = self.core.read_model(str(self.path))
-        self.folded_clips = narrow_fake_quantize(model) if narrow_range else 0
+        #: why the Clips were (not) folded (``narrow_range`` off, or the plugin's fold is not exact on this CPU)
+        self.fold, exact = "off (narrow_range=False)", False
+        if narrow_range:
+            exact = narrow_fold_exact()
+            self.fold = "folded (exact on this CPU)" if exact else "kept as Clip (a fold is inexact on this CPU)"
+        self.folded_clips = narrow_fake_quantize(model) if narrow_range and exact else 0
         quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
         #: {mqb layer: friendly name of its op} (see :func:`tag_layer_ops`)
         self.layer_tags = tag_layer_ops(model)
@@ -342,7 +430,8 @@ class OpenVINORuntime:
 
         path = Path(path)
         model = self.core.read_model(str(self.path))
-        narrow_fake_quantize(model)
+        if self.folded_clips:
+            narrow_fake_quantize(model)
         ov.save_model(model, str(path), compress_to_fp16=False)
         return path.stat().st_size + path.with_suffix(".bin").stat().st_size
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mqb.deploy.isa import int8_isa, overflow_fixed
 from mqb.quant import LayerRule, QuantRecipe, calibrate, quantize
 
 SHAPE = (1, 1, 16, 16, 16)
@@ -28,9 +29,16 @@ def small_net(seed: int = 0) -> nn.Module:
     ).eval()
 
 
+def deploy_recipe(**kwargs: object) -> QuantRecipe:
+    """W8A8 with per-channel weights and per-tensor activations, as ``mqb.deploy`` runs it on this CPU: with 7-bit
+    weights where the CPU's INT8 dot product saturates (``deploy.overflow_fix=auto``, :mod:`mqb.deploy.isa`)."""
+    recipe = QuantRecipe.from_precision("w8a8", granularity="deploy", **kwargs)  # type: ignore[arg-type]
+    return overflow_fixed(recipe) if int8_isa().saturates else recipe
+
+
 def deployable(net: nn.Module, rules: tuple[LayerRule, ...] = (), batches: int = 2) -> nn.Module:
-    """W8A8 with per-channel weights and per-tensor activations, calibrated on random volumes."""
-    quantize(net, QuantRecipe.from_precision("w8a8", granularity="deploy", rules=rules))
+    """:func:`deploy_recipe`, calibrated on random volumes."""
+    quantize(net, deploy_recipe(rules=rules))
     calibrate(net, [volume(100 + i, (2, *SHAPE[1:])) for i in range(batches)])
     return net
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from mqb.deploy.export import export_onnx, initializer_bytes, layer_export_mode
+from mqb.deploy.isa import int8_isa
 from mqb.quant import LayerRule, QuantRecipe, calibrate, quantize, quantized_layers
 from tests.deploy import SHAPE, deployable, small_net, volume
 
@@ -48,8 +49,8 @@ def test_every_layer_exported_as_int8(exported) -> None:
 
 
 def test_qdq_scales_are_mqb_scales(exported) -> None:
-    """Scales in the file equal amax/127 recomputed from the weights (per output channel) and from the
-    calibrated input ranges; the stored INT8 weights are round(w / S)."""
+    """Scales in the file equal amax/127 recomputed from the weights (per output channel; amax/63 where this CPU
+    needs the 7-bit overflow fix) and from the calibrated input ranges; the stored INT8 weights are round(w / S)."""
     net, result = exported
     model, inits, producer = _graph(result.path)
     nodes = {n.name: n for n in model.graph.node}
@@ -64,11 +65,14 @@ def test_qdq_scales_are_mqb_scales(exported) -> None:
         assert next(a.i for a in dq_w.attribute if a.name == "axis") == axis
         w = layer.weight.detach().double().numpy()
         other = tuple(d for d in range(w.ndim) if d != axis)
-        np.testing.assert_allclose(w_scale, np.abs(w).max(axis=other) / 127, rtol=1e-6)
-        np.testing.assert_array_equal(w_scale, (layer.weight_quantizer.amax.reshape(-1) / 127).numpy())
+        qmax = 2 ** (layer.weight_quantizer.spec.bits - 1) - 1
+        assert qmax == (63 if int8_isa().saturates else 127)
+        np.testing.assert_allclose(w_scale, np.abs(w).max(axis=other) / qmax, rtol=1e-6)
+        np.testing.assert_array_equal(w_scale, (layer.weight_quantizer.amax.reshape(-1) / qmax).numpy())
         shape = [1] * w.ndim
         shape[axis] = -1
-        expected_q = np.clip(np.round(w / w_scale.reshape(shape)), -127, 127)
+        expected_q = np.clip(np.round(w / w_scale.reshape(shape)), -qmax, qmax)
+        assert np.abs(q_int8).max() <= qmax
         assert np.abs(q_int8 - expected_q).max() <= 1  # float64 vs float32 rounding at .5 ties at most
         q_node = producer[dq_x.input[0]]
         assert q_node.op_type == "QuantizeLinear"

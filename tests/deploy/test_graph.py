@@ -12,7 +12,7 @@ from torch import nn
 
 from mqb.deploy.export import NORM_INPUT_PREFIX, export_onnx
 from mqb.quant import QuantRecipe, calibrate, quantize
-from tests.deploy import SHAPE, IdentityResidual, ResidualConcat, small_net, volume
+from tests.deploy import SHAPE, IdentityResidual, ResidualConcat, deploy_recipe, small_net, volume
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -20,7 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 
 def _calibrated(net: nn.Module, include: tuple[str, ...] = ("conv", "conv_transpose")) -> nn.Module:
     torch.manual_seed(0)
-    quantize(net, QuantRecipe.from_precision("w8a8", granularity="deploy", include=include))
+    quantize(net, deploy_recipe(include=include))
     calibrate(net, [volume(100 + i, (2, *SHAPE[1:])) for i in range(2)])
     return net.eval()
 
