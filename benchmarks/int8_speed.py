@@ -53,9 +53,10 @@ from mqb.checkpoints import load_weights
 from mqb.data.synthetic import make_phantom
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
+from mqb.deploy.isa import int8_isa, overflow_fixed
 from mqb.deploy.profile import interleaved_latency
 from mqb.deploy.report import openvino_nodes, runtime_report
-from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, runtime_versions
+from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, openvino_exactness, runtime_versions
 from mqb.eval import resolve_checkpoint
 from mqb.quant import QuantRecipe, calibrate, quantize
 from mqb.quant.methods import SharedInputRanges
@@ -100,14 +101,22 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], shape: tuple[int, ...]
 DEPLOY_INCLUDE = ("conv", "conv_transpose", "linear", "norm")
 
 
+def deploy_recipe(**kwargs: object) -> QuantRecipe:
+    """W8A8, weights per channel and activations per tensor; 7-bit weights where this CPU's INT8 dot product
+    saturates (``mqb.deploy``'s ``deploy.overflow_fix=auto``)."""
+    recipe = QuantRecipe.from_precision("w8a8", granularity="deploy", **kwargs)  # type: ignore[arg-type]
+    return overflow_fixed(recipe) if int8_isa().saturates else recipe
+
+
 def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool = False) -> dict[str, float]:
     net, weights = build(model)
     calib = [phantom(size, 1), phantom(size, 2)]
     x = phantom(size, 3)
-    fq = quantize(copy.deepcopy(net), QuantRecipe.from_precision("w8a8", granularity="deploy"))
+    fq = quantize(copy.deepcopy(net), deploy_recipe())
     calibrate(fq, calib)
+    concat = openvino_exactness()["int8_concat"]  # the INT8 Concat rewrite only where OpenVINO computes it exactly
     fp32 = export_onnx(net, x, workdir / f"{model}_fp32.onnx")
-    int8 = export_onnx(fq, x, workdir / f"{model}_int8.onnx", strict=True)
+    int8 = export_onnx(fq, x, workdir / f"{model}_int8.onnx", strict=True, int8_concat=concat)
     shape = tuple(x.shape)
     runtimes = {
         "ort_fp32": OrtRuntime(fp32.path),
@@ -119,10 +128,10 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     }
     quantized = {"ov_int8": fq, "ov_int8_default": fq, "ort_int8": fq}
     exports = {"mqb int8": int8}
-    fqd = quantize(copy.deepcopy(net), QuantRecipe.from_precision("w8a8", granularity="deploy", include=DEPLOY_INCLUDE))
+    fqd = quantize(copy.deepcopy(net), deploy_recipe(include=DEPLOY_INCLUDE))
     calibrate(fqd, calib)
     SharedInputRanges(quantize_tensors=True).apply(fqd, batches=lambda: calib)
-    int8d = export_onnx(fqd, x, workdir / f"{model}_int8d.onnx", strict=True)
+    int8d = export_onnx(fqd, x, workdir / f"{model}_int8d.onnx", strict=True, int8_concat=concat)
     runtimes["ov_int8d"] = OpenVINORuntime(int8d.path, precision="f32", shape=shape)
     runtimes["ov_int8d_default"] = OpenVINORuntime(int8d.path, precision=None, shape=shape)
     quantized.update(ov_int8d=fqd, ov_int8d_default=fqd)
@@ -224,7 +233,8 @@ def main() -> None:
     args = parser.parse_args()
     versions = runtime_versions()
     print(
-        f"{cpu_features()} | " + ", ".join(f"{k} {v}" for k, v in versions.items())
+        f"{cpu_features()} | INT8: {int8_isa().describe()} | OpenVINO exact forms: {openvino_exactness()} | "
+        + ", ".join(f"{k} {v}" for k, v in versions.items())
         + f" | LD_PRELOAD={os.environ.get('LD_PRELOAD', '')!r} | load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )  # fmt: skip

@@ -18,7 +18,7 @@ from pathlib import Path
 from mqb.analysis.activation_stats import activation_report
 from mqb.eval import _user_error, calibration_inputs, load_model
 from mqb.quant.selectors import validate_selector
-from mqb.sensitivity import compose_eval
+from mqb.sensitivity import compose_eval, compute_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             validate_selector(selector)
         cfg = compose_eval(args.overrides)
         net, _ = load_model(cfg)
+        net.to(compute_device(cfg))  # statistics are gathered on the device the config asks for
         batches, forward = calibration_inputs(cfg, net)
         out = args.out or Path(cfg.paths.output_dir) / "activations" / f"{cfg.model.name}-{cfg.dataset.name}"
         activation_report(net, batches(), out, args.layers, alpha=args.alpha, plot_layers=args.plot,

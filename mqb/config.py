@@ -93,10 +93,13 @@ class EvalSettings:
 
 @dataclass
 class TrainerSettings:
-    accelerator: str = "cpu"
+    #: Lightning's accelerator: auto (a GPU where there is one, else the CPU), gpu, cpu
+    accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"  # "ddp" with devices > 1 splits the test volumes across processes/GPUs
     progress: bool = True
+    #: float32 arithmetic on GPUs (mqb.devices): ieee (true FP32: no TF32 in cuDNN convolutions or matmuls) or tf32
+    fp32_precision: str = "ieee"
 
 
 @dataclass

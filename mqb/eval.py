@@ -35,6 +35,7 @@ from mqb.checkpoints import CheckpointError, file_sha256, load_weights
 from mqb.config import EVAL_GROUPS, EvalConfig, register_configs
 from mqb.data.module import SegmentationDataModule
 from mqb.data.sources import DatasetError
+from mqb.devices import apply_fp32_precision, device_info
 from mqb.lit.callbacks import QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.quant import LayerRule, QuantRecipe
@@ -231,6 +232,8 @@ def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
             "eval": OmegaConf.to_container(cfg.eval, resolve=True),
             "mqb": mqb.__version__,
             "pipeline": PIPELINE_VERSION,
+            # TF32 changes the FP32 numbers; at the default (ieee) the key is the one earlier baselines had
+            **({"fp32_precision": fp32} if (fp32 := cfg.trainer.get("fp32_precision", "ieee")) != "ieee" else {}),
         },
         length=24,
     )
@@ -248,6 +251,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run one config end to end and return its record (also written to disk)."""
     t0 = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    numerics = apply_fp32_precision(str(cfg.trainer.fp32_precision))  # before any forward: FP32 means FP32
+    ran_on: dict[str, Any] = {"type": "none (cached FP32 baseline)"}
     run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.paths.output_dir)
     sweep = Path(HydraConfig.get().sweep.dir).name if _is_multirun() else run_dir.name
     recipe = build_recipe(cfg)  # validates precision/granularity/method before any work
@@ -288,7 +293,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         start = time.perf_counter()
         evaluator = _evaluator(cfg, float_net, dm, "float32", keep_predictions=not labelled)
-        _trainer(cfg, None, run_dir, []).test(evaluator, datamodule=dm, verbose=False)
+        trainer = _trainer(cfg, None, run_dir, [])
+        trainer.test(evaluator, datamodule=dm, verbose=False)
+        ran_on = device_info(trainer.strategy.root_device)
         baseline = evaluator.results
         if not labelled:  # no labels: the FP32 prediction is the reference of every quantized run
             reference = evaluator.predictions
@@ -324,7 +331,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             )
             callbacks.append(quant_cb)
         start = time.perf_counter()
-        _trainer(cfg, logger, run_dir, callbacks).test(evaluator, datamodule=dm, verbose=False)
+        trainer = _trainer(cfg, logger, run_dir, callbacks)
+        trainer.test(evaluator, datamodule=dm, verbose=False)
+        ran_on = device_info(trainer.strategy.root_device)
         metrics = evaluator.results
         timings["eval_seconds"] = time.perf_counter() - start
         timings["data_seconds"] = evaluator.data_seconds
@@ -365,6 +374,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "calibration_cached": calibration_cached,
         },
         "host": host_info(),
+        "device": {**ran_on, **numerics},
         "git": git_commit(),
         "sweep": sweep,
         "run_dir": str(run_dir),

@@ -52,7 +52,7 @@ def case_metrics(
     if prediction.shape != label.shape:
         raise ValueError(f"prediction shape {tuple(prediction.shape)} != label shape {tuple(label.shape)}")
     pred = prediction.reshape(1, 1, *prediction.shape[-3:]).long()
-    gt = label.reshape(1, 1, *label.shape[-3:]).long()
+    gt = label.reshape(1, 1, *label.shape[-3:]).long().to(pred.device)  # MONAI needs both on one device
     if int(gt.max()) >= num_classes or int(gt.min()) < 0:
         raise ValueError(f"label values span {int(gt.min())}..{int(gt.max())}; valid: 0..{num_classes - 1}")
     tolerances = list(nsd_tolerance_mm)
@@ -75,17 +75,18 @@ def case_metrics(
             pred_oh, gt_oh, spacing=spacing
         )[0]
 
-    in_gt = gt_oh[0, 1:].flatten(1).any(dim=1)
-    in_pred = pred_oh[0, 1:].flatten(1).any(dim=1)
+    # The policy is applied on the CPU: the values leave torch here (records), and MONAI may return each metric
+    # on the input's device (CUDA) or on the CPU, so every operand is brought to the CPU first.
+    in_gt = gt_oh[0, 1:].flatten(1).any(dim=1).cpu()
+    in_pred = pred_oh[0, 1:].flatten(1).any(dim=1).cpu()
     both_absent = ~in_gt & ~in_pred
     one_absent = in_gt ^ in_pred
     diagonal = float(np.linalg.norm(np.array(pred.shape[-3:]) * np.array(spacing)))
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
     out = {}
     for name, values, if_one_absent in (("dsc", dsc, 0.0), ("nsd", nsd, 0.0), ("hd95", hd95, diagonal)):
-        v = values.double().cpu()
-        v = torch.where(one_absent, torch.tensor(if_one_absent, dtype=torch.float64), v)
-        v = torch.where(both_absent, nan, v)
+        v = values.detach().double().cpu()
+        v = torch.where(one_absent, torch.full_like(v, if_one_absent), v)
+        v = torch.where(both_absent, torch.full_like(v, float("nan")), v)
         out[name] = v.numpy()
     return out
 

@@ -60,6 +60,19 @@ def compose_eval(overrides: list[str]) -> DictConfig:
         return compose("eval", overrides=overrides)
 
 
+def compute_device(cfg: DictConfig) -> torch.device:
+    """The device ``trainer.accelerator`` asks for, for the passes that run outside Lightning (error proxies,
+    activation statistics): ``gpu``/``cuda`` -> CUDA, ``auto`` -> CUDA when available, otherwise the CPU."""
+    accelerator = str(cfg.trainer.get("accelerator", "cpu")).lower()
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"trainer.accelerator={accelerator} needs CUDA, which is not available")
+        return torch.device("cuda")
+    if accelerator == "auto" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def with_method(
     cfg: DictConfig, exclude: tuple[str, ...] = (), rules: list[dict[str, Any]] | None = None
 ) -> DictConfig:
@@ -107,6 +120,7 @@ def error_proxies(cfg: DictConfig) -> dict[str, dict[str, float]]:
     recipe = build_recipe(cfg)
     assert recipe is not None
     net, _ = load_model(cfg)
+    net.to(compute_device(cfg))  # the forward sends each volume to the network's device
     batches, forward = calibration_inputs(cfg, net)
     quantize(net, recipe)
     calibrate(net, batches(), forward=forward)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,9 @@ def test_sweep_two_models_two_granularities(trained):
             assert r["baseline"]["cached"] is True  # computed once by the W8A8 sweep
         else:
             assert abs(r["delta_pct"]["dsc"]) < 5.0, r["delta_pct"]
+            # trainer.accelerator=auto: the GPU where there is one; true FP32 (no TF32) either way
+            assert r["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
+            assert r["device"]["fp32_precision"] == "ieee" and r["device"]["tf32_conv"] is False
             assert r["realizability"]["groups"]
             timed_calibration = "calibration_seconds" in r["timings"]  # a phase that ran is in the record
             assert timed_calibration and r["data"]["calibration_cases"]

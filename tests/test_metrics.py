@@ -6,6 +6,7 @@ import torch
 from scipy import ndimage
 
 from mqb.metrics import aggregate, case_metrics, spacing_from_affine
+from tests.devices import device_params
 
 SPACING = (1.0, 1.0, 3.0)
 
@@ -78,3 +79,18 @@ def test_spacing_from_affine_and_bad_labels():
     assert spacing_from_affine(affine) == (1.5, 1.5, 2.0)
     with pytest.raises(ValueError, match="label values span 5..5; valid: 0..3"):
         case_metrics(torch.zeros(4, 4, 4), torch.full((4, 4, 4), 5), 4, SPACING, [1.0])
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_case_metrics_on_device_match_cpu(device):
+    """Masks on the device (the evaluator's CUDA predictions), with an absent and a missed class: the
+    empty-structure policy mixes MONAI's values with masks, which must share a device."""
+    shape = (16, 16, 10)
+    gt = _cube(shape, (3, 3, 2), (10, 11, 7)) + _cube(shape, (11, 11, 7), (14, 14, 9), value=2)  # class 3 absent
+    pred = _cube(shape, (3, 4, 2), (10, 12, 6)) + _cube(shape, (1, 1, 1), (3, 3, 2), value=3)  # misses 2, adds 3
+    reference = case_metrics(torch.tensor(pred), torch.tensor(gt), 4, SPACING, [2.0])
+    out = case_metrics(torch.tensor(pred).to(device), torch.tensor(gt).to(device), 4, SPACING, [2.0])
+    for name in ("dsc", "nsd", "hd95"):
+        assert isinstance(out[name], np.ndarray)
+        np.testing.assert_allclose(out[name], reference[name], rtol=1e-5, equal_nan=True)
+    assert reference["dsc"][1] == 0.0 and reference["hd95"][2] > 0  # the policy cases are present

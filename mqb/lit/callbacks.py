@@ -80,8 +80,8 @@ class QuantizationCallback(L.Callback):
             self.calibration_cached = True
             return torch.load(self.range_cache, map_location="cpu", weights_only=True)
         ranges = collect_input_ranges(net, self._batches(trainer), forward=self.forward)
-        if trainer.is_global_zero:
-            save_tensors_atomic(self.range_cache, ranges)
+        if trainer.is_global_zero:  # stored on the CPU; every consumer moves ranges to its layer's device
+            save_tensors_atomic(self.range_cache, {n: {k: v.cpu() for k, v in r.items()} for n, r in ranges.items()})
         return ranges
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -95,6 +95,8 @@ class QuantizationCallback(L.Callback):
             and not self.recipe.attention
             and all(r.precision is None for r in self.recipe.rules)
             and not transforms
+            # a GroupNorm's input rank is known only once it runs: per-channel ranges for it come from calibration
+            and not ("norm" in self.recipe.include and any(isinstance(m, nn.GroupNorm) for m in net.modules()))
         )
         need_ranges = any(m.needs_input_ranges for m in self.methods)
         start = time.perf_counter()

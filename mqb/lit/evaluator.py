@@ -12,6 +12,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from mqb.metrics import aggregate, case_metrics, spacing_from_affine
+from mqb.quant.quantizer import module_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -161,5 +162,14 @@ class SegmentationEvaluator(L.LightningModule):
 
 
 def calibration_forward(evaluator: SegmentationEvaluator):
-    """``forward(model, batch)`` for :func:`mqb.quant.calibrate`: sliding windows over calibration volumes."""
-    return lambda model, batch: evaluator.sliding_window(batch["image"].to(evaluator.device), model)
+    """``forward(model, batch)`` for :func:`mqb.quant.calibrate`: sliding windows over calibration volumes.
+
+    The image goes to the device of ``model`` (its first parameter or buffer), so the forward also serves a
+    network moved outside Lightning (``mqb.sensitivity``, ``mqb.activations``); a network without tensors
+    falls back to the evaluator's device."""
+
+    def forward(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        device = module_device(model) or evaluator.device
+        return evaluator.sliding_window(batch["image"].to(device), model)
+
+    return forward

@@ -18,7 +18,7 @@ from torch import nn
 from mqb.quant.attention import QuantAttention, describe_attention, swap_in_attention, swap_out_attention
 from mqb.quant.layers import LayerInfo, QuantLayer, describe_layer, swap_in, swap_out
 from mqb.quant.output import detach_for_readers
-from mqb.quant.quantizer import TensorQuantizer
+from mqb.quant.quantizer import TensorQuantizer, module_device
 from mqb.quant.recipe import LayerPlan, QuantRecipe
 from mqb.quant.selectors import VALID_SELECTORS, matches_any, validate_selector
 
@@ -237,12 +237,25 @@ def collect_input_ranges(
     return stats
 
 
+def _input_ndim(layer: QuantModule) -> int | None:
+    """The rank of a quantized layer's input (batched), ``None`` where the layer does not fix it (GroupNorm)."""
+    info = layer.mqb_info
+    if info.kind == "linear":
+        return 2
+    if info.kind == "norm":
+        if isinstance(layer, nn.modules.instancenorm._InstanceNorm):
+            return layer._get_no_batch_dim() + 1  # InstanceNorm3d: 5 (N, C, D, H, W)
+        return None
+    return 2 + len(info.kernel)
+
+
 def apply_input_ranges(model: nn.Module, ranges: dict[str, dict[str, torch.Tensor]]) -> None:
     """Set every static min-max activation range of a quantized model from :func:`collect_input_ranges` output.
 
     Equivalent to :func:`calibrate` with the same batches for min-max observers (tested). Raises ``ValueError``
     for a static quantizer that needs another observer or a layer missing from ``ranges``.
     """
+    model_device = module_device(model)  # ranges may come from a CPU cache; a layer without tensors uses this
     for name, layer in quantized_layers(model):
         spec = layer.activation_spec
         if spec is None or spec.dynamic:
@@ -251,12 +264,18 @@ def apply_input_ranges(model: nn.Module, ranges: dict[str, dict[str, torch.Tenso
             raise ValueError(f"{name}: static {spec.observer} ranges cannot come from per-channel min/max statistics")
         if name not in ranges:
             raise ValueError(f"{name}: no collected input range (was the model changed after collection?)")
-        lo, hi = ranges[name]["lo"], ranges[name]["hi"]
+        device = layer.input_quantizer.device or module_device(layer) or model_device
+        lo, hi = ranges[name]["lo"].to(device), ranges[name]["hi"].to(device)
         if spec.granularity == "per_tensor":
             lo, hi = lo.min().reshape(1), hi.max().reshape(1)
         amax = torch.maximum(lo.abs(), hi.abs())
-        ndim = 2 if layer.mqb_info.kind == "linear" else 2 + len(layer.mqb_info.kernel)
-        layer.input_quantizer.load_ranges({"amax": amax, "lo": lo, "hi": hi}, ndim)
+        ndim = _input_ndim(layer)
+        if ndim is None and spec.granularity != "per_tensor":
+            raise ValueError(
+                f"{name}: the rank of a {layer.mqb_info.type_name} input is unknown before it runs, so per-channel "
+                "ranges cannot be shaped for it; calibrate with mqb.quant.calibrate instead"
+            )
+        layer.input_quantizer.load_ranges({"amax": amax, "lo": lo, "hi": hi}, ndim or 1)
 
 
 def dequantize(model: nn.Module, layers: Iterable[str] | str = ("all",)) -> list[str]:

@@ -155,7 +155,7 @@ class QuantAttention(nn.Module):
         quantizer = self.operand_quantizers[key] if key in self.operand_quantizers else None
         if quantizer is None:
             axis = -1 if self.operand_spec.granularity == "per_group" else None
-            quantizer = TensorQuantizer(self.operand_spec, axis, f"{self.mqb_info.name}.{key}").to(x.device)
+            quantizer = TensorQuantizer(self.operand_spec, axis, f"{self.mqb_info.name}.{key}", device=x.device)
             if self._calibrating:
                 quantizer.begin_calibration()
             self.operand_quantizers[key] = quantizer

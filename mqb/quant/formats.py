@@ -14,6 +14,7 @@ All functions are pure tensor functions (no state) and round half-to-even, as ha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,7 @@ class MiniFloat:
     @property
     def max_exponent(self) -> int:
         """Unbiased exponent of the largest finite value (``emax`` in the OCP MX spec)."""
-        return int(torch.floor(torch.log2(torch.tensor(self.max_value))).item())
+        return math.floor(math.log2(self.max_value))  # plain Python: no CPU tensor on the quantization path
 
 
 E4M3 = MiniFloat("e4m3", exponent_bits=4, mantissa_bits=3, max_value=448.0)

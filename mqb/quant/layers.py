@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer
+from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer, module_device
 from mqb.quant.spec import QuantSpec
 
 LAYER_KINDS = ("conv", "conv_transpose", "linear", "attention", "norm")
@@ -135,15 +135,18 @@ class QuantLayer(nn.Module):
                     f"{name}: {role} granularity {spec.granularity!r} is invalid for a {self.kind} layer; "
                     f"valid: {', '.join(repr(v) for v in valid)}"
                 )
+        device = module_device(self)  # quantizers are born where the layer lives (ranges loaded later go there)
         self.register_module(
             "weight_quantizer",
-            WeightQuantizer(weight, axis_for(self.kind, "weight", weight.granularity), f"{name}.weight")
+            WeightQuantizer(weight, axis_for(self.kind, "weight", weight.granularity), f"{name}.weight", device=device)
             if weight is not None
             else None,
         )
         self.register_module(
             "input_quantizer",
-            TensorQuantizer(activation, axis_for(self.kind, "input", activation.granularity), f"{name}.input")
+            TensorQuantizer(
+                activation, axis_for(self.kind, "input", activation.granularity), f"{name}.input", device=device
+            )
             if activation is not None
             else None,
         )

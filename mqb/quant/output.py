@@ -73,6 +73,6 @@ def detach_for_readers(model: nn.Module, readers: Iterable[str]) -> list[str]:
 
 def make_output_quantizer(reader_quantizer: TensorQuantizer, name: str) -> TensorQuantizer:
     """A calibrated copy of a reader's static per-tensor input quantizer, for the producer's output."""
-    quantizer = TensorQuantizer(reader_quantizer.spec, reader_quantizer.axis, name)
+    quantizer = TensorQuantizer(reader_quantizer.spec, reader_quantizer.axis, name, device=reader_quantizer.device)
     quantizer.load_ranges({"amax": reader_quantizer.amax.detach().clone().reshape(1)}, 1)
     return quantizer

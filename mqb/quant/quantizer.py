@@ -5,11 +5,16 @@ Modes:
 * ``calibrate``: pass the tensor through unchanged and feed the observer (the float model is observed);
 * ``off``: pass through (used to dequantize a layer without removing it).
 
-Static ranges are buffers (``amax`` or ``lo``/``hi``), so they travel in the state dict.
+Static ranges are buffers (``amax`` or ``lo``/``hi``), so they travel in the state dict and move with
+``model.to(device)``. A quantizer also remembers the device it was last moved to (or created for), so ranges
+set later (:meth:`TensorQuantizer.load_ranges` from a CPU range cache, a CPU state dict) land on the model's
+device. Ranges stay float32 when the model is cast to float16/bfloat16: half-precision inputs are quantized in
+float32 (:func:`mqb.quant.fake_quant.quantize_dequantize`), with the scales calibrated in float32.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,6 +27,7 @@ from mqb.quant.spec import QuantSpec
 
 MODES = ("quantize", "calibrate", "off")
 _RANGE_BUFFERS = ("amax", "lo", "hi")
+_REDUCED_FLOATS = (torch.float16, torch.bfloat16)
 
 
 def _rows(x: torch.Tensor, granularity: str, axis: int | None) -> torch.Tensor:
@@ -45,6 +51,15 @@ def _broadcast_shape(values: torch.Tensor, granularity: str, axis: int | None, n
     return values.reshape((-1,) + (1,) * trailing)
 
 
+def module_device(module: nn.Module) -> torch.device | None:
+    """The device of a module's first parameter or buffer (its submodules' included); ``None`` if it has none."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
 class TensorQuantizer(nn.Module):
     """Fake-quantizes one tensor stream according to a :class:`QuantSpec`.
 
@@ -52,9 +67,13 @@ class TensorQuantizer(nn.Module):
         spec: the quantization spec.
         axis: channel axis (per-channel) or reduction axis (per-group); ignored otherwise.
         name: the owning layer and stream (for error messages), e.g. ``encoder.conv.input``.
+        device: the device of the model the quantizer is attached to (``None``: unknown until the quantizer is
+            moved with ``.to()`` or receives ranges); ranges loaded later are put there.
     """
 
-    def __init__(self, spec: QuantSpec, axis: int | None = None, name: str = "") -> None:
+    def __init__(
+        self, spec: QuantSpec, axis: int | None = None, name: str = "", *, device: torch.device | str | None = None
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.axis = axis
@@ -64,6 +83,42 @@ class TensorQuantizer(nn.Module):
             self.register_buffer(key, None)
         self._observer: Observer | None = None
         self._ndim = 0
+        self._device: torch.device | None = torch.device(device) if device is not None else None
+
+    # -- device ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device | None:
+        """Where the quantizer's ranges live (``None`` while unknown: never moved, no ranges yet)."""
+        for key in _RANGE_BUFFERS:
+            value = self._buffers.get(key)
+            if value is not None:
+                return value.device
+        return self._device
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> TensorQuantizer:
+        """``.to()`` / ``.cuda()`` / ``.half()`` ...: move the ranges (keeping them float32 under a cast to
+        float16/bfloat16) and remember the target device for ranges that arrive later."""
+        before = {key: self._buffers.get(key) for key in _RANGE_BUFFERS}
+        super()._apply(fn, recurse)
+        for key, old in before.items():
+            new = self._buffers.get(key)
+            if old is not None and new is not None and new.dtype in _REDUCED_FLOATS and old.dtype == torch.float32:
+                self._buffers[key] = old.to(device=new.device)
+        try:
+            self._device = fn(torch.empty(0, device=self._device)).device
+        except Exception:  # noqa: BLE001  (a conversion that does not apply to a float tensor: keep the device)
+            pass
+        self._on_apply()
+        return self
+
+    def _on_apply(self) -> None:
+        """Hook for subclasses: state that is not a buffer and must not outlive a move (caches)."""
+
+    def _place(self, value: torch.Tensor) -> torch.Tensor:
+        """A range tensor on this quantizer's device (as is while the device is unknown), in float32 at least."""
+        device = self.device
+        dtype = value.dtype if value.dtype not in _REDUCED_FLOATS else torch.float32
+        return value.to(device=device if device is not None else value.device, dtype=dtype)
 
     # -- calibration -------------------------------------------------------------------------------------
     @property
@@ -97,13 +152,16 @@ class TensorQuantizer(nn.Module):
             for key, value in ranges.items():
                 if value is not None:
                     setattr(self, key, _broadcast_shape(value, self.spec.granularity, self.axis, self._ndim))
+            self._device = self.device
         self._observer = None
         self.mode = "quantize"
 
     def load_ranges(self, ranges: dict[str, torch.Tensor], ndim: int) -> None:
-        """Set static ranges from per-group ``amax``/``lo``/``hi`` vectors (G,) for tensors of rank ``ndim``."""
+        """Set static ranges from per-group ``amax``/``lo``/``hi`` vectors (G,) for tensors of rank ``ndim``.
+
+        The values are copied to the quantizer's device (e.g. a range cache loaded on the CPU for a CUDA model)."""
         for key, value in ranges.items():
-            setattr(self, key, _broadcast_shape(value, self.spec.granularity, self.axis, ndim))
+            setattr(self, key, _broadcast_shape(self._place(value), self.spec.granularity, self.axis, ndim))
         self._observer = None
         self.mode = "quantize"
 
@@ -138,7 +196,10 @@ class TensorQuantizer(nn.Module):
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for key in _RANGE_BUFFERS:
             if prefix + key in state_dict and getattr(self, key) is None:
-                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+                incoming = state_dict[prefix + key]
+                # on this quantizer's device, like every other loaded buffer (the state dict may be on the CPU)
+                device = self.device if self.device is not None else incoming.device
+                setattr(self, key, torch.empty_like(incoming, device=device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -148,8 +209,10 @@ class WeightQuantizer(TensorQuantizer):
     quantization once, not per forward.
     """
 
-    def __init__(self, spec: QuantSpec, axis: int | None = None, name: str = "") -> None:
-        super().__init__(spec, axis, name)
+    def __init__(
+        self, spec: QuantSpec, axis: int | None = None, name: str = "", *, device: torch.device | str | None = None
+    ) -> None:
+        super().__init__(spec, axis, name, device=device)
         self._cache_key: tuple[int, int] | None = None
         self._cache: torch.Tensor | None = None
         #: keep the current range when the weight changes (GPTQ writes weights onto a grid it chose)
@@ -178,3 +241,7 @@ class WeightQuantizer(TensorQuantizer):
 
     def clear_cache(self) -> None:
         self._cache, self._cache_key = None, None
+
+    def _on_apply(self) -> None:
+        # the cached weight is not a buffer: drop it rather than keep a copy on the old device / in the old dtype
+        self.clear_cache()

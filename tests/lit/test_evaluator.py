@@ -1,10 +1,13 @@
 """The evaluator scores label-free volumes against FP32 reference predictions."""
 
+import pytest
 import torch
 from torch import nn
 
-from mqb.lit.evaluator import SegmentationEvaluator
+from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.metrics import case_metrics
+from mqb.quant import QuantRecipe, calibrate, quantize
+from tests.devices import device_params, exact_float32
 
 
 class Shift(nn.Module):
@@ -39,3 +42,32 @@ def test_label_free_reference_run_and_agreement():
     out = _run(shifted, batch)
     expected = case_metrics(torch.roll(stored, 1, dims=0), stored, 2, (1.0, 1.0, 1.0), [2.0])
     assert abs(out["dsc"] - float(expected["dsc"][0])) < 1e-9 and out["dsc"] < 1.0
+
+
+def _quantized_net(device: str) -> nn.Module:
+    """A small conv net, W4A4 per-channel, calibrated through the evaluator's sliding-window forward."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1)).eval().to(device)
+    evaluator = SegmentationEvaluator(net, ["bg", "a", "b"], (8, 8, 8))
+    quantize(net, QuantRecipe.from_precision("w4a4", granularity="adaptive"))
+    volumes = [{"image": torch.randn(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(s))} for s in (1, 2)]
+    calibrate(net, volumes, forward=calibration_forward(evaluator))  # CPU volumes go to the network's device
+    return net
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_evaluator_on_device_matches_cpu(device):
+    """Forward (sliding windows) and scoring of a quantized network on ``device`` against the CPU run."""
+    image = torch.randn(1, 1, 12, 12, 12, generator=torch.Generator().manual_seed(3))
+    label = (image > 0.3).long() + (image > 1.2).long()
+    results, logits = {}, {}
+    for dev in ("cpu", device):
+        with exact_float32():
+            evaluator = SegmentationEvaluator(_quantized_net(dev), ["bg", "a", "b"], (8, 8, 8)).to(dev)
+            with torch.no_grad():
+                logits[dev] = evaluator(image.to(dev))
+                results[dev] = _run(evaluator, {"image": image.to(dev), "label": label.to(dev), "case": ["vol"]})
+    assert logits[device].device.type == device
+    torch.testing.assert_close(logits[device].cpu(), logits["cpu"], rtol=1e-5, atol=1e-5)
+    for metric in ("dsc", "nsd", "hd95"):
+        assert results[device][metric] == pytest.approx(results["cpu"][metric], rel=1e-5, nan_ok=True)

@@ -9,6 +9,7 @@ float weight), so the result is an ordinary INT weight; only the rounding change
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -37,9 +38,11 @@ def conv_patches(
     for i in range(dims):
         u = u.unfold(2 + i, layer.kernel_size[i], layer.stride[i])
     batch, out_sizes = u.shape[0], u.shape[2 : 2 + dims]
-    total = batch * int(torch.tensor(out_sizes).prod())
+    total = batch * math.prod(int(s) for s in out_sizes)
     count = min(max_rows, total)
+    # the sample is drawn with the (CPU) generator, so CPU and CUDA runs pick the same rows, then moved to x
     flat = torch.randperm(total, generator=generator)[:count] if count < total else torch.arange(total)
+    flat = flat.to(x.device)
     index = torch.unravel_index(flat, (batch, *out_sizes))
     patches = u[(index[0], slice(None), *index[1:])]  # (n, C, k_1, ..., k_dims)
     return patches.reshape(count, -1)
@@ -132,11 +135,12 @@ class GPTQ(PTQMethod):
                 if layer.kind == "linear":
                     rows = x.reshape(-1, x.shape[-1])
                     if rows.shape[0] > self.max_rows:
-                        rows = rows[torch.randperm(rows.shape[0], generator=generator)[: self.max_rows]]
+                        pick = torch.randperm(rows.shape[0], generator=generator)[: self.max_rows]
+                        rows = rows[pick.to(rows.device)]
                 else:
                     rows = conv_patches(x, layer, self.max_rows, generator)  # type: ignore[arg-type]
                 rows = rows.double()
-                h, n = out.get(name, (torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64), 0))
+                h, n = out.get(name, (rows.new_zeros(rows.shape[1], rows.shape[1]), 0))
                 out[name] = (h + rows.t() @ rows, n + rows.shape[0])
 
             return hook
@@ -176,7 +180,7 @@ def gptq_round(
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     q = torch.zeros_like(w)
     d = w.shape[1]

@@ -1,0 +1,72 @@
+"""Where a job runs and with which float arithmetic: ``trainer.accelerator`` and ``trainer.fp32_precision``.
+
+**FP32 means FP32.** PyTorch lets cuDNN run float32 convolutions in TF32 (10-bit mantissa) on Ampere and newer
+GPUs by default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``). On an H200 that changed a DynUNet's
+"FP32" output by 0.2 % (relative L2) and the class of 0.2 % of the voxels: the size of the W8A8 drops mqb reports.
+So mqb sets ``trainer.fp32_precision=ieee`` (default) before any forward: IEEE float32 for cuDNN convolutions,
+cuDNN RNNs and CUDA matmuls; ``tf32`` opts in to TF32 everywhere. The setting is written into every record (next
+to the device name) and is part of the FP32 baseline's cache key.
+
+PyTorch >= 2.9 has the ``fp32_precision`` switches; mixing them with the legacy ``allow_tf32`` flags is an error
+there, so only the new ones are used where they exist (the legacy flags on older PyTorch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+#: ``trainer.fp32_precision`` values
+FP32_PRECISIONS = ("ieee", "tf32")
+
+
+def _switches() -> list[tuple[Any, str]]:
+    """(object, attribute) of each ``fp32_precision`` switch that decides float32 GPU arithmetic."""
+    backends = torch.backends
+    found = []
+    for owner in (getattr(backends.cuda, "matmul", None), getattr(backends.cudnn, "conv", None),
+                  getattr(backends.cudnn, "rnn", None)):  # fmt: skip
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            found.append((owner, "fp32_precision"))
+    return found
+
+
+def apply_fp32_precision(setting: str) -> dict[str, Any]:
+    """Set float32 GPU arithmetic for this process (``ieee`` or ``tf32``); return what is in force.
+
+    Raises ``ValueError`` naming ``trainer.fp32_precision`` and the valid values for anything else.
+    """
+    if setting not in FP32_PRECISIONS:
+        raise ValueError(f"trainer.fp32_precision={setting!r} is invalid; valid: {', '.join(FP32_PRECISIONS)}")
+    switches = _switches()
+    if len(switches) == 3:
+        for owner, attr in switches:
+            setattr(owner, attr, setting)
+    else:  # PyTorch < 2.9: the legacy flags
+        torch.backends.cuda.matmul.allow_tf32 = setting == "tf32"
+        torch.backends.cudnn.allow_tf32 = setting == "tf32"
+    return fp32_precision_state(setting)
+
+
+def fp32_precision_state(setting: str | None = None) -> dict[str, Any]:
+    """The float32 arithmetic in force: the setting and whether cuDNN convolutions / CUDA matmuls may use TF32."""
+    switches = _switches()
+    if len(switches) == 3:
+        matmul, conv = (getattr(o, a) for o, a in switches[:2])
+        tf32_matmul, tf32_conv = matmul == "tf32", conv == "tf32"
+    else:
+        tf32_matmul, tf32_conv = bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+    return {"fp32_precision": setting, "tf32_matmul": tf32_matmul, "tf32_conv": tf32_conv}
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    """The device a job's forwards ran on, by name (``cuda`` with the GPU's name and capability)."""
+    device = torch.device(device)
+    info: dict[str, Any] = {"type": device.type}
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info["name"] = torch.cuda.get_device_name(index)
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
+        info["count"] = torch.cuda.device_count()
+    return info
