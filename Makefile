@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.mqb-installed
 export WANDB_MODE ?= offline
 
-.PHONY: setup demo test test-slow test-all lint bench clean
+.PHONY: setup demo test test-slow test-all test-gpu lint bench clean
 
 # dynamic-network-architectures (nnU-Net v2's network package) is installed without its dependencies: it asks
 # for timm, whose torchvision would replace the CPU torch with a multi-GB CUDA build; PlainConvUNet needs neither.
@@ -24,10 +24,18 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check mqb tests benchmarks
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# On a machine with a CUDA GPU (torch with CUDA installed in .venv or PY=... pointing at one): every
+# device-parametrized test's cuda case (engine, formats, granularities, methods, metrics, evaluator, against the
+# CPU result), then the headline and the MeshNet real-weights sweeps on the GPU and on the CPU, DSC within 0.002.
+test-gpu:
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA GPU visible to torch')"
+	$(PY) -m pytest -q -k cuda -m "not slow and not gpu" tests
+	$(PY) -m pytest -q -s -m gpu tests
 
 test-all: setup
 	$(PY) -m pytest -q

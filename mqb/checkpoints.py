@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mqb.results import atomic_write, write_json_atomic
+from mqb.samples import missing_sample_hint, sample_data_dir
 
 _NESTED_KEYS = ("state_dict", "network_weights", "model", "state_dict_ema")
 
@@ -95,7 +96,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint file as a flat state dict (see module doc for the accepted layouts)."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (model.checkpoint); give a path to a file")
+        hint = "give a path to a file"
+        if (data_dir := sample_data_dir(p)) is not None:  # a shipped sample (MeshNet weights): from paths.data_dir
+            hint = missing_sample_hint(data_dir, alternative="model.checkpoint")
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (model.checkpoint); {hint}")
     if p.suffix == ".safetensors":
         try:
             return load_file(str(p))

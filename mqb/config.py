@@ -7,11 +7,12 @@ fails at composition time, before any work, with Hydra's message naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from mqb.samples import shipped_data_dir
 
 #: Config groups of mqb.eval (each a folder under conf/).
 EVAL_GROUPS = (
@@ -109,7 +110,9 @@ class PathsConfig:
     data_root: str = "data"
     cache_dir: str = ".cache/mqb"
     checkpoints: str = "${paths.cache_dir}/checkpoints"
-    shared_data: str = str(Path(__file__).resolve().parents[2] / "shared" / "data")
+    #: the real samples shipped with mqb (MeshNet weights, brain/CT volumes; ``data/`` in the repository, inside
+    #: the package in a wheel): the model and dataset configs read ``${paths.data_dir}/<dataset>/...``
+    data_dir: str = field(default_factory=lambda: str(shipped_data_dir()))
 
 
 @dataclass

@@ -50,6 +50,7 @@ from mqb.results import (
     stable_hash,
     write_json_atomic,
 )
+from mqb.samples import missing_sample_hint, sample_data_dir
 from mqb.sweep import COLUMNS, metric_with_delta, summary_rows, write_summary
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -115,7 +116,10 @@ def resolve_checkpoint(cfg: DictConfig) -> Path | None:
     if value != "auto":
         path = Path(str(value)).expanduser()
         if not path.is_file():
-            raise CheckpointError(f"model.checkpoint={str(value)!r} does not exist; give a weights file or 'auto'")
+            hint = "give a weights file or 'auto'"
+            if (samples := sample_data_dir(path)) is not None:  # a shipped sample: say which setting finds it
+                hint = missing_sample_hint(samples, alternative="model.checkpoint")
+            raise CheckpointError(f"model.checkpoint={str(value)!r} does not exist; {hint}")
         return path
     path = Path(cfg.paths.checkpoints) / cfg.dataset.name / f"{cfg.model.name}.safetensors"
     if path.is_file():
@@ -124,7 +128,8 @@ def resolve_checkpoint(cfg: DictConfig) -> Path | None:
         from mqb.train import fit
 
         console.print(f"[yellow]no checkpoint for {cfg.model.name} on {cfg.dataset.name}: training one -> {path}")
-        fit(cfg.model, cfg.dataset, cfg.train, path, progress=cfg.trainer.progress)
+        fit(cfg.model, cfg.dataset, cfg.train, path, progress=cfg.trainer.progress,
+            accelerator=cfg.trainer.accelerator, fp32_precision=cfg.trainer.fp32_precision)
         return path
     return None
 

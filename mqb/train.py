@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mqb.checkpoints import save_weights
 from mqb.config import register_configs
+from mqb.devices import apply_fp32_precision, device_info
 from mqb.lit.trainer import SegmentationTrainer
 from mqb.results import git_commit
 
@@ -33,14 +34,16 @@ def fit(
     train_cfg: DictConfig,
     output: str | Path,
     *,
-    accelerator: str = "cpu",
+    accelerator: str = "auto",
     devices: int = 1,
+    fp32_precision: str = "ieee",
     progress: bool = True,
     logger: Any = None,
     default_root_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model_cfg.net`` on ``dataset_cfg``'s train split and save safetensors weights to ``output``."""
     L.seed_everything(int(train_cfg.seed), workers=True, verbose=False)
+    numerics = apply_fp32_precision(fp32_precision)
     datamodule = instantiate(dataset_cfg)
     net = instantiate(model_cfg.net)
     module = SegmentationTrainer(
@@ -72,6 +75,7 @@ def fit(
         "steps": int(trainer.global_step),
         "best_val_dsc": module.best_val_dsc,
         "train_seconds": round(time.perf_counter() - start, 1),
+        "device": {**device_info(trainer.strategy.root_device), **numerics},
         "git": git_commit(),
         "created": datetime.now(UTC).isoformat(),
     }
@@ -88,6 +92,7 @@ def run_task(cfg: DictConfig) -> None:
         cfg.output,
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
+        fp32_precision=cfg.trainer.fp32_precision,
         progress=cfg.trainer.progress,
     )
     print(f"saved {cfg.output} (steps {metadata['steps']}, best val DSC {metadata['best_val_dsc']})")

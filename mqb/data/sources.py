@@ -28,6 +28,7 @@ from mqb.data.tables import (
     totalsegmentator_classes,
 )
 from mqb.results import atomic_write
+from mqb.samples import missing_sample_hint, shipped_data_dir
 
 
 class DatasetError(ValueError):
@@ -41,17 +42,22 @@ def _require_dir(root: str | os.PathLike[str], what: str, hint: str) -> Path:
     return path
 
 
-def _shared_folder(shared_data: str, name: str) -> Path:
-    """A folder of the shipped real samples (``paths.shared_data``/name), with a message saying what to set."""
-    return _require_dir(
-        Path(shared_data) / name, "paths.shared_data", f"set paths.shared_data to the folder holding {name}/"
-    )
+def _sample_folder(data_dir: str, name: str) -> Path:
+    """A folder of the shipped real samples (``paths.data_dir``/name), with a message saying what to set."""
+    return _require_dir(Path(data_dir) / name, "paths.data_dir", missing_sample_hint(data_dir))
 
 
-def _require_file(path: Path, case: str, role: str) -> str:
+def _require_file(path: Path, case: str, role: str, data_dir: str | None = None) -> str:
+    """``path`` as a string; a missing file raises naming the case (and, for a shipped sample read from
+    ``data_dir``, the setting that says where the samples are)."""
     if not path.is_file():
-        raise DatasetError(f"case {case!r}: {role} file {str(path)!r} is missing")
+        hint = f"; {missing_sample_hint(data_dir)}" if data_dir is not None else ""
+        raise DatasetError(f"case {case!r}: {role} file {str(path)!r} is missing{hint}")
     return str(path)
+
+
+def _default_data_dir() -> str:
+    return str(shipped_data_dir())
 
 
 def _atomic_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -258,7 +264,7 @@ class PairSource:
 
 @dataclass(frozen=True)
 class TotalSegmentatorExampleCT:
-    """The real TotalSegmentator example CT (``shared/data/totalsegmentator_example_ct``), labels mapped to BTCV-13.
+    """The real TotalSegmentator example CT (``data/totalsegmentator_example_ct``), labels mapped to BTCV-13.
 
     Two disjoint pieces of the same 3 mm abdominal CT: **test** = ``example_ct_sm`` (the top 30 slices, labels
     ``example_seg``, TotalSegmentator 1.5 mm model) and **calibration** = slices 0..81 of ``example_ct``
@@ -266,12 +272,12 @@ class TotalSegmentatorExampleCT:
     outputs (pseudo ground truth), see the folder's PROVENANCE.md.
     """
 
-    shared_data: str = "../shared/data"
+    data_dir: str = field(default_factory=_default_data_dir)
     cache_dir: str = ".cache/mqb/labels"
     class_names: tuple[str, ...] = field(default=BTCV_CLASSES)
 
     def cases(self) -> list[dict[str, str]]:
-        folder = _shared_folder(self.shared_data, "totalsegmentator_example_ct")
+        folder = _sample_folder(self.data_dir, "totalsegmentator_example_ct")
         out = Path(self.cache_dir) / "ts_example_ct"
         lut = np.zeros(256, dtype=np.uint8)
         for btcv_id, name in enumerate(BTCV_CLASSES[1:], start=1):
@@ -283,8 +289,8 @@ class TotalSegmentatorExampleCT:
         records = []
         for case, image_name, label_name, z in specs:
             image_path, label_path = folder / image_name, folder / label_name
-            _require_file(image_path, case, "image")
-            _require_file(label_path, case, "label")
+            _require_file(image_path, case, "image", self.data_dir)
+            _require_file(label_path, case, "label", self.data_dir)
             image_out, label_out = out / f"{case}_ct.nii.gz", out / f"{case}_label.nii.gz"
             if not (image_out.is_file() and label_out.is_file()):
                 img, lab = _load(image_path, case, "image"), _load(label_path, case, "label")
@@ -307,17 +313,17 @@ class BrainAsegSample:
     (**test**), calibrated on a different brain: the MNI ICBM152 2009a T1 template (no labels needed).
     """
 
-    shared_data: str = "../shared/data"
+    data_dir: str = field(default_factory=_default_data_dir)
     cache_dir: str = ".cache/mqb/labels"
     class_names: tuple[str, ...] = field(default=BRAIN18_CLASSES)
 
     def cases(self) -> list[dict[str, str]]:
-        folder = _shared_folder(self.shared_data, "voxelmorph_brain_t1_aseg")
+        folder = _sample_folder(self.data_dir, "voxelmorph_brain_t1_aseg")
         case = "voxelmorph_test_scan"
         image = folder / "test_scan_t1.nii.gz"
         aseg = folder / "test_scan_aseg.nii.gz"
-        _require_file(image, case, "image")
-        _require_file(aseg, case, "label")
+        _require_file(image, case, "image", self.data_dir)
+        _require_file(aseg, case, "label", self.data_dir)
         label_out = Path(self.cache_dir) / "brain_aseg_sample" / f"{case}_brain18.nii.gz"
         if not label_out.is_file():
             lab = _load(aseg, case, "label")
@@ -326,13 +332,13 @@ class BrainAsegSample:
                 lut[aseg_id] = cls
             _atomic_nifti(lut[np.asarray(lab.dataobj).astype(np.uint8)], lab.affine, label_out)
         template = (
-            Path(self.shared_data) / "mni_icbm152_2009a_nilearn" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+            Path(self.data_dir) / "mni_icbm152_2009a_nilearn" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
         )
         return [
             {"case": case, "image": str(image), "label": str(label_out), "split": "test"},
             {
                 "case": "mni_icbm152_2009a",
-                "image": _require_file(template, "mni_icbm152_2009a", "image"),
+                "image": _require_file(template, "mni_icbm152_2009a", "image", self.data_dir),
                 "split": "calib",
             },
         ]
@@ -344,7 +350,7 @@ class BrainT1Crop:
     against the FP32 model's prediction (agreement metrics). Calibrated on a different brain (the VoxelMorph T1).
     """
 
-    shared_data: str = "../shared/data"
+    data_dir: str = field(default_factory=_default_data_dir)
     num_classes: int = 18
 
     @property
@@ -354,15 +360,14 @@ class BrainT1Crop:
         return ["background", *(f"class_{i}" for i in range(1, self.num_classes))]
 
     def cases(self) -> list[dict[str, str]]:
-        shared = Path(self.shared_data)
-        folder = _shared_folder(self.shared_data, "brainchop_t1_meshnet")
-        image = _require_file(folder / "t1_crop.nii.gz", "brainchop_t1_crop", "image")
-        calib = shared / "voxelmorph_brain_t1_aseg" / "test_scan_t1.nii.gz"
+        folder = _sample_folder(self.data_dir, "brainchop_t1_meshnet")
+        image = _require_file(folder / "t1_crop.nii.gz", "brainchop_t1_crop", "image", self.data_dir)
+        calib = Path(self.data_dir) / "voxelmorph_brain_t1_aseg" / "test_scan_t1.nii.gz"
         return [
             {"case": "brainchop_t1_crop", "image": image, "split": "test"},
             {
                 "case": "voxelmorph_test_scan",
-                "image": _require_file(calib, "voxelmorph_test_scan", "image"),
+                "image": _require_file(calib, "voxelmorph_test_scan", "image", self.data_dir),
                 "split": "calib",
             },
         ]

@@ -244,12 +244,7 @@ def test_empty_split_and_bad_layout(tmp_path):
         datamodule("abdomenatlas", tmp_path, f"dataset.root={tmp_path / 'nowhere'}").splits  # noqa: B018
 
 
-# -- the real samples in shared/data ---------------------------------------------------------------------
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
-
-
-@needs_shared
+# -- the real samples shipped in data/ (paths.data_dir) --------------------------------------------------
 def test_ts_example_ct_real_sample(tmp_path):
     dm = datamodule("ts_example_ct", tmp_path)
     assert [c["case"] for c in dm.splits["test"]] == ["ts_example_top30"]
@@ -262,7 +257,6 @@ def test_ts_example_ct_real_sample(tmp_path):
     assert calib["image"].shape[-1] == 122  # slices 0..81 at 3 mm -> 2 mm
 
 
-@needs_shared
 def test_brain_aseg_sample_real_sample(tmp_path):
     dm = datamodule("brain_aseg_sample", tmp_path)
     batch = first(dm.test_dataloader())
@@ -300,7 +294,6 @@ def test_cli_bad_label_values_exit_nonzero_without_success_record(tmp_path):
     assert all(p.name.endswith(".error.json") for p in results.glob("*.json"))
 
 
-@needs_shared
 def test_brain_t1_crop_has_no_labels(tmp_path):
     dm = datamodule("brain_t1_crop", tmp_path)
     assert not dm.test_has_labels and dm.class_names[13] == "Brain-Stem"
@@ -330,6 +323,17 @@ def test_non_ras_input_is_reoriented(tmp_path):
     assert item["image"][0, -1, -1, 0].item() == pytest.approx(37.5)  # voxel (0, 0, 0) flipped along x and y
 
 
-def test_missing_shared_data_says_what_to_set(tmp_path):
-    with pytest.raises(DatasetError, match="paths.shared_data"):
-        datamodule("ts_example_ct", tmp_path, f"paths.shared_data={tmp_path / 'nowhere'}").splits  # noqa: B018
+@pytest.mark.parametrize("name", ["ts_example_ct", "brain_aseg_sample", "brain_t1_crop"])
+def test_missing_samples_say_what_to_set(tmp_path, name):
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(DatasetError, match="set paths.data_dir to the folder holding them") as err:
+        datamodule(name, tmp_path, f"paths.data_dir={nowhere}").splits  # noqa: B018
+    assert f"paths.data_dir='{nowhere}' (no samples there)" in str(err.value)
+
+
+def test_a_missing_sample_file_says_what_to_set(tmp_path):
+    """A samples folder that lacks one file: the error names the case, the file and the setting."""
+    partial = tmp_path / "partial" / "voxelmorph_brain_t1_aseg"
+    partial.mkdir(parents=True)
+    with pytest.raises(DatasetError, match="case 'voxelmorph_test_scan': image file .* is missing; .*paths.data_dir"):
+        datamodule("brain_aseg_sample", tmp_path, f"paths.data_dir={partial.parent}").splits  # noqa: B018

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-#: ``shared/reference/keys/*.json``: the reference implementations' state-dict keys with shapes.
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
+#: ``tests/models/keys/*.json``: the reference implementations' state-dict keys with shapes (PROVENANCE.md there).
+KEYS = Path(__file__).resolve().parent / "keys"
 
 
 def random_state(keys: dict[str, list[int]], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ from mqb.models.medptq_unet import UNet3D
 from tests.models.reference import KEYS, quantized_errors, random_state
 
 register_configs()
-needs_keys = pytest.mark.skipif(not (KEYS / "medptq_unet3d.json").is_file(), reason="shared/reference/keys not present")
 
 
 def test_parameter_count_and_layout():
@@ -25,7 +24,6 @@ def test_parameter_count_and_layout():
     assert (alias.in_channels, alias.out_channels) == (2, 5) and alias.outc.conv.out_channels == 5
 
 
-@needs_keys
 def test_state_dict_keys_and_shapes_equal_reference():
     ref = json.loads((KEYS / "medptq_unet3d.json").read_text())
     net = UNet3D(ref["in_channels"], ref["out_channels"], 16)
@@ -33,7 +31,6 @@ def test_state_dict_keys_and_shapes_equal_reference():
     assert sum(p.numel() for p in net.parameters()) == ref["params"]
 
 
-@needs_keys
 def test_strict_load_of_reference_shaped_state_and_round_trip():
     ref = json.loads((KEYS / "medptq_unet3d.json").read_text())
     state = random_state(ref["keys"])

@@ -1,7 +1,5 @@
 """MeshNet: parameter counts of the five brainchop models and strict loading of their released weights."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -15,7 +13,6 @@ from mqb.metrics import case_metrics
 from mqb.models import MeshNet
 
 register_configs()
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 # (config, classes, parameters from brainchop_t1_meshnet/PROVENANCE.md)
 MODELS = [
@@ -41,7 +38,6 @@ def test_parameter_count(name, classes, params):
     assert sum(p.numel() for p in net.parameters()) == params
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
 @pytest.mark.parametrize("name,classes,params", MODELS)
 def test_released_weights_load_strictly(name, classes, params):
     net, cfg = _net(name, classes)
@@ -76,7 +72,6 @@ def _dsc(prediction: torch.Tensor, label: torch.Tensor) -> np.ndarray:
     return case_metrics(prediction, label, 18, (1.0, 1.0, 1.0), [1.0])["dsc"]
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
 def test_real_weights_on_real_brain_crop_match_the_full_volume_dice():
     """The deep structures' box plus a 24-voxel margin of context (a fifth of the voxels) gives the full-volume
     Dice of those structures within 0.02."""
@@ -92,7 +87,6 @@ def test_real_weights_on_real_brain_crop_match_the_full_volume_dice():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHARED.is_dir(), reason="shared/data not present")
 def test_real_weights_on_the_whole_brain_volume():
     net, image, label = _brain_case()
     with torch.no_grad():

@@ -16,7 +16,7 @@ from mqb.models.nnunet import BTCV_STRIDES, from_plans, nnunet, plain_conv_unet
 from mqb.quant import QuantRecipe, calibrate, quantize, summarize
 
 register_configs()
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
+KEYS = Path(__file__).resolve().parent / "keys"
 PARAMS = 30_713_158  # BTCV plan, 14 outputs (shared/reference/architectures-cnn.md, section 1.2)
 PARAMS_LAST_222 = 31_122_758  # the same plan with last stride [2,2,2]
 SHAPE = (1, 1, 16, 32, 32)  # divisible by the plan's stride products 8 x 32 x 32
@@ -74,7 +74,6 @@ def test_parameter_counts():
         assert _count(plain_conv_unet(1, 105)) == 30_786_413
 
 
-@pytest.mark.skipif(not KEYS.is_dir(), reason="shared/reference/keys not present")
 def test_state_dict_keys_shapes_and_aliases_equal_reference(btcv):
     net, _, _ = btcv
     ref = json.loads((KEYS / "nnunet_btcv.json").read_text())

@@ -15,7 +15,6 @@ from mqb.quant import QuantRecipe, QuantSpec, dequantize, fake_quantize, quantiz
 from tests.models.reference import KEYS, quantized_errors, random_state
 
 register_configs()
-needs_keys = pytest.mark.skipif(not (KEYS / "segformer3d.json").is_file(), reason="shared/reference/keys not present")
 
 
 def _reference() -> dict:
@@ -30,7 +29,6 @@ def test_parameter_counts(in_channels, out_channels, params):
         assert sum(p.numel() for p in SegFormer3D().parameters()) == params  # the defaults are the published config
 
 
-@needs_keys
 def test_state_dict_keys_and_shapes_equal_reference():
     ref = _reference()
     net = SegFormer3D(ref["in_channels"], ref["out_channels"])
@@ -38,7 +36,6 @@ def test_state_dict_keys_and_shapes_equal_reference():
     assert sum(p.numel() for p in net.parameters()) == ref["params"]
 
 
-@needs_keys
 def test_strict_load_of_reference_shaped_state_and_round_trip():
     ref = _reference()
     state = random_state(ref["keys"])

@@ -19,7 +19,7 @@ from mqb.models.stunet import SIZES, STUNet, stunet
 from mqb.quant import QuantRecipe, calibrate, quantize, summarize
 
 register_configs()
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
+KEYS = Path(__file__).resolve().parent / "keys"
 
 # Measured with the reference class (shared/reference/architectures-cnn.md, section 2): out=14 (BTCV) and
 # out=105 (TotalSegmentator, 104 classes + background; equal to the README / paper figures).
@@ -48,7 +48,6 @@ def test_parameter_count(size, out, column):
     assert _count(net) == PARAMS[size][column]
 
 
-@pytest.mark.skipif(not KEYS.is_dir(), reason="shared/reference/keys not present")
 @pytest.mark.parametrize("size", list(PARAMS))
 def test_state_dict_keys_and_shapes_equal_reference(size):
     ref = json.loads((KEYS / f"stunet_{size.lower()}.json").read_text())

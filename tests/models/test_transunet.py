@@ -16,7 +16,6 @@ from mqb.quant import QuantRecipe, QuantSpec, calibrate, fake_quantize, quantize
 from tests.models.reference import KEYS, quantized_errors, random_state
 
 register_configs()
-needs_keys = pytest.mark.skipif(not (KEYS / "transunet3d.json").is_file(), reason="shared/reference/keys not present")
 
 #: A small configuration with the same layout (fast to quantize on a CPU).
 SMALL = dict(img_size=32, base_channels=8, embed_dim=64, mlp_dim=128, num_heads=4, num_layers=2)
@@ -25,8 +24,6 @@ SMALL = dict(img_size=32, base_channels=8, embed_dim=64, mlp_dim=128, num_heads=
 @pytest.fixture(scope="module")
 def reference_net():
     """The trained MedPTQ configuration (defaults) loaded strictly with a state dict built from the key list."""
-    if not (KEYS / "transunet3d.json").is_file():
-        pytest.skip("shared/reference/keys not present")
     ref = json.loads((KEYS / "transunet3d.json").read_text())
     net = TransUNet3D(in_channels=ref["in_channels"], out_channels=ref["out_channels"]).eval()
     state = random_state(ref["keys"])
@@ -41,7 +38,6 @@ def test_defaults_are_the_trained_configuration():
     assert net.img_size == (96, 96, 96) and net.position_embeddings.shape == (1, 216, 768)
 
 
-@needs_keys
 def test_state_dict_keys_shapes_and_round_trip(reference_net):
     net, ref, state = reference_net
     saved = net.state_dict()
@@ -56,7 +52,6 @@ def test_state_dict_keys_shapes_and_round_trip(reference_net):
     assert torch.equal(attn.in_proj.weight, state["transformer_blocks.3.self_attn.in_proj_weight"])
 
 
-@needs_keys
 def test_forward_at_the_trained_window(reference_net):
     net, ref, _ = reference_net
     with torch.no_grad():

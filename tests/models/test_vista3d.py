@@ -10,7 +10,7 @@ from monai.networks.nets import vista3d132
 from mqb.models.vista3d import VISTA3DAuto
 from mqb.quant import QuantRecipe, calibrate, quantize, summarize
 
-KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys" / "vista3d.json"
+KEYS = Path(__file__).resolve().parent / "keys" / "vista3d.json"
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,6 @@ def net() -> VISTA3DAuto:
     return VISTA3DAuto(in_channels=1, out_channels=4, class_ids=[1, 3, 4]).eval()
 
 
-@pytest.mark.skipif(not KEYS.is_file(), reason="shared/reference/keys not present")
 def test_keys_shapes_and_parameters_match_the_reference(net):
     reference = json.loads(KEYS.read_text())
     assert {k: list(v.shape) for k, v in net.state_dict().items()} == reference["keys"]
