@@ -43,8 +43,8 @@ from mqb.analysis.sensitivity import (
     rank_correlation,
 )
 from mqb.config import register_configs
-from mqb.eval import CONF_DIR, _user_error, build_recipe, calibration_inputs, load_model, run_job
-from mqb.quant import calibrate, quantizable_layers, quantize
+from mqb.eval import CONF_DIR, _user_error, build_methods, build_recipe, calibration_inputs, load_model, run_job
+from mqb.quant import ptq, quantizable_layers
 from mqb.quant.selectors import matches_any, validate_selector
 from mqb.quant.spec import get_precision
 from mqb.results import stable_hash, write_json_atomic
@@ -116,14 +116,14 @@ def quantized_layer_names(cfg: DictConfig, selector: list[str]) -> tuple[torch.n
 
 
 def error_proxies(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Per-layer output MSE / SQNR of the fully quantized model on the calibration volumes."""
+    """Per-layer output MSE / SQNR of the fully quantized model on the calibration volumes: the model the Dice
+    steps evaluate (:func:`mqb.quant.ptq` with the config's PTQ methods, as ``mqb.eval`` runs it)."""
     recipe = build_recipe(cfg)
     assert recipe is not None
     net, _ = load_model(cfg)
     net.to(compute_device(cfg))  # the forward sends each volume to the network's device
     batches, forward = calibration_inputs(cfg, net)
-    quantize(net, recipe)
-    calibrate(net, batches(), forward=forward)
+    ptq(net, recipe, batches, forward, methods=build_methods(cfg))
     return layer_error_proxies(net, batches(), forward=forward)
 
 

@@ -131,8 +131,7 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
 
     from mqb.eval import _evaluator, build_methods, build_recipe, load_model
     from mqb.lit.evaluator import calibration_forward
-    from mqb.quant import calibrate, collect_input_ranges, needs_calibration, quantize
-    from mqb.quant.methods import apply_methods
+    from mqb.quant import ptq
 
     timings: dict[str, float] = {}
     torch.manual_seed(int(cfg.seed))  # as mqb.eval: an untrained network is the same network every run
@@ -165,17 +164,9 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
     def batches() -> Any:
         return dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed)
 
-    start = time.perf_counter()
-    methods = build_methods(cfg)
-    ranges = (
-        collect_input_ranges(net, batches(), forward=forward) if any(m.needs_input_ranges for m in methods) else None
-    )
-    quantize(net, recipe)
-    reports = apply_methods(net, methods, "transform", ranges=ranges)
-    if needs_calibration(net):
-        calibrate(net, batches(), forward=forward)
-    reports += apply_methods(net, methods, "post_calibration", batches=batches, forward=forward)
-    timings["calibration_s"] = time.perf_counter() - start
+    report = ptq(net, recipe, batches, forward, methods=build_methods(cfg))
+    reports = report.methods
+    timings["calibration_s"] = report.seconds
 
     roi = tuple(int(r) for r in dm.roi_size)
     example = torch.zeros(1, int(cfg.dataset.in_channels), *roi)

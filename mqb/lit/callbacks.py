@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,16 +12,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mqb.quant import (
-    QuantRecipe,
-    apply_input_ranges,
-    calibrate,
-    collect_input_ranges,
-    needs_calibration,
-    quantize,
-    summarize,
-)
-from mqb.quant.methods import MethodReport, PTQMethod, apply_methods
+from mqb.quant import QuantRecipe, collect_input_ranges, ptq, summarize
+from mqb.quant.methods import MethodReport, PTQMethod
 from mqb.quant.summary import QuantSummary
 from mqb.results import save_tensors_atomic
 
@@ -86,32 +77,17 @@ class QuantizationCallback(L.Callback):
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         net = pl_module.net
-        activation = self.recipe.activation
-        transforms = [m for m in self.methods if m.stage == "transform"]
-        ranges_fit_calibration = (
-            activation is not None
-            and activation.observer == "minmax"
-            and not activation.dynamic
-            and not self.recipe.attention
-            and all(r.precision is None for r in self.recipe.rules)
-            and not transforms
-            # a GroupNorm's input rank is known only once it runs: per-channel ranges for it come from calibration
-            and not ("norm" in self.recipe.include and any(isinstance(m, nn.GroupNorm) for m in net.modules()))
+        self.calibration_cached = False
+        report = ptq(
+            net,
+            self.recipe,
+            lambda: self._batches(trainer),
+            self.forward,
+            methods=self.methods,
+            input_ranges=(lambda: self._cached_ranges(trainer, net)) if self.range_cache is not None else None,
         )
-        need_ranges = any(m.needs_input_ranges for m in self.methods)
-        start = time.perf_counter()
-        use_ranges = (self.range_cache is not None and ranges_fit_calibration) or need_ranges
-        ranges = self._cached_ranges(trainer, net) if use_ranges else None
-        quantize(net, self.recipe)
-        self.method_reports = apply_methods(net, transforms, "transform", ranges=ranges)
-        if needs_calibration(net):
-            if ranges is not None and ranges_fit_calibration:
-                apply_input_ranges(net, ranges)
-            else:
-                self.calibration_cached = False
-                calibrate(net, self._batches(trainer), forward=self.forward)
-        self.method_reports += apply_methods(
-            net, self.methods, "post_calibration", batches=lambda: self._batches(trainer), forward=self.forward
-        )
-        self.calibration_seconds = time.perf_counter() - start
+        self.method_reports = report.methods
+        # the sweep's cached float ranges stood in for this config's calibration pass
+        self.calibration_cached = self.calibration_cached and report.calibration == "input_ranges"
+        self.calibration_seconds = report.seconds
         self.summary = summarize(net)

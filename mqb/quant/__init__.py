@@ -1,6 +1,6 @@
 """mqb.quant: the quantization engine (usable without Hydra or Lightning).
 
-from mqb.quant import QuantRecipe, quantize, calibrate, dequantize, summarize, fake_quantize
+from mqb.quant import QuantRecipe, ptq, quantize, calibrate, dequantize, summarize, fake_quantize
 """
 
 from mqb.quant.api import (
@@ -17,6 +17,7 @@ from mqb.quant.api import (
 from mqb.quant.attention import QuantAttention, register_attention
 from mqb.quant.fake_quant import fake_quantize, quant_scale, quantize_dequantize
 from mqb.quant.layers import LayerInfo, QuantLayer
+from mqb.quant.ptq import PTQReport, ptq
 from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer
 from mqb.quant.realizability import Realizability, realizability
 from mqb.quant.recipe import LayerPlan, LayerRule, QuantRecipe
@@ -33,6 +34,7 @@ __all__ = [
     "LayerInfo",
     "LayerPlan",
     "LayerRule",
+    "PTQReport",
     "Precision",
     "QuantAttention",
     "QuantLayer",
@@ -50,6 +52,7 @@ __all__ = [
     "get_precision",
     "needs_calibration",
     "plan",
+    "ptq",
     "quant_scale",
     "quantizable_layers",
     "quantize",

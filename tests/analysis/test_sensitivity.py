@@ -164,3 +164,42 @@ def test_sensitivity_cli_incremental_and_per_layer(tmp_path):
     bad = subprocess.run([*run, "per_layer", *common, "--layers", "conv9x9x9"], cwd=ROOT, capture_output=True,
                          text=True, timeout=300)  # fmt: skip
     assert bad.returncode == 2 and "matches no quantized layer" in bad.stderr
+
+
+def test_error_proxies_score_the_model_the_dice_steps_evaluate(tmp_path):
+    """With a PTQ method (SmoothQuant), the per-layer proxies are measured on the model ``mqb.eval`` evaluates
+    (its QuantizationCallback), not on a plain quantize + calibrate copy (what they were measured on before)."""
+    from types import SimpleNamespace
+
+    from mqb.eval import build_methods, build_recipe, calibration_inputs, load_model
+    from mqb.lit.callbacks import QuantizationCallback
+    from mqb.sensitivity import compose_eval, error_proxies
+
+    cfg = compose_eval([
+        "precision=w8a8", "granularity=per_tensor", "method=smoothquant", "model.checkpoint=null", "logger=none",
+        "model.net.channels=[4,8,16]", "model.net.strides=[2,2]", "model.net.num_res_units=1",
+        "dataset.source.num_cases=6", "dataset.source.shape=[32,32,32]", "dataset.roi_size=[32,32,32]",
+        "dataset.splits={test: 1, calib: 1, val: 1}", "calibration.num_volumes=1",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+    ])  # fmt: skip
+    torch.manual_seed(0)
+    proxies = error_proxies(cfg)
+
+    def proxies_of(prepare) -> dict:
+        torch.manual_seed(0)  # the same untrained network
+        net, _ = load_model(cfg)
+        batches, forward = calibration_inputs(cfg, net)
+        prepare(net, batches, forward)
+        return layer_error_proxies(net, batches(), forward=forward)
+
+    def evaluated(net, batches, forward) -> None:
+        callback = QuantizationCallback(build_recipe(cfg), batches, forward, progress=False, methods=build_methods(cfg))
+        callback.on_test_start(SimpleNamespace(is_global_zero=True), SimpleNamespace(net=net))
+        assert [r.method for r in callback.method_reports] == ["smoothquant"]
+
+    def plain(net, batches, forward) -> None:
+        quantize(net, build_recipe(cfg))
+        calibrate(net, batches(), forward=forward)
+
+    assert proxies == proxies_of(evaluated)
+    assert proxies != proxies_of(plain)  # SmoothQuant changes the layers' errors: the old proxies were of another model
