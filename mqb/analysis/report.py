@@ -7,6 +7,9 @@ Each step is a function of the previous one's output (only :func:`write_report` 
                                  in the paper's order, an FP32 row first per model + dataset (group_key)
             ──paper_table─────▶ Table: header, text cells, merged leading columns, footnotes
             ──to_markdown / to_latex──▶ text          rows ──to_csv──▶ text (raw numbers)
+    rows    ──per_class_entries──▶ per config x class (+ mean): value, ↓Δ%, bootstrap CI, p, Holm (mqb.analysis.stats)
+            ──per_class_tables──▶ one class x config Table per group ──to_markdown / to_latex──▶ per_class_<metric>.*
+            ──per_class_csv──▶ long-format CSV (one line per config x class)
     rows    ──dsc_bar_figure / per_class_delta_figure──▶ matplotlib Figures (no pyplot, no display needed)
 
 The writers take a :class:`Table`, not records: a table of another record kind (e.g. the layer-sensitivity
@@ -26,8 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap, Normalize, SymLogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
+from mqb.analysis.stats import FEW_CASES, compare, holm
 from mqb.results import atomic_write
 from mqb.sweep import COLUMNS, metric_with_delta, summary_rows
 
@@ -44,6 +52,14 @@ GRANULARITY_NAMES = {
 METHOD_ORDER = ("-", "rtn")
 #: Output formats of :func:`render` / :func:`write_report` and their file names.
 FORMATS = {"md": "table.md", "tex": "table.tex", "csv": "table.csv"}
+#: Metrics of the per-class tables and their file names per format (``per_class_dsc.md`` ...).
+PER_CLASS_METRICS = ("dsc", "nsd")
+PER_CLASS_FILES = {"md": "per_class_{metric}.md", "tex": "per_class_{metric}.tex", "csv": "per_class_{metric}.csv"}
+#: Columns of the per-class CSV (one line per group x quantized config x class, ``class == "mean"`` last).
+PER_CLASS_COLUMNS = ("model", "dataset", "group", "id", "precision", "granularity", "method", "config", "class",
+                     "metric", "n_cases", "fp32", "value", "drop_pct", "drop_pct_ci_low", "drop_pct_ci_high",
+                     "p", "p_holm", "significant", "test", "source")  # fmt: skip
+MEAN = "mean"
 
 UNTRAINED, NO_LABELS, FROM_BASELINE = "†", "‡", "§"
 NOTES = {
@@ -126,8 +142,15 @@ def table_rows(successes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for record, row in zip(successes, summary_rows(list(successes)), strict=True):
         per_class = record["metrics"].get("per_class") or {}
-        rows.append({**row, "per_class": per_class, "reference": record.get("reference", "labels"),
-                     "from_baseline": False, "baseline": record.get("baseline") or {}})  # fmt: skip
+        per_case = record["metrics"].get("per_case") or {}
+        stats = record.get("stats") if isinstance(record.get("stats"), dict) else None
+        dataset = (record.get("config") or {}).get("dataset") if isinstance(record.get("config"), dict) else None
+        names = dataset.get("class_names") if isinstance(dataset, dict) else None
+        rows.append({**row, "per_class": per_class if isinstance(per_class, dict) else {},
+                     "per_case": per_case if isinstance(per_case, dict) else {}, "stats": stats,
+                     "class_order": [str(n) for n in names[1:]] if isinstance(names, list) else None,
+                     "reference": record.get("reference", "labels"), "from_baseline": False,
+                     "baseline": record.get("baseline") or {}})  # fmt: skip
     has_fp32 = {group_key(r) for r in rows if r["precision"] == "fp32"}
     synthesized: dict[tuple[str, str, bool, bool, str], dict[str, Any]] = {}
     for r in rows:  # successes come oldest first: the latest baseline wins
@@ -136,7 +159,8 @@ def table_rows(successes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             synthesized[group_key(r)] = {
                 "model": r["model"], "dataset": r["dataset"], "precision": "fp32", "granularity": "-", "method": "-",
                 "dsc": base.get("dsc"), "dsc_delta_pct": None, "nsd": base.get("nsd"), "nsd_delta_pct": None,
-                "hd95": base.get("hd95"), "untrained": r["untrained"], "id": "", "per_class": {},
+                "hd95": base.get("hd95"), "untrained": r["untrained"], "id": "", "per_class": {}, "per_case": {},
+                "stats": None, "class_order": None,
                 "reference": r["reference"], "from_baseline": True, "baseline": base,
             }  # fmt: skip
 
@@ -158,6 +182,7 @@ class Table:
     merge: int = 0
     notes: list[str] = field(default_factory=list)
     align: str = ""  # LaTeX column types, "l" per column when empty
+    rule_before: tuple[int, ...] = ()  # rows preceded by a LaTeX \midrule (besides those of the merged columns)
 
 
 def precision_label(name: str) -> str:
@@ -250,7 +275,7 @@ def to_latex(table: Table, comments: Sequence[str] = ()) -> str:
     out = [r"% \usepackage{booktabs,multirow}", rf"\begin{{tabular}}{{{table.align or 'l' * n}}}", r"\toprule",
            " & ".join(latex_escape(h) for h in table.header) + r" \\", r"\midrule"]  # fmt: skip
     for i, (row, first) in enumerate(zip(table.rows, firsts, strict=True)):
-        if i > 0 and first == 0:
+        if i > 0 and ((first == 0 and table.merge > 0) or i in table.rule_before):
             out.append(r"\midrule")
         elif i > 0 and first < table.merge - 1:
             out.append(rf"\cmidrule(l){{{first + 1}-{n}}}")
@@ -292,21 +317,231 @@ def failure_lines(errors: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# -- per-class tables -------------------------------------------------------------------------------------
+def format_pct(value: float | None, minus: str = "-") -> str:
+    """A percentage with sensible precision: 2 decimals below 1 (``0.37``), 1 below 100 (``5.2``), none above
+    (``100``); never ``-0.00`` (a value that rounds to zero reads ``0.00``). ``minus``: e.g. ``"−"`` in figures."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    digits = 2 if abs(value) < 1 else 1 if abs(value) < 100 else 0
+    text = f"{abs(value):.{digits}f}"
+    return (minus if value < 0 and float(text) != 0 else "") + text
+
+
+def _config_label(row: dict[str, Any], with_method: bool) -> str:
+    return f"{precision_label(row['precision'])} {_series_label(row, with_method)}"
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+        else None  # fmt: skip
+
+
+def _group_classes(fp32: dict[str, Any] | None, quant: Sequence[dict[str, Any]], metric: str) -> list[str]:
+    """Class names in the dataset's order (``config.dataset.class_names``), else the FP32 record's, then those
+    only some quantized records have."""
+    names: dict[str, None] = {}
+    for r in ([fp32] if fp32 else []) + list(quant):
+        names.update(dict.fromkeys(r.get("class_order") or ()))
+    for r in ([fp32] if fp32 else []) + list(quant):
+        names.update(dict.fromkeys(r["per_class"]))
+        block = (r.get("stats") or {}).get(metric)
+        if isinstance(block, dict) and isinstance(block.get("per_class"), dict):
+            names.update(dict.fromkeys(block["per_class"]))
+    return list(names)
+
+
+def per_class_entries(
+    rows: Sequence[dict[str, Any]],
+    metric: str = "dsc",
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    ci_method: str = "BCa",
+    alpha: float = 0.05,
+) -> list[dict[str, Any]]:
+    """Per group (:func:`group_key`), quantized config (table order) and class (FP32 order, then ``mean``): one
+    dict with the columns :data:`PER_CLASS_COLUMNS`. Values come from, in order of preference:
+
+    * ``stats`` — the record's ``stats`` section (``mqb.analysis.stats.compare``): paired per-case means, ↓Δ%
+      with its bootstrap CI, p-value;
+    * ``per_case`` — computed here with :func:`mqb.analysis.stats.compare` from the per-case values of the
+      quantized record and of the group's fp32 record (``metrics.per_case``), seeded;
+    * ``per_class`` — the records' class means only: ↓Δ% = 100 (FP32 - quantized) / FP32, no CI, no test.
+
+    ``p_holm`` / ``significant``: Holm's correction across the quantized configs of the group, one family per
+    class (and mean); ``significant`` is ``p_holm < alpha``."""
+    out = []
+    names = group_names(rows)
+    options = {"n_resamples": n_resamples, "seed": seed, "confidence": confidence, "ci_method": ci_method,
+               "alpha": alpha}  # fmt: skip
+    for key, cell in names.items():
+        group = [r for r in rows if group_key(r) == key]
+        fp32 = next((r for r in group if r["precision"] == "fp32" and (r["per_case"] or r["per_class"])), None)
+        fp32 = fp32 or next((r for r in group if r["precision"] == "fp32"), None)
+        quant = [r for r in group if r["precision"] != "fp32"]
+        classes = _group_classes(fp32, quant, metric)
+        with_method = len({r["method"] for r in quant}) > 1
+        group_entries = []
+        for r in quant:
+            stats = r.get("stats") or {}
+            block = stats.get(metric) if isinstance(stats.get(metric), dict) else None
+            source = "stats"
+            if block is None and fp32 is not None and fp32["per_case"] and r["per_case"]:
+                # per-case lists are in the dataset's class order; the records' per_class keys are sorted (JSON)
+                order = r["class_order"] or fp32["class_order"]
+                order = order if fp32["class_order"] in (None, order) else None
+                try:
+                    computed = compare({"per_class": fp32["per_class"], "per_case": fp32["per_case"]},
+                                       {"per_class": r["per_class"], "per_case": r["per_case"]},
+                                       metrics=(metric,), class_names=order, **options)  # fmt: skip
+                    block, source = computed[metric], "per_case"
+                except ValueError:  # the class of each per-case value is unknown: class means only
+                    block = None
+            per_class_block = (block or {}).get("per_class") if isinstance((block or {}).get("per_class"), dict) else {}
+            for c in [*classes, MEAN]:
+                e = (block or {}).get("mean") if c == MEAN else per_class_block.get(c)
+                e = e if isinstance(e, dict) else None
+                if c == MEAN:
+                    own, base = r.get(metric), (fp32 or {}).get(metric)
+                else:
+                    own = (r["per_class"].get(c) or {}).get(metric)
+                    base = ((fp32 or {}).get("per_class", {}).get(c) or {}).get(metric)
+                entry = {
+                    "model": r["model"], "dataset": r["dataset"], "group": cell, "id": r["id"],
+                    "precision": r["precision"], "granularity": r["granularity"], "method": r["method"],
+                    "config": _config_label(r, with_method), "class": c, "metric": metric,
+                    "n_cases": None, "fp32": _float(base), "value": _float(own), "drop_pct": None,
+                    "drop_pct_ci_low": None, "drop_pct_ci_high": None, "p": None, "p_holm": None,
+                    "significant": None, "test": None, "source": "per_class", "min_p": None,
+                }  # fmt: skip
+                if e is not None and e.get("n"):
+                    entry.update(
+                        n_cases=e.get("n"), fp32=_float(e.get("fp32")), value=_float(e.get("quant")),
+                        drop_pct=_float(e.get("drop_pct")), drop_pct_ci_low=_float(e.get("drop_pct_ci_low")),
+                        drop_pct_ci_high=_float(e.get("drop_pct_ci_high")), p=_float(e.get("p")),
+                        test=e.get("test"), source=source, min_p=_float(e.get("min_p")),
+                    )  # fmt: skip
+                elif c == MEAN and r.get(f"{metric}_delta_pct") is not None:
+                    entry["drop_pct"] = _float(r[f"{metric}_delta_pct"])  # the record's own Δ%, as in the table
+                elif entry["fp32"] and entry["value"] is not None:
+                    entry["drop_pct"] = 100.0 * (entry["fp32"] - entry["value"]) / entry["fp32"]
+                group_entries.append(entry)
+        for c in [*classes, MEAN]:
+            family = {str(i): e for i, e in enumerate(group_entries) if e["class"] == c}
+            adjusted = holm({i: e["p"] for i, e in family.items()})
+            for i, e in family.items():
+                e["p_holm"] = adjusted[i]
+                e["significant"] = None if adjusted[i] is None else bool(adjusted[i] < alpha)
+        out += group_entries
+    return out
+
+
+def _pct_with_ci(e: dict[str, Any]) -> str:
+    if e["drop_pct"] is None:
+        return ""
+    text = f"{format_pct(e['drop_pct'])}%"
+    if e["drop_pct_ci_low"] is not None and e["drop_pct_ci_high"] is not None:
+        text += f" [{format_pct(e['drop_pct_ci_low'])}, {format_pct(e['drop_pct_ci_high'])}]"
+    return text
+
+
+def per_class_cell(e: dict[str, Any]) -> str:
+    """``0.875 (0.70% [0.21, 1.3])*``: the quantized value, ↓Δ% with its CI, ``*`` when significant after Holm."""
+    value = "-" if e["value"] is None else f"{e['value']:.3f}"
+    pct = _pct_with_ci(e)
+    return value + (f" ({pct})" if pct else "") + ("*" if e["significant"] else "")
+
+
+def per_class_tables(entries: Sequence[dict[str, Any]], alpha: float = 0.05) -> dict[tuple[str, str], Table]:
+    """``(model, group cell) -> Table``: classes (and ``Mean``) x configs, the FP32 column first; cells
+    :func:`per_class_cell`; footnotes on the convention, the interval, the test and what could not be computed."""
+    tables = {}
+    for model, cell in dict.fromkeys((e["model"], e["group"]) for e in entries):
+        group = [e for e in entries if (e["model"], e["group"]) == (model, cell)]
+        configs = list(dict.fromkeys((e["id"], e["config"]) for e in group))
+        classes = list(dict.fromkeys(e["class"] for e in group))
+        by = {(e["id"], e["class"]): e for e in group}
+        body = []
+        for c in classes:
+            fp32 = next((by[(i, c)]["fp32"] for i, _ in configs if by.get((i, c)) and by[(i, c)]["fp32"] is not None),
+                        None)  # fmt: skip
+            body.append(("Mean" if c == MEAN else c, "-" if fp32 is None else f"{fp32:.3f}",
+                         *(per_class_cell(by[(i, c)]) if (i, c) in by else "-" for i, _ in configs)))  # fmt: skip
+        metric = group[0]["metric"].upper()
+        notes = [f"{metric} per class: quantized value (↓Δ% [CI]); ↓Δ% = 100 (FP32 - quantized) / FP32, "
+                 "positive: worse than FP32."]  # fmt: skip
+        sources = Counter(e["source"] for e in group)
+        if sources["stats"] or sources["per_case"]:
+            ns = sorted({e["n_cases"] for e in group if e["n_cases"]})
+            n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+            notes.append(f"[CI]: 95% bootstrap interval over the {n_text} test cases (paired per-case differences); "
+                         f"* significant at α = {alpha:g} after Holm's correction across the {len(configs)} "
+                         "configs of this table (exact sign-flip permutation test up to 12 cases, Wilcoxon "
+                         "signed-rank above).")  # fmt: skip
+            if ns and ns[-1] < FEW_CASES:
+                notes.append(f"Only {n_text} test cases: the intervals are too narrow (they undercover) and the "
+                             "test decides.")  # fmt: skip
+            floors = [e["min_p"] for e in group if e["min_p"] is not None]
+            if floors and min(floors) >= alpha:
+                notes.append(f"With {n_text} test cases no difference can be significant at α = {alpha:g} "
+                             f"(smallest attainable p = {min(floors):.3g}).")  # fmt: skip
+            notes.append("Mean: per case the mean over the classes present in both, then the mean over cases.")
+        if sources["per_class"]:
+            notes.append("Cells without [CI]: no per-case values (or no FP32 record) for them; ↓Δ% from class means.")
+        tables[(model, cell)] = Table(("Class", "FP32", *(label for _, label in configs)), body, merge=0,
+                                      notes=notes, align="l" + "c" * (len(configs) + 1),
+                                      rule_before=(classes.index(MEAN),) if MEAN in classes else ())  # fmt: skip
+    return tables
+
+
+def per_class_csv(entries: Sequence[dict[str, Any]]) -> str:
+    """Long format, raw numbers: one line per group x quantized config x class (:data:`PER_CLASS_COLUMNS`)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=PER_CLASS_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(entries)
+    return buf.getvalue()
+
+
+def render_per_class(entries: Sequence[dict[str, Any]], fmt: str) -> str:
+    """The per-class tables of one metric as ``md`` (a heading per group), ``tex`` (a tabular per group) or
+    ``csv`` (:func:`per_class_csv`)."""
+    if fmt == "csv":
+        return per_class_csv(entries)
+    tables = per_class_tables(entries)
+    metric = entries[0]["metric"].upper() if entries else ""
+    if fmt == "md":
+        return "\n".join(f"### {model} on {cell}: per-class {metric}\n\n{to_markdown(t)}"
+                         for (model, cell), t in tables.items())  # fmt: skip
+    if fmt == "tex":
+        return "\n".join(f"% {model} on {cell}: per-class {metric}\n{to_latex(t)}"
+                         for (model, cell), t in tables.items())  # fmt: skip
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(PER_CLASS_FILES)}")
+
+
 # -- the report -------------------------------------------------------------------------------------------
 @dataclass
 class Report:
-    """A results directory's records, the table rows built from them and the paper table."""
+    """A results directory's records, the table rows built from them, the paper table and, per metric of
+    :data:`PER_CLASS_METRICS`, the per-class entries (:func:`per_class_entries`)."""
 
     selection: Selection
     rows: list[dict[str, Any]]
     table: Table
+    per_class: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-def build_report(records: Iterable[dict[str, Any]]) -> Report:
-    """Records (e.g. ``mqb.results.read_records(dir)``) -> selection, rows and the paper table."""
+def build_report(records: Iterable[dict[str, Any]], n_resamples: int = 10_000, seed: int = 0) -> Report:
+    """Records (e.g. ``mqb.results.read_records(dir)``) -> selection, rows, the paper table and the per-class
+    entries (bootstrap with ``n_resamples`` resamples, ``seed``, where records lack a ``stats`` section)."""
+    # TODO(mqb.results): unreadable / truncated record files are skipped by mqb.results.read_records (not here);
+    # a record whose "metrics" or "stats" has the wrong shape is set aside (select_records) or ignored
+    # (per_class_entries), never fatal.
     selection = select_records(records)
     rows = table_rows(selection.successes)
-    return Report(selection, rows, paper_table(rows))
+    per_class = {m: per_class_entries(rows, m, n_resamples=n_resamples, seed=seed) for m in PER_CLASS_METRICS}
+    return Report(selection, rows, paper_table(rows), per_class)
 
 
 def render(report: Report, fmt: str) -> str:
@@ -364,38 +599,85 @@ def dsc_bar_figure(group: Sequence[dict[str, Any]], title: str) -> Figure | None
     return fig
 
 
-def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else math.nan
+def _color_scale(values: Sequence[float]) -> tuple[Normalize, ListedColormap]:
+    """A norm and a colour map whose range is the data's ``[min, max]`` with white at 0 (blue below, red above,
+    the red-blue map cut to the data's side(s) of 0). Values spanning more than two decades (e.g. W8A8 drops of
+    0.3% beside W4A4 drops of 80%) get a symmetric-log scale, linear within 1/100 of the largest magnitude."""
+    lo, hi = min(values, default=0.0), max(values, default=0.0)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo == 0:
+        hi = 1e-3
+    big = max(abs(lo), abs(hi))
+    small = [abs(v) for v in values if v != 0]
+    if small and big / min(small) > 100:
+        norm: Normalize = SymLogNorm(linthresh=big / 100, vmin=lo, vmax=hi, base=10)
+
+        def t(v: float) -> float:
+            return float(np.sign(v) * np.log10(1 + abs(v) / (big / 100)))
+    else:
+        norm = Normalize(vmin=lo, vmax=hi)
+
+        def t(v: float) -> float:
+            return float(v)
+
+    span = max(abs(t(lo)), abs(t(hi)))
+    base = colormaps["RdBu_r"]
+    cmap = ListedColormap(base(np.linspace(0.5 + 0.5 * t(lo) / span, 0.5 + 0.5 * t(hi) / span, 256)))
+    return norm, cmap
 
 
-def per_class_delta_figure(group: Sequence[dict[str, Any]], title: str) -> Figure | None:
-    """Heat map of one group's per-class DSC drop ``DSC_fp32 - DSC_quantized`` (configs x classes); ``None``
-    without an fp32 record holding per-class values or without quantized rows holding them."""
-    fp32 = next((r for r in group if r["precision"] == "fp32" and r["per_class"]), None)
-    quant = [r for r in group if r["precision"] != "fp32" and r["per_class"]]
-    if fp32 is None or not quant:
+def _tick_pct(value: float) -> str:
+    """Colour-bar labels: ``0%``, ``1%``, ``10%``, ``79.6%``, ``−0.05%`` (3 significant digits, a real minus)."""
+    return f"{value:.3g}%".replace("-", "−") if value != 0 else "0%"
+
+
+def per_class_delta_figure(entries: Sequence[dict[str, Any]], title: str) -> Figure | None:
+    """Heat map of one group's per-class ↓Δ% (configs x classes, ``mean`` last; :func:`per_class_entries`):
+    cells read the drop in percent (``0.37%``, ``−0.12%``: better than FP32), ``*`` when significant after Holm;
+    the colour bar spans the data's range. ``None`` without any ↓Δ% value."""
+    entries = [e for e in entries if e["class"] != MEAN]
+    if not any(e["drop_pct"] is not None for e in entries):
         return None
-    classes = list(fp32["per_class"])
-    base = [_number((fp32["per_class"][c] or {}).get("dsc")) for c in classes]
-    matrix = [[b - _number((r["per_class"].get(c) or {}).get("dsc")) for c, b in zip(classes, base, strict=True)]
-              for r in quant]  # fmt: skip
-    finite = [abs(v) for line in matrix for v in line if math.isfinite(v)]
-    vmax = max(finite, default=0.0) or 1e-3
-    with_method = len({r["method"] for r in quant}) > 1
-    labels = [f"{precision_label(r['precision'])} {_series_label(r, with_method)}" for r in quant]
-    fig = Figure(figsize=(3.0 + 0.35 * len(classes), 1.6 + 0.32 * len(quant)), layout="constrained")
+    configs = list(dict.fromkeys((e["id"], e["config"]) for e in entries))
+    classes = list(dict.fromkeys(e["class"] for e in entries))
+    by = {(e["id"], e["class"]): e for e in entries}
+    matrix = np.array([[(by.get((i, c)) or {}).get("drop_pct") for c in classes] for i, _ in configs], dtype=float)
+    finite = [float(v) for v in matrix.ravel() if np.isfinite(v)]
+    norm, cmap = _color_scale(finite)
+    fig = Figure(figsize=(3.2 + 0.6 * len(classes), 2.2 + 0.34 * len(configs)), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, aspect="auto")
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize="small")
-    ax.set_yticks(range(len(quant)), labels, fontsize="small")
-    if len(classes) * len(quant) <= 300:
-        for i, line in enumerate(matrix):
-            for j, v in enumerate(line):
-                if math.isfinite(v):
-                    color = "white" if abs(v) > 0.6 * vmax else "black"
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6, color=color)
-    ax.set_title(f"Per-class DSC drop vs FP32: {title}")
-    fig.colorbar(image, ax=ax, label="DSC$_{FP32}$ − DSC")
+    ax.set_yticks(range(len(configs)), [label for _, label in configs], fontsize="small")
+    marked = False
+    if len(classes) * len(configs) <= 300:
+        for i, (cid, _) in enumerate(configs):
+            for j, c in enumerate(classes):
+                v = matrix[i, j]
+                if not np.isfinite(v):
+                    continue
+                star = "*" if by[(cid, c)]["significant"] else ""
+                marked |= bool(star)
+                r, g, b, _ = cmap(norm(v))
+                color = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+                ax.text(j, i, f"{format_pct(v, minus='−')}%{star}", ha="center", va="center", fontsize=6,
+                        color=color)  # fmt: skip
+    metric = entries[0]["metric"].upper()
+    formula = f"↓Δ% = 100·({metric}$_{{FP32}}$ − {metric}) / {metric}$_{{FP32}}$"
+    ax.set_title(f"Per-class {metric} drop vs FP32: {title}\n{formula}" + ("; * significant after Holm" * marked),
+                 fontsize="medium")  # fmt: skip
+    bar = fig.colorbar(image, ax=ax, label="↓Δ% (positive: worse)")
+    if isinstance(norm, SymLogNorm):  # the data's extremes, 0, and the decades not too close to those
+        lo, hi, lin = float(norm.vmin), float(norm.vmax), float(norm.linthresh)
+        top = math.floor(math.log10(max(-lo, hi)))
+        decades = [sign * 10.0**k for k in range(math.ceil(math.log10(lin)), top + 1) for sign in (1, -1)]
+        ticks = {0.0}
+        for t in (hi, lo, *decades):
+            if lo <= t <= hi and all(abs(float(norm(t)) - float(norm(u))) > 0.12 for u in ticks):
+                ticks.add(t)
+        bar.set_ticks(sorted(ticks))
+        bar.ax.minorticks_off()
+    bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_pct(v)))
     return fig
 
 
@@ -403,33 +685,47 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
 
 
-def figures(rows: Sequence[dict[str, Any]]) -> dict[str, Figure]:
+def figures(rows: Sequence[dict[str, Any]], per_class: Sequence[dict[str, Any]] | None = None) -> dict[str, Figure]:
     """File name -> figure, per group: ``dsc_<model>_<dataset>.png`` and ``per_class_delta_dsc_<model>_<dataset>.png``
-    (``_untrained``, ``_nolabels``, ``_2`` ... appended for the groups marked †, ‡, (2) ... in the table)."""
+    (``_untrained``, ``_nolabels``, ``_2`` ... appended for the groups marked †, ‡, (2) ... in the table).
+    ``per_class``: the DSC entries of :func:`per_class_entries` (computed from ``rows`` when not given)."""
+    entries = per_class_entries(rows, "dsc") if per_class is None else per_class
     out = {}
     for key, cell in group_names(rows).items():
         group = [r for r in rows if group_key(r) == key]
         name = f"{_slug(key[0])}_{_slug(cell.replace(UNTRAINED, '_untrained').replace(NO_LABELS, '_nolabels'))}.png"
-        for prefix, make in (("dsc_", dsc_bar_figure), ("per_class_delta_dsc_", per_class_delta_figure)):
-            fig = make(group, f"{key[0]} on {cell}")
-            if fig is not None:
-                out[prefix + name] = fig
+        bars = dsc_bar_figure(group, f"{key[0]} on {cell}")
+        if bars is not None:
+            out["dsc_" + name] = bars
+        heat = per_class_delta_figure([e for e in entries if (e["model"], e["group"]) == (key[0], cell)],
+                                      f"{key[0]} on {cell}")  # fmt: skip
+        if heat is not None:
+            out["per_class_delta_dsc_" + name] = heat
     return out
 
 
 def write_report(report: Report, out: str | os.PathLike[str], formats: Iterable[str] = tuple(FORMATS),
                  with_figures: bool = False) -> list[Path]:  # fmt: skip
-    """Write ``out/table.{md,tex,csv}`` (and the PNG figures) atomically; returns the paths written."""
+    """Write ``out/table.{md,tex,csv}``, the per-class tables ``out/per_class_<metric>.{md,tex,csv}`` (per metric
+    of :data:`PER_CLASS_METRICS` with values) and, ``with_figures``, the PNG figures, atomically; returns the
+    paths written."""
     folder = Path(out)
     paths = []
-    for fmt in formats:
-        text = render(report, fmt)
-        path = folder / FORMATS[fmt]
+
+    def write(path: Path, text: str) -> None:
         with atomic_write(path) as tmp:
             tmp.write_text(text, encoding="utf-8")
         paths.append(path)
+
+    formats = tuple(formats)
+    for fmt in formats:
+        write(folder / FORMATS[fmt], render(report, fmt))
+    for metric, entries in report.per_class.items():
+        if entries:
+            for fmt in formats:
+                write(folder / PER_CLASS_FILES[fmt].format(metric=metric), render_per_class(entries, fmt))
     if with_figures:
-        for name, fig in figures(report.rows).items():
+        for name, fig in figures(report.rows, report.per_class.get("dsc")).items():
             path = folder / name
             with atomic_write(path) as tmp:
                 fig.savefig(tmp, dpi=150)

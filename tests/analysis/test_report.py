@@ -240,9 +240,13 @@ def test_figures_are_pngs(results, tmp_path):
     paths = write_report(report, tmp_path / "out", ("md",), with_figures=True)
     names = sorted(p.name for p in paths)
     assert names == ["dsc_swin_unetr_btcv.png", "dsc_unet_btcv.png", "per_class_delta_dsc_swin_unetr_btcv.png",
-                     "per_class_delta_dsc_unet_btcv.png", "table.md"]  # fmt: skip
+                     "per_class_delta_dsc_unet_btcv.png", "per_class_dsc.md", "per_class_nsd.md",
+                     "table.md"]  # fmt: skip
     for p in paths:
-        assert p.stat().st_size > 1000 if p.suffix == ".png" else p.read_text().startswith("| Architecture")
+        if p.suffix == ".png":
+            assert p.stat().st_size > 1000
+        else:
+            assert p.read_text().startswith("### " if p.name.startswith("per_class") else "| Architecture")
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG_MAGIC
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -278,7 +282,171 @@ def test_cli_exit_codes_in_process(results, tmp_path, capsys):
         main([str(results), "--formats", "md,pdf"])
     assert exc.value.code == 2 and "unknown format(s) pdf" in capsys.readouterr().err
     assert main([str(results), "--out", str(tmp_path / "md_only"), "--formats", "md"]) == 0
-    assert sorted(p.name for p in (tmp_path / "md_only").iterdir()) == ["table.md"]
+    assert sorted(p.name for p in (tmp_path / "md_only").iterdir()) == ["per_class_dsc.md", "per_class_nsd.md",
+                                                                        "table.md"]  # fmt: skip
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0 and "--figures" in capsys.readouterr().out
+
+
+# -- per-class tables and the heat map ---------------------------------------------------------------------
+def per_class_csv_rows(folder: Path, metric: str = "dsc") -> list[dict]:
+    return list(csv.DictReader(io.StringIO((folder / f"per_class_{metric}.csv").read_text())))
+
+
+def test_per_class_tables_from_class_means(results, tmp_path):
+    """Records without per-case values: ↓Δ% from the class means, no interval, no test."""
+    report = build_report(read_records(results), n_resamples=200)
+    paths = write_report(report, tmp_path / "out")
+    assert {p.name for p in paths} >= {f"per_class_{m}.{f}" for m in ("dsc", "nsd") for f in ("md", "tex", "csv")}
+    rows = per_class_csv_rows(tmp_path / "out")
+    assert len(rows) == 12 * 4  # 12 quantized configs x (3 classes + mean)
+    # no config.dataset.class_names: the records' per_class order (sorted by the JSON writer)
+    assert [r["class"] for r in rows[:4]] == ["aorta", "liver", "spleen", "mean"]
+    by = {(r["id"], r["class"]): r for r in rows}
+    # record(): class i has DSC = dsc - 0.01 i, for FP32 (0.884) and quantized (0.170) alike
+    spleen = by[("unet-w4a4-per_tensor", "spleen")]
+    assert float(spleen["fp32"]) == pytest.approx(0.874) and float(spleen["value"]) == pytest.approx(0.160)
+    assert float(spleen["drop_pct"]) == pytest.approx(100 * (0.874 - 0.160) / 0.874)
+    assert spleen["source"] == "per_class" and spleen["drop_pct_ci_low"] == "" and spleen["p"] == ""
+    mean = by[("unet-w4a4-per_tensor", "mean")]
+    assert float(mean["drop_pct"]) == pytest.approx(80.769, abs=1e-3)  # the record's own Δ%, as in table.md
+    assert mean["config"] == "INT W4A4 Per-tensor" and mean["group"] == "btcv" and mean["model"] == "unet"
+    md = (tmp_path / "out" / "per_class_dsc.md").read_text()
+    assert "### unet on btcv: per-class DSC" in md and "### swin_unetr on btcv: per-class DSC" in md
+    unet_md = md[md.index("### unet") :]
+    assert unet_md.splitlines()[2] == (
+        "| Class | FP32 | INT W8A8 Per-channel/token | INT W8A8 Per-tensor | INT W8A8 Adaptive stratification | "
+        "INT W4A4 Per-channel/token | INT W4A4 Per-tensor | INT W4A4 Adaptive stratification |"
+    )
+    liver = next(line for line in unet_md.splitlines() if line.startswith("| liver |"))
+    assert liver.split(" | ")[1] == "0.884" and "0.170 (80.8%)" in liver and "[" not in liver
+    assert "Cells without [CI]" in md
+    tex = (tmp_path / "out" / "per_class_dsc.tex").read_text()
+    assert tex.count(r"\begin{tabular}{lccccccc}") == 2 and r"0.170 (80.8\%)" in tex
+    first = tex.split(r"\end{tabular}")[0].splitlines()
+    assert first.count(r"\midrule") == 2 and first[first.index(r"\midrule", 6) + 1].startswith("Mean & ")
+
+
+CASES = [f"case{i}" for i in range(6)]
+#: dataset order (not alphabetical, as a JSON round trip leaves the per_class keys): liver, spleen, aorta
+FP32_CASES = {c: [0.90 - 0.01 * i, 0.80, 0.70 + 0.01 * i] for i, c in enumerate(CASES)}
+QUANT_DROPS = {"w8a8": [0.010, 0.012, 0.008, 0.011, 0.009, 0.010], "w4a4": [0.1, 0.2, -0.05, 0.15, 0.1, 0.3]}
+
+
+def per_case_record(rid: str, precision: str, values: dict[str, list[float | None]], with_names: bool = True):
+    per_case = {c: {"dsc": v, "nsd": v, "hd95": [1.0] * 3, "spacing_mm": [1, 1, 1]} for c, v in values.items()}
+    means = [sum(v[i] for v in values.values() if v[i] is not None) / sum(v[i] is not None for v in values.values())
+             for i in range(3)]  # fmt: skip
+    r = record(rid, "unet", precision, "per_channel", sum(means) / 3, sum(means) / 3)
+    r["metrics"]["per_class"] = {c: {"dsc": m, "nsd": m, "hd95": 1.0} for c, m in zip(CLASSES, means, strict=True)}
+    r["metrics"]["per_case"] = per_case
+    r["config"] = {"dataset": {"class_names": ["background", *CLASSES]}} if with_names else {}
+    return r
+
+
+def per_case_results(folder: Path, with_names: bool = True) -> Path:
+    write_json_atomic(folder / "fp32.json", per_case_record("fp32", "fp32", FP32_CASES, with_names))
+    for p, drops in QUANT_DROPS.items():
+        # the liver (first class) loses `drops`; the spleen is absent from case0 on the quantized side only
+        values = {c: [v[0] - d, None if c == "case0" else v[1], v[2]] for (c, v), d in zip(FP32_CASES.items(), drops,
+                                                                                            strict=True)}  # fmt: skip
+        write_json_atomic(folder / f"{p}.json", per_case_record(p, p, values, with_names))
+    return folder
+
+
+def hand_sign_flip_p(d: list[float]) -> float:
+    import itertools
+
+    flips = list(itertools.product((1, -1), repeat=len(d)))
+    return sum(abs(sum(s * x for s, x in zip(f, d, strict=True))) >= abs(sum(d)) - 1e-12 for f in flips) / len(flips)
+
+
+def test_per_class_tables_with_per_case_intervals(tmp_path):
+    """Records with per-case values (read back from JSON): paired Δ, bootstrap CI, exact test, Holm."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    report = build_report(read_records(per_case_results(tmp_path / "results")), n_resamples=2000)
+    write_report(report, tmp_path / "out", ("md", "csv"))
+    by = {(r["id"], r["class"]): r for r in per_class_csv_rows(tmp_path / "out")}
+    assert [c for i, c in by if i == "w8a8"] == ["liver", "spleen", "aorta", "mean"]  # dataset order
+    liver = by[("w8a8", "liver")]
+    fp32 = np.array([v[0] for v in FP32_CASES.values()])
+    drops = np.array(QUANT_DROPS["w8a8"])
+    assert liver["source"] == "per_case" and int(liver["n_cases"]) == 6
+    assert float(liver["fp32"]) == pytest.approx(fp32.mean())
+    assert float(liver["drop_pct"]) == pytest.approx(100 * drops.mean() / fp32.mean())
+    ci = bootstrap((-drops,), np.mean, n_resamples=2000, rng=np.random.default_rng(0)).confidence_interval
+    assert float(liver["drop_pct_ci_low"]) == pytest.approx(-100 * ci.high / fp32.mean())
+    assert float(liver["drop_pct_ci_high"]) == pytest.approx(-100 * ci.low / fp32.mean())
+    assert liver["test"] == "permutation-exact" and float(liver["p"]) == pytest.approx(2 / 64)  # all 6 negative
+    p4 = hand_sign_flip_p(list(-np.array(QUANT_DROPS["w4a4"])))
+    w4 = by[("w4a4", "liver")]
+    assert float(w4["p"]) == pytest.approx(p4)
+    # Holm across the 2 configs: sorted p = 2/64, p4 -> 2 * 2/64, max(2 * 2/64, p4)
+    assert float(liver["p_holm"]) == pytest.approx(4 / 64) and float(w4["p_holm"]) == pytest.approx(max(4 / 64, p4))
+    assert liver["significant"] == "False"  # 4/64 > 0.05: Holm's price for two configs
+    spleen = by[("w8a8", "spleen")]
+    assert int(spleen["n_cases"]) == 5 and float(spleen["drop_pct"]) == pytest.approx(0.0)  # case0 dropped
+    assert float(by[("w8a8", "aorta")]["drop_pct"]) == pytest.approx(0.0)
+    # mean: per case over the classes on both sides (case0: liver and aorta only)
+    mean_drop = np.mean([(d if c != "case0" else 1.5 * d) / 3 for c, d in zip(CASES, drops, strict=True)])
+    fp32_mean = np.mean([np.mean(v) if c != "case0" else (v[0] + v[2]) / 2 for c, v in FP32_CASES.items()])
+    assert float(by[("w8a8", "mean")]["drop_pct"]) == pytest.approx(100 * mean_drop / fp32_mean)
+    md = (tmp_path / "out" / "per_class_dsc.md").read_text()
+    assert f"| liver | {fp32.mean():.3f} | {fp32.mean() - drops.mean():.3f} (1.1% [1.0, 1.3]) |" in md
+    assert "over the 5-6 test cases" in md and "Holm's correction across the 2 configs" in md
+    assert "Only 5-6 test cases" in md
+    # without config.dataset.class_names the class of each per-case position is recovered from the class means
+    other = build_report(read_records(per_case_results(tmp_path / "results2", with_names=False)), n_resamples=2000)
+    same = {(e["id"], e["class"]): e for e in other.per_class["dsc"]}
+    for key, row in by.items():
+        assert float(row["drop_pct"]) == pytest.approx(same[key]["drop_pct"])
+
+
+def test_per_class_entries_prefer_the_records_stats_section(tmp_path):
+    from mqb.analysis.report import per_class_delta_figure, render_per_class
+    from mqb.analysis.stats import compare
+
+    records = read_records(per_case_results(tmp_path / "results"))
+    fp32 = next(r for r in records if r["id"] == "fp32")
+    for r in records:
+        if r["id"] != "fp32":
+            r["stats"] = compare(fp32["metrics"], r["metrics"], n_resamples=500, class_names=CLASSES)
+            r["stats"]["dsc"]["per_class"]["liver"].update(drop_pct=42.0, p=0.001)  # marks where the cell comes from
+    report = build_report(records, n_resamples=2000)
+    entries = {(e["id"], e["class"]): e for e in report.per_class["dsc"]}
+    liver = entries[("w8a8", "liver")]
+    assert liver["source"] == "stats" and liver["drop_pct"] == 42.0
+    assert liver["p_holm"] == pytest.approx(0.002) and liver["significant"]  # Holm over the 2 configs, here
+    md = render_per_class(report.per_class["dsc"], "md")
+    assert "(42.0% [" in md and "])* |" in md
+    heat = per_class_delta_figure(report.per_class["dsc"], "x")
+    assert (
+        "42.0%*" in [t.get_text() for t in heat.axes[0].texts] and "significant after Holm" in heat.axes[0].get_title()
+    )
+
+
+def test_heat_map_reads_percent_and_spans_the_data(results, tmp_path):
+    from mqb.analysis.report import format_pct, per_class_delta_figure
+
+    assert [format_pct(v) for v in (0.004, -0.37, 5.24, 80.77, 100.0, -0.001)] == [
+        "0.00", "-0.37", "5.2", "80.8", "100", "0.00"]  # fmt: skip
+    assert format_pct(-0.4, minus="−") == "−0.40" and format_pct(None) == "-"
+    report = build_report(read_records(results))
+    unet = [e for e in report.per_class["dsc"] if e["model"] == "unet"]
+    fig = per_class_delta_figure(unet, "unet on btcv")
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert "80.8%" in texts and "0.34%" in texts  # 100 (0.884 - 0.881) / 0.884: not "0.00"
+    assert len(texts) == 6 * 3
+    image = ax.images[0]
+    drops = [e["drop_pct"] for e in unet if e["class"] != "mean"]
+    assert (image.norm.vmin, image.norm.vmax) == pytest.approx((min(0.0, *drops), max(drops)))
+    # per-case records: significant cells carry a star
+    records = read_records(per_case_results(tmp_path / "pc"))
+    fig2 = per_class_delta_figure(build_report(records, n_resamples=500).per_class["dsc"], "x")
+    assert fig2 is not None and all(not t.get_text().endswith("*") for t in fig2.axes[0].texts)
+    fig2.savefig(tmp_path / "heat.png", dpi=80)
+    assert (tmp_path / "heat.png").read_bytes()[:8] == PNG_MAGIC
