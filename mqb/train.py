@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from mqb.checkpoints import save_weights
 from mqb.config import register_configs
 from mqb.devices import apply_fp32_precision, device_info
+from mqb.lit import quiet_lightning
 from mqb.lit.trainer import SegmentationTrainer
 from mqb.results import git_commit
 
@@ -53,6 +54,7 @@ def fit(
         lr=float(train_cfg.lr),
         max_steps=int(train_cfg.max_steps),
     )
+    quiet_lightning()
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,

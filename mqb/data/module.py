@@ -189,6 +189,9 @@ class SegmentationDataModule(L.LightningDataModule):
         validate: check every case's headers (shape, affine, readability) before any work.
         root: the dataset folder (``dataset.root``; the source reads it, kept here for records).
         axcodes: orientation every volume is brought to (``RAS``; ``LIA`` for FreeSurfer-conformed brain models).
+        crop: a centre crop ``[x, y, z]`` (voxels, after orientation and resampling) of every volume, labels
+            included, or ``None``: a quick look at a large volume (``experiment=demo`` crops the brain to its deep
+            structures). Axes smaller than the crop are kept whole.
     """
 
     def __init__(
@@ -214,6 +217,7 @@ class SegmentationDataModule(L.LightningDataModule):
         validate: bool = True,
         axcodes: str = "RAS",
         root: str | None = None,
+        crop: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if class_names is None:
@@ -248,6 +252,9 @@ class SegmentationDataModule(L.LightningDataModule):
         self.validate = validate
         self.axcodes = axcodes
         self.root = root
+        self.crop = tuple(int(c) for c in crop) if crop else None
+        if self.crop is not None and (len(self.crop) != 3 or min(self.crop) < 1):
+            raise ValueError(f"dataset {name!r}: crop={list(self.crop)} is invalid; valid: three positive sizes")
         self._splits: dict[str, list[dict[str, str]]] | None = None
 
     # -- splits --------------------------------------------------------------------------------------------
@@ -294,6 +301,8 @@ class SegmentationDataModule(L.LightningDataModule):
             )
         if self.intensity:
             chain.append(self.intensity_transform())
+        if self.crop:  # after the intensity window, which is computed on the whole volume as without the crop
+            chain.append(T.CenterSpatialCropd(keys=keys, roi_size=self.crop, allow_missing_keys=True))
         chain.append(
             T.EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=True, allow_missing_keys=True)
         )

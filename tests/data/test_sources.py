@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from mqb.config import register_configs
@@ -265,6 +266,19 @@ def test_brain_aseg_sample_real_sample(tmp_path):
     assert torch.allclose(torch.linalg.norm(batch["image"].affine[0, :3, :3], dim=0).float(), torch.ones(3))
     calib = first(dm.calib_dataloader())
     assert "label" not in calib and calib["image"].max() <= 1.0
+
+
+def test_centre_crop_keeps_the_intensities_of_the_whole_volume(tmp_path):
+    """dataset.crop: the centre box of image and label, cut after the (percentile) intensity window."""
+    whole = first(datamodule("brain_aseg_sample", tmp_path).test_dataloader())
+    dm = datamodule("brain_aseg_sample", tmp_path / "crop", "+dataset.crop=[128,112,300]")
+    cropped = first(dm.test_dataloader())
+    assert tuple(cropped["image"].shape) == (1, 1, 128, 112, 224)  # an axis smaller than the crop stays whole
+    box = (..., slice(16, 144), slice(40, 152), slice(None))  # (160 - 128) / 2, (192 - 112) / 2
+    assert torch.equal(cropped["image"].as_tensor(), whole["image"].as_tensor()[box])
+    assert torch.equal(cropped["label"].as_tensor(), whole["label"].as_tensor()[box])
+    with pytest.raises(InstantiationException, match=r"crop=\[0, 4, 4\] is invalid"):
+        datamodule("brain_aseg_sample", tmp_path, "+dataset.crop=[0,4,4]")
 
 
 def test_cli_bad_label_values_exit_nonzero_without_success_record(tmp_path):
