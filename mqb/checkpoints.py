@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +59,20 @@ def _data_only_global(name: str) -> Any | None:
         return None
 
 
+def _all_data_only_globals() -> list[Any]:
+    import numpy.dtypes
+
+    names = list(_NUMPY_DATA_GLOBALS) + [f"numpy.dtypes.{a}" for a in dir(numpy.dtypes) if a.endswith("DType")]
+    return [obj for name in names if (obj := _data_only_global(name)) is not None]
+
+
 def _torch_load_data_only(path: Path) -> Any:
     """``torch.load(weights_only=True)``, admitting only the data-rebuilding NumPy globals."""
+    if not zipfile.is_zipfile(path):
+        # the legacy (non-zip) torch.save format: the globals cannot be listed beforehand, but the weights_only
+        # unpickler checks every one as it reads and refuses anything outside the allow-list
+        with torch.serialization.safe_globals(_all_data_only_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     resolved = {name: _data_only_global(name) for name in unsafe}
     refused = sorted(name for name, obj in resolved.items() if obj is None)
@@ -108,10 +122,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         obj: Any = _torch_load_data_only(p)
     except Exception as err:  # noqa: BLE001
+        kind = "zip" if zipfile.is_zipfile(p) else "legacy (non-zip)"
         raise CheckpointError(
-            f"checkpoint {str(p)!r} cannot be loaded safely (torch.load weights_only=True refused it or it is "
-            f"corrupt): {str(err).splitlines()[0]}. mqb never unpickles code; re-save the weights as a state dict "
-            "or safetensors"
+            f"checkpoint {str(p)!r} ({kind} torch.save format) cannot be loaded safely (torch.load "
+            f"weights_only=True refused it or it is corrupt): {str(err).splitlines()[0]}. mqb never unpickles "
+            "code; re-save the weights as a state dict or safetensors where you trust the file, e.g. "
+            "torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt')"
         ) from None
     for key in _NESTED_KEYS:
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -122,9 +138,36 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_weights(net: nn.Module, path: str | os.PathLike[str]) -> None:
-    """Strictly load ``path`` into ``net``; mismatches raise :class:`CheckpointError` listing the keys."""
-    state = read_state_dict(path)
+def map_keys(state: dict[str, torch.Tensor], rename: dict[str, str] | None = None,
+             ignore: list[str] | tuple[str, ...] = ()) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``state`` with keys matching any ``ignore`` regular expression dropped (extra buffers the network does not
+    have) and each key starting with a ``rename`` prefix given the new prefix (first match wins)."""
+    patterns = [re.compile(p) for p in ignore]
+    out = {}
+    for key, value in state.items():
+        if any(p.search(key) for p in patterns):
+            continue
+        for old, new in (rename or {}).items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+                break
+        out[key] = value
+    return out
+
+
+def load_weights(
+    net: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    rename: dict[str, str] | None = None,
+    ignore: list[str] | tuple[str, ...] = (),
+) -> None:
+    """Strictly load ``path`` into ``net``; mismatches raise :class:`CheckpointError` listing the keys.
+
+    ``rename`` (prefix -> prefix) and ``ignore`` (regular expressions) map a checkpoint whose keys differ from
+    the network's (``model.checkpoint_keys`` in configs): the load stays strict on what is left.
+    """
+    state = map_keys(read_state_dict(path), rename, ignore)
     expected = set(net.state_dict())
     for prefix in _PREFIXES:
         if not (set(state) & expected) and all(k.startswith(prefix) for k in state):

@@ -36,32 +36,54 @@ from mqb.config import EVAL_GROUPS, EvalConfig, register_configs
 from mqb.data.module import SegmentationDataModule
 from mqb.data.sources import DatasetError
 from mqb.devices import apply_fp32_precision, device_info
+from mqb.lit import quiet_lightning
 from mqb.lit.callbacks import QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.quant import LayerRule, QuantRecipe
+from mqb.quant import plan as quant_plan
 from mqb.quant.methods import PTQMethod, SharedInputRanges
 from mqb.quant.recipe import DEFAULT_INCLUDE
+from mqb.quant.spec import FORMAT_BITS
 from mqb.results import (
+    Claim,
+    ResultsDirError,
+    check_writable,
+    clean_temp_files,
     config_id,
     git_commit,
     host_info,
+    lock_holder,
+    read_record,
     read_records,
     save_tensors_atomic,
     stable_hash,
+    try_claim,
     write_json_atomic,
 )
 from mqb.samples import missing_sample_hint, sample_data_dir
-from mqb.sweep import COLUMNS, metric_with_delta, summary_rows, write_summary
+from mqb.sweep import (
+    COLUMNS,
+    drop_ci,
+    metric_with_delta,
+    reference_first,
+    status,
+    summary_rows,
+    sweep_configs,
+    with_holm,
+    write_summary,
+)
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Bumped whenever evaluation results change for the same inputs, invalidating cached baselines.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3  # 3: NSD / HD95 as DeepMind surface-distance (surfel-area weighted)
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 # -- configuration -> objects -----------------------------------------------------------------------------
 def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
-    """The quantization recipe of a config, or ``None`` for float precisions (fp32/fp16/bf16)."""
+    """The quantization recipe of a config, or ``None`` for float precisions (fp32/fp16/bf16); raises a
+    ``ValueError`` for contradictory settings (a bit width the format does not have, no calibration volume)."""
+    _check_settings(cfg)
     p = cfg.precision
     if p.weight is None and p.activation is None:
         return None
@@ -80,6 +102,135 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
         attention=bool(method.attention),
         rules=rules,
     )
+
+
+#: Names of the element formats and float compute dtypes in precision labels (as the presets are named).
+_FORMAT_NAMES = {"fp8_e4m3": "fp8"}
+_DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def _task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _preset_precision(name: str) -> dict[str, Any] | None:
+    """The precision preset ``conf/precision/<name>.yaml`` as composed (schema defaults filled), or ``None``."""
+    from mqb.config import PrecisionConfig
+
+    path = CONF_DIR / "precision" / f"{name}.yaml"
+    if not path.is_file():
+        return None
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(PrecisionConfig), OmegaConf.load(path))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except Exception:  # noqa: BLE001
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _explicit(cfg: DictConfig, key: str) -> bool:
+    """Whether ``precision.<role>.<field>`` was set by the user: on the command line, or to a value other than
+    the preset's."""
+    if any(o.lstrip("+~").partition("=")[0] == key for o in _task_overrides()):
+        return True
+    preset = _preset_precision(str(cfg.precision.get("name")))
+    if preset is None:
+        return False
+    _, role, field = key.split(".")
+    return (preset.get(role) or {}).get(field) != OmegaConf.select(cfg, key)
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """Reject settings that contradict each other or cannot work, naming the keys."""
+    if OmegaConf.is_missing(cfg.model.net, "_target_"):
+        raise ValueError(
+            f"model.net._target_ is not set: model={cfg.model.name} needs your network class, e.g. "
+            "model.net._target_=my_pkg.MyNet (importable), with its arguments as +model.net.<name>=<value>"
+        )
+    calibration = cfg.get("calibration")
+    if calibration is not None:
+        n = calibration.get("num_volumes")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"calibration.num_volumes={n!r} is invalid; valid: a positive number of calibration "
+                             "volumes (1 or more)")  # fmt: skip
+    for role in ("weight", "activation"):
+        spec = cfg.precision.get(role)
+        if spec is None or spec.get("format") not in FORMAT_BITS:
+            continue
+        bits, fixed = spec.get("bits"), FORMAT_BITS[spec.format]
+        if bits != fixed and _explicit(cfg, f"precision.{role}.bits"):
+            raise ValueError(
+                f"precision.{role}.bits={bits} contradicts precision.{role}.format={spec.format}, whose elements "
+                f"are {fixed}-bit; drop the bits setting or use format=int for {bits}-bit integers"
+            )
+
+
+def _check_plan(cfg: DictConfig, recipe: QuantRecipe, net: torch.nn.Module) -> None:
+    """Reject a precision setting the granularity scheme would silently override on some layer: ``dynamic=false``
+    where the scheme gives per-voxel/per-token/per-group scales (computed per input, so always dynamic), or a
+    ``group_size`` where the scheme does not group."""
+    plain = dataclasses.replace(recipe, rules=tuple(r for r in recipe.rules if r.precision is None))
+    for layer in quant_plan(net, plain):
+        for role, spec in (("weight", layer.weight), ("activation", layer.activation)):
+            node = cfg.precision.get(role)
+            if spec is None or node is None:
+                continue
+            where = f"granularity={cfg.granularity.name}: it gives layer {layer.info.name!r} ({layer.info.kind})"
+            if node.get("dynamic") is False and spec.dynamic:
+                raise ValueError(
+                    f"precision.{role}.dynamic=false contradicts {where} {spec.granularity} {role} scales, which are "
+                    "computed from each input (dynamic); drop the setting or choose a static granularity "
+                    "(per_tensor, deploy)"
+                )
+            if node.get("group_size") is not None and spec.group_size != node.group_size:
+                raise ValueError(
+                    f"precision.{role}.group_size={node.group_size} contradicts {where} {spec.granularity} {role} "
+                    "scales (no groups); use granularity=per_group or drop the setting"
+                )
+
+
+def precision_label(cfg: DictConfig) -> str:
+    """The precision that runs, as a record and table label: the preset's name when its settings are unchanged,
+    else a name derived from the settings (``precision=w8a8 precision.weight.bits=4 precision.activation.bits=4``
+    is ``w4a4``; extras such as ``+asym``, ``+a_static``, ``+g64``, ``+bf16`` say what differs from a preset)."""
+    p = cfg.precision
+    name = str(p.get("name"))
+    dtype = str(p.get("compute_dtype") or "float32")
+    specs = {role: instantiate(p[role]) if p.get(role) is not None else None for role in ("weight", "activation")}
+    weight, activation = specs["weight"], specs["activation"]
+    if weight is None and activation is None:
+        derived = _DTYPE_NAMES.get(dtype, dtype)
+    else:
+        def part(spec: Any, prefix: str) -> str:
+            if spec is None:
+                return f"{prefix}16"
+            element = str(spec.bits) if spec.format == "int" else _FORMAT_NAMES.get(spec.format, spec.format)
+            return f"{prefix}{element}"
+
+        if weight is not None and activation is not None and weight.format == activation.format != "int":
+            derived = _FORMAT_NAMES.get(weight.format, weight.format)
+        else:
+            derived = part(weight, "w") + part(activation, "a")
+        extras = []
+        for role, spec in specs.items():
+            node = p.get(role)
+            if spec is None or node is None:
+                continue
+            if not spec.symmetric:
+                extras.append(f"{role[0]}_asym")
+            if node.get("dynamic") is not None:
+                extras.append(f"{role[0]}_{'dynamic' if node.dynamic else 'static'}")
+            if node.get("group_size") is not None and not spec.is_block_format:
+                extras.append(f"{role[0]}_g{node.group_size}")
+        if dtype != "float32":
+            extras.append(_DTYPE_NAMES.get(dtype, dtype))
+        derived = "+".join([derived, *extras])
+    if derived == name:
+        return name
+    preset = _preset_precision(name)
+    if preset is not None and preset == OmegaConf.to_container(p, resolve=True):
+        return name  # a user preset with a name of its own, unchanged
+    return derived
 
 
 def method_label(cfg: DictConfig) -> str:
@@ -144,8 +295,9 @@ def build_logger(cfg: DictConfig, run_dir: Path, sweep: str) -> Any:
         offline = lcfg.get("offline")
         if offline is None:
             offline = not wandb_key_available()
-        name = f"{cfg.model.name}-{cfg.precision.name}-{cfg.granularity.name}-{cfg.method.name}"
-        tags = [cfg.model.name, cfg.precision.name, cfg.granularity.name, cfg.method.name, cfg.dataset.name]
+        label = precision_label(cfg)
+        name = f"{cfg.model.name}-{label}-{cfg.granularity.name}-{cfg.method.name}"
+        tags = [cfg.model.name, label, cfg.granularity.name, cfg.method.name, cfg.dataset.name]
         kwargs = {
             "offline": bool(offline),
             "name": lcfg.get("name") or name,
@@ -153,14 +305,20 @@ def build_logger(cfg: DictConfig, run_dir: Path, sweep: str) -> Any:
             "tags": list(lcfg.get("tags") or []) + tags,
             "save_dir": str(run_dir),
         }
+        # one line per run instead of W&B's banners (WANDB_SILENT=false brings them back)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        where = run_dir / "wandb"
+        console.print(f"W&B {'offline' if offline else 'online'} run {kwargs['name']} in {where}"
+                      + (f" (upload later: wandb sync {where}/offline-run-*)" if offline else ""))  # fmt: skip
     return instantiate(lcfg, **kwargs)
 
 
 def wandb_key_available() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
+    """Whether W&B may go online: ``WANDB_MODE=offline`` (or disabled) wins over a configured key."""
     if os.environ.get("WANDB_MODE") in ("offline", "disabled", "dryrun"):
         return False
+    if os.environ.get("WANDB_API_KEY"):
+        return True
     try:
         import netrc
 
@@ -170,6 +328,7 @@ def wandb_key_available() -> bool:
 
 
 def _trainer(cfg: DictConfig, logger: Any, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    quiet_lightning()
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,
@@ -189,7 +348,7 @@ def _evaluator(
     return SegmentationEvaluator(
         net,
         class_names=dm.class_names,
-        roi_size=dm.roi_size,
+        roi_size=inference_window(cfg, dm),
         sw_batch_size=cfg.eval.sw_batch_size,
         overlap=cfg.eval.overlap,
         mode=cfg.eval.mode,
@@ -199,12 +358,38 @@ def _evaluator(
     )
 
 
+def inference_window(cfg: DictConfig, dm: SegmentationDataModule) -> tuple[int, ...]:
+    """The window the model is run with, as the model config says (``model.inference``):
+
+    * ``whole_volume: true``: one window that is the whole volume (``-1`` per axis: MONAI's sliding window then
+      takes the image size), as brainchop runs MeshNet;
+    * ``roi_size: [x, y, z]``: sliding windows of that size (the size the network was trained on);
+    * neither (or no ``inference`` node): the dataset's ``roi_size``.
+    """
+    inference = cfg.model.get("inference") or {}
+    if inference.get("whole_volume"):
+        return (-1,) * len(dm.roi_size)
+    if inference.get("roi_size") is not None:
+        return tuple(int(r) for r in inference["roi_size"])
+    return tuple(dm.roi_size)
+
+
+def checkpoint_keys(cfg: DictConfig) -> dict[str, Any]:
+    """``model.checkpoint_keys`` (optional): ``rename`` (prefix -> prefix) and ``ignore`` (regular expressions)
+    for a checkpoint whose keys are not the network's (:func:`mqb.checkpoints.load_weights`)."""
+    keys = cfg.model.get("checkpoint_keys") or {}
+    unknown = sorted(set(keys) - {"rename", "ignore"})
+    if unknown:
+        raise ValueError(f"model.checkpoint_keys: unknown key(s) {unknown}; valid: rename, ignore")
+    return {"rename": dict(keys.get("rename") or {}), "ignore": list(keys.get("ignore") or [])}
+
+
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Path | None]:
     """The config's network in eval mode with its checkpoint loaded (``None``: untrained), as ``evaluate`` does."""
     net = instantiate(cfg.model.net)
     checkpoint = resolve_checkpoint(cfg)
     if checkpoint is not None:
-        load_weights(net, checkpoint)
+        load_weights(net, checkpoint, **checkpoint_keys(cfg))
     return net.eval(), checkpoint
 
 
@@ -232,6 +417,9 @@ def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
     return stable_hash(
         {
             "model": OmegaConf.to_container(cfg.model.net, resolve=True),
+            # how the model is run (window / whole volume); absent where the model config has no say (stable keys)
+            **({"inference": OmegaConf.to_container(cfg.model.inference, resolve=True)}
+               if cfg.model.get("inference") else {}),
             "checkpoint": checkpoint_sha,
             "dataset": dataset,
             "eval": OmegaConf.to_container(cfg.eval, resolve=True),
@@ -242,6 +430,16 @@ def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
         },
         length=24,
     )
+
+
+def _drop_stats(cfg: DictConfig, baseline: dict[str, Any], metrics: dict[str, Any], dm: Any) -> dict[str, Any] | None:
+    """:func:`mqb.analysis.stats.compare` of this config's per-case metrics with the FP32 baseline's (seeded by
+    ``seed``), or ``None`` where either has no per-case values."""
+    from mqb.analysis.stats import compare
+
+    if not baseline.get("per_case") or not metrics.get("per_case"):
+        return None
+    return compare(baseline, metrics, seed=int(cfg.seed), class_names=list(dm.class_names[1:]))
 
 
 def _delta_pct(base: float | None, value: float | None, higher_is_better: bool = True) -> float | None:
@@ -273,8 +471,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     dm: SegmentationDataModule = instantiate(cfg.dataset)
     dm.prepare_data()
     net = instantiate(cfg.model.net)
+    if recipe is not None:
+        _check_plan(cfg, recipe, net)  # before the baseline, calibration or any forward
     if checkpoint is not None:
-        load_weights(net, checkpoint)
+        load_weights(net, checkpoint, **checkpoint_keys(cfg))
     net.eval()
     float_net = copy.deepcopy(net)
 
@@ -361,7 +561,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "created": datetime.now(UTC).isoformat(),
         "model": cfg.model.name,
         "dataset": cfg.dataset.name,
-        "precision": cfg.precision.name,
+        "precision": precision_label(cfg),
+        "precision_preset": cfg.precision.name,
         "granularity": cfg.granularity.name if recipe is not None else "-",
         "method": method_label(cfg) if recipe is not None else "-",
         "untrained": untrained,
@@ -370,6 +571,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "baseline": {"key": bkey, "cached": baseline_cached, **{k: baseline[k] for k in ("dsc", "nsd", "hd95")}},
         "delta_pct": delta,
+        # is the drop real? paired per-case differences vs the FP32 baseline: bootstrap CI, paired test
+        # (mqb.analysis.stats; Holm across a sweep's configs is applied in its summary)
+        "stats": _drop_stats(cfg, baseline, metrics, dm) if metrics is not baseline else None,
         "realizability": _realizability(summary),
         "methods": method_reports,
         "timings": {k: round(v, 3) for k, v in timings.items()},
@@ -461,8 +665,8 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
             r["precision"],
             r["granularity"],
             r["method"],
-            metric_with_delta(m["dsc"], d["dsc"]),
-            metric_with_delta(m["nsd"], d["nsd"]),
+            metric_with_delta(m["dsc"], d["dsc"], drop_ci(r, "dsc")),
+            metric_with_delta(m["nsd"], d["nsd"], drop_ci(r, "nsd")),
             hd,
             note,
         )
@@ -471,6 +675,9 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
 
 # -- job wrapper: resume, atomic records, errors ----------------------------------------------------------
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
+    """One config: skip it if it has a valid success record (``resume``), else claim it, evaluate it and write
+    its record (``<id>.json``, or ``<id>.error.json`` when it fails). Returns ``None`` in a sweep when another
+    live process has claimed the config (the sweep waits for its record at the end)."""
     results_dir = Path(cfg.results_dir)
     cid = config_id(cfg)
     success, failure = results_dir / f"{cid}.json", results_dir / f"{cid}.error.json"
@@ -478,19 +685,74 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         job_dir = Path(HydraConfig.get().runtime.output_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "record_id.txt").write_text(cid)
-    if cfg.resume and success.is_file():
+    if is_rank_zero():
+        check_writable(results_dir)  # before any work: a record that cannot be saved is not computed
+        for folder in (results_dir, Path(cfg.paths.cache_dir) / "baselines", Path(cfg.paths.cache_dir) / "calibration"):
+            clean_temp_files(folder)
+    if cfg.resume and (done := _success_record(success)) is not None:
         console.print(f"[green]skip {cid}: a success record exists ({success})")
-        return json.loads(success.read_text())
+        return done
+    claim: Claim | None = None
+    if is_rank_zero():
+        got = _claim(cfg, results_dir, cid, success)
+        if not isinstance(got, Claim):
+            return got
+        claim = got
+    try:
+        return _evaluate_and_record(cfg, cid, success, failure)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+#: Seconds between looks at a config another process has claimed.
+CLAIM_POLL_S = 2.0
+
+
+def _success_record(path: Path) -> dict[str, Any] | None:
+    record = read_record(path)  # a corrupt one is named on stderr and treated as missing (re-run)
+    return record if record is not None and record.get("status") == "success" else None
+
+
+def _claim(cfg: DictConfig, results_dir: Path, cid: str, success: Path) -> Claim | dict[str, Any] | None:
+    """This process's claim on the config; or, when another live process holds it: ``None`` in a sweep (skip it
+    now, the sweep's end waits for it), else its record once it is done (waits)."""
+    waiting = False
+    while True:
+        got = try_claim(results_dir, cid)
+        if isinstance(got, Claim):
+            if cfg.resume and (done := _success_record(success)) is not None:  # finished while we looked
+                got.release()
+                console.print(f"[green]skip {cid}: a success record exists ({success})")
+                return done
+            return got
+        if _is_multirun():
+            console.print(f"[yellow]skip {cid} for now: claimed by {got.describe()} (another run computes it; this "
+                          "sweep waits for its record at the end)")  # fmt: skip
+            return None
+        if not waiting:
+            console.print(f"[yellow]{cid} is being computed by {got.describe()}: waiting for its record")
+            waiting = True
+        time.sleep(CLAIM_POLL_S)
+        if (done := _success_record(success)) is not None:
+            return done
+
+
+def _evaluate_and_record(cfg: DictConfig, cid: str, success: Path, failure: Path) -> dict[str, Any] | None:
     try:
         record = evaluate(cfg)
     except Exception as err:  # noqa: BLE001  (recorded, then re-raised or reported)
+        try:
+            label = precision_label(cfg)
+        except Exception:  # noqa: BLE001
+            label = cfg.precision.get("name")
         error = {
             "id": cid,
             "status": "error",
             "created": datetime.now(UTC).isoformat(),
             "model": cfg.model.get("name"),
             "dataset": cfg.dataset.get("name"),
-            "precision": cfg.precision.get("name"),
+            "precision": label,
             "granularity": cfg.granularity.get("name"),
             "method": method_label(cfg),
             "error": f"{type(_user_error(err) or err).__name__}: {_user_error(err) or err}",
@@ -499,44 +761,123 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
             "config": OmegaConf.to_container(cfg, resolve=False),
         }
         if is_rank_zero():
-            write_json_atomic(failure, error)
+            _write_error_record(err, failure, error)
         raise
     if not is_rank_zero():
         return record
-    write_json_atomic(Path(record["run_dir"]) / "record.json", record)
-    write_json_atomic(success, record)
+    try:
+        write_json_atomic(success, record)  # first the record that counts ...
+    except OSError as err:
+        lost = ResultsDirError(err.errno or 5, f"could not save the record of {cid} to {str(success)!r} "
+                               f"({err.strerror or err}); the evaluation's results are lost")  # fmt: skip
+        error = {"id": cid, "status": "error", "created": datetime.now(UTC).isoformat(), "model": record["model"],
+                 "dataset": record["dataset"], "precision": record["precision"], "granularity": record["granularity"],
+                 "method": record["method"], "error": f"ResultsDirError: {lost}", "sweep": record["sweep"]}  # fmt: skip
+        _write_error_record(lost, failure, error)
+        raise lost from err
+    try:  # ... then its copy in the run folder
+        write_json_atomic(Path(record["run_dir"]) / "record.json", record)
+    except OSError as err:
+        console.print(f"[yellow]could not copy the record into the run folder {record['run_dir']}: {err}")
     failure.unlink(missing_ok=True)
     if not _is_multirun():
         console.print(results_table([record]))
     return record
 
 
+def _write_error_record(err: BaseException, failure: Path, error: dict[str, Any]) -> None:
+    """Write the error record; remember on ``err`` where it went (``None``: it could not be written)."""
+    try:
+        write_json_atomic(failure, error)
+        err.mqb_error_record = str(failure)  # type: ignore[attr-defined]
+    except OSError as write_err:
+        err.mqb_error_record = None  # type: ignore[attr-defined]
+        print(f"mqb.eval: could not write the error record {str(failure)!r} either: {write_err}", file=sys.stderr)
+
+
 class SweepSummaryCallback(Callback):
-    """Hydra callback: print the sweep's results table at the end of a multirun and save it as CSV/Markdown."""
+    """Hydra callback: refuse a results_dir that cannot take records before a multirun starts; at its end wait
+    for configs other runs were computing, print the sweep's results table, save it as CSV/Markdown, and exit
+    non-zero when any config of the sweep has no success record (failed, not saved, never run) or the sweep was
+    empty."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            results_dir = Path(str(config.results_dir))
+        except Exception:  # noqa: BLE001  (results_dir swept or not resolvable here: each job checks it)
+            return
+        try:
+            check_writable(results_dir)
+        except ResultsDirError as err:
+            print(f"mqb.eval: error: {err}", file=sys.stderr)
+            sys.exit(2)
+        clean_temp_files(results_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        ids = {p.read_text().strip() for p in sweep_dir.glob("*/record_id.txt")}
-        records = [r for r in read_records(config.results_dir) if r.get("id") in ids]
+        results_dir = Path(config.results_dir)
         sweep = sweep_dir.name
+        jobs = sweep_configs(sweep_dir, compose=False) if sweep_dir.is_dir() else []
+        if not jobs:
+            task = " ".join(config.hydra.overrides.task)
+            print(f"mqb.eval: error: the sweep ran no config: its overrides expand to an empty grid ({task})",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(2)
+        ids = {j["id"] for j in jobs if j["id"]}
+        self._wait_for_others(results_dir, ids)
+        latest: dict[str, dict[str, Any]] = {}
+        for r in read_records(results_dir):  # success wins over an error record of the same config
+            if r["id"] in ids and (r.get("status") == "success" or latest.get(r["id"], {}).get("status") != "success"):
+                latest[r["id"]] = r
+        records = list(latest.values())
         if records:
-            console.print(results_table(records, title=f"mqb sweep {sweep}"))
+            console.print(results_table(sorted(with_holm(records), key=reference_first), title=f"mqb sweep {sweep}"))
+            console.print("↓Δ% [95% CI]: drop from FP32 over the test cases; * significant after Holm across the sweep")
             csv_path, md_path = write_summary(records, sweep_dir / "summary")
             console.print(f"sweep summary: {csv_path} {md_path}")
             logger_cfg = config.get("logger") or {}
             if str(logger_cfg.get("_target_", "")).endswith("WandbLogger"):
                 _log_sweep_table(records, sweep, sweep_dir, logger_cfg)
-        failed = [r for r in records if r.get("status") != "success"]
+        rows = status(results_dir, sweep_dir, on_bad=None, compose=False)
+        failed = [r for r in rows if r["status"] == "failed"]
+        unsaved = [r for r in rows if r["status"] not in ("done", "failed")]
         if failed:
-            console.print(f"[red]{len(failed)} config(s) failed; see the .error.json records in {config.results_dir}")
+            console.print(f"[red]{len(failed)} config(s) failed; see the .error.json records in {results_dir}")
+        if unsaved:
+            names = ", ".join(f"{r['model']} ({r['id']})" for r in unsaved[:10])
+            print(f"mqb.eval: {len(unsaved)} config(s) of the sweep have no record in {str(results_dir)!r}: {names}",
+                  file=sys.stderr)  # fmt: skip
+        if failed or unsaved:
             sys.exit(1)
+
+    @staticmethod
+    def _wait_for_others(results_dir: Path, ids: set[str]) -> None:
+        """Wait until no config of ``ids`` is claimed by another live process (they were skipped here)."""
+        announced = False
+        while True:
+            held = {}
+            for cid in sorted(ids):
+                if _success_record_quiet(results_dir / f"{cid}.json") is None and (h := lock_holder(results_dir, cid)):
+                    held[cid] = h
+            if not held:
+                return
+            if not announced:
+                who = "; ".join(f"{cid}: {h.describe()}" for cid, h in list(held.items())[:5])
+                console.print(f"[yellow]waiting for {len(held)} config(s) other runs are computing ({who})")
+                announced = True
+            time.sleep(CLAIM_POLL_S)
+
+
+def _success_record_quiet(path: Path) -> dict[str, Any] | None:
+    record = read_record(path, on_bad=None)
+    return record if record is not None and record.get("status") == "success" else None
 
 
 def _user_error(err: BaseException) -> BaseException | None:
     """The bad-input error behind ``err`` (also when wrapped by MONAI/Lightning), or ``None`` for a bug."""
     seen = err
     while seen is not None:
-        if isinstance(seen, (CheckpointError, DatasetError, ValueError, FileNotFoundError)):
+        if isinstance(seen, (CheckpointError, DatasetError, ValueError, FileNotFoundError, ResultsDirError)):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
@@ -565,23 +906,56 @@ def _log_sweep_table(records: list[dict[str, Any]], sweep: str, sweep_dir: Path,
     import wandb
 
     rows = summary_rows(records)
-    offline = logger_cfg.get("offline")
     run = wandb.init(
         project=logger_cfg.get("project", "mqb"),
         group=sweep,
         name=f"{sweep}-summary",
         job_type="sweep-summary",
         dir=str(sweep_dir),
-        mode="offline" if (offline if offline is not None else not wandb_key_available()) else "online",
+        mode=wandb_mode(logger_cfg),
     )
     table = wandb.Table(columns=list(COLUMNS), data=[[r[c] for c in COLUMNS] for r in rows])
     run.log({"sweep_summary": table})
     run.finish()
 
 
+def wandb_mode(logger_cfg: Any) -> str:
+    """The W&B mode: ``WANDB_MODE`` (offline, disabled) wins, then ``logger.offline``, then online only where a
+    key is configured."""
+    env = os.environ.get("WANDB_MODE")
+    if env in ("offline", "dryrun"):
+        return "offline"
+    if env == "disabled":
+        return "disabled"
+    offline = logger_cfg.get("offline")
+    if offline is None:
+        offline = not wandb_key_available()
+    return "offline" if offline else "online"
+
+
+def _config_dirs(argv: list[str]) -> list[Path] | None:
+    """mqb's config folder plus the user's: ``--config-dir DIR`` / ``-cd DIR`` / ``--config-dir=DIR`` and
+    ``hydra.searchpath=[file://DIR, ...]``; ``None`` when a search path is not a folder (``pkg://``)."""
+    dirs = [CONF_DIR]
+    for i, arg in enumerate(argv):
+        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
+            dirs.append(Path(argv[i + 1]).expanduser())
+        elif arg.startswith("--config-dir="):
+            dirs.append(Path(arg.partition("=")[2]).expanduser())
+        elif arg.lstrip("+").startswith("hydra.searchpath="):
+            for entry in arg.partition("=")[2].strip("[]").split(","):
+                entry = entry.strip().strip("'\"")
+                if entry.startswith("pkg://"):
+                    return None
+                if entry:
+                    dirs.append(Path(entry.removeprefix("file://")).expanduser())
+    return dirs
+
+
 def _check_group_choices(argv: list[str]) -> list[str]:
     """Our messages for a wrong group choice or key (Hydra's follows): which group/key, the valid values."""
     problems = []
+    dirs = _config_dirs(argv)
     for arg in argv:
         if "=" not in arg or arg.startswith("-"):
             continue
@@ -592,7 +966,9 @@ def _check_group_choices(argv: list[str]) -> list[str]:
             continue
         if key not in EVAL_GROUPS or not value or value.startswith(("choice(", "range(", "glob(")):
             continue
-        valid = sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml"))
+        if dirs is None:  # a pkg:// search path: its choices cannot be listed here; Hydra checks them
+            continue
+        valid = sorted({p.stem for d in dirs for p in (d / key).glob("*.yaml")})
         for choice in value.split(","):
             if choice and choice != "null" and choice not in valid:
                 problems.append(
@@ -608,7 +984,11 @@ def run_task(cfg: DictConfig) -> None:
     except Exception as err:  # noqa: BLE001
         user_error = _user_error(err)
         if _is_multirun():
-            console.print(f"[red]config failed (error record written): {user_error or err}")
+            where = getattr(err, "mqb_error_record", None)
+            note = f"error record {where}" if where else "NO record written"
+            console.print(f"[red]config failed ({note}): {user_error or err}")
+            if not where:
+                print(f"mqb.eval: config failed and nothing was saved: {user_error or err}", file=sys.stderr)
             return
         if user_error is not None:
             print(f"mqb.eval: error: {user_error}", file=sys.stderr)

@@ -10,6 +10,8 @@ other precisions; cells read ``DSC (↓Δ%)`` / ``NSD (↓Δ%)`` as in MedQuanBe
 ``--figures`` adds, per model and dataset, ``dsc_<model>_<dataset>.png`` (DSC bars by precision x granularity,
 FP32 dashed) and ``per_class_delta_dsc_<model>_<dataset>.png`` (per-class DSC drop heat map).
 
+Every record file is checked against the record schema (:func:`mqb.results.validate_record`): a corrupt one
+(truncated, not UTF-8, not a record, a success without metrics) is named on stderr and left out.
 Exits 2 when the directory does not exist or holds no success record.
 """
 

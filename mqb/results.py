@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import copy
+import errno
 import hashlib
 import json
 import os
 import platform
+import re
 import subprocess
+import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +79,7 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     writers never see a half-written file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{os.getpid()}.{uuid.uuid4().hex}.{target.name}")
+    tmp = target.with_name(f".{os.getpid()}@{_HOST_TAG}.{uuid.uuid4().hex}.{target.name}")
     try:
         yield tmp
         os.replace(tmp, target)
@@ -94,18 +101,373 @@ def save_tensors_atomic(path: str | os.PathLike[str], tensors: dict[str, Any]) -
         torch.save(tensors, tmp)
 
 
-def read_records(results_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All success and error records of a results directory, sorted by creation time."""
+# -- reading records: one schema for every reader ---------------------------------------------------------
+#: Record statuses; an error record (``<id>.error.json``) needs ``error``, a success record of an evaluation
+#: (``<id>.json``) needs the metrics and labels every table reads.
+RECORD_STATUSES = ("success", "error")
+_METRIC_KEYS = ("dsc", "nsd", "hd95")
+_LABEL_KEYS = ("model", "dataset", "precision", "granularity", "method")
+#: Success records of other kinds (a layer-sensitivity study) carry one of these keys instead of metrics.
+OTHER_KINDS = ("sensitivity",)
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record file no reader can use: unreadable, not JSON, or not a valid record (``reason`` says which)."""
+
+    path: Path
+    reason: str
+
+    @property
+    def record_id(self) -> str:
+        """The config id the file name promises (``<id>.json`` / ``<id>.error.json``)."""
+        return record_id_of(self.path)
+
+    def message(self) -> str:
+        return (f"mqb: ignoring corrupt record {self.path}: {self.reason} (treated as missing: a resumed sweep "
+                "re-runs the config)")  # fmt: skip
+
+
+def record_id_of(path: str | os.PathLike[str]) -> str:
+    name = Path(path).name
+    for suffix in (".error.json", ".json"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _is_number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def validate_record(record: Any) -> str | None:
+    """Why ``record`` is not a valid result record, or ``None`` when it is (the one schema of every reader)."""
+    if not isinstance(record, dict):
+        return f"not a JSON object (a {type(record).__name__})"
+    rid = record.get("id")
+    if not isinstance(rid, str) or not rid:
+        return "no 'id' string"
+    status = record.get("status")
+    if status not in RECORD_STATUSES:
+        return f"'status' is {status!r}, not one of {', '.join(RECORD_STATUSES)}"
+    if "created" in record and not isinstance(record["created"], str):
+        return "'created' is not a string"
+    if status == "error":
+        if not isinstance(record.get("error"), str):
+            return "error record without an 'error' message"
+        return None
+    if any(kind in record for kind in OTHER_KINDS):
+        return None
+    for key in _LABEL_KEYS:
+        if not isinstance(record.get(key), str):
+            return f"success record without a {key!r} string"
+    for group in ("metrics", "delta_pct"):
+        values = record.get(group)
+        if not isinstance(values, dict):
+            return f"success record without {group!r}"
+        for key in _METRIC_KEYS:
+            if key not in values or not _is_number_or_none(values[key]):
+                return f"{group}.{key} is missing or not a number"
+    return None
+
+
+def check_record(path: str | os.PathLike[str]) -> tuple[dict[str, Any] | None, BadRecord | None]:
+    """``(record, None)`` for a valid record file, ``(None, BadRecord)`` for a corrupt one, ``(None, None)``
+    when there is no such file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as err:
+        return None, BadRecord(path, f"unreadable ({err.strerror or err})")
+    try:
+        record = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, BadRecord(path, "not UTF-8 text")
+    except json.JSONDecodeError as err:
+        what = "empty" if not data.strip() else f"invalid JSON, truncated? ({err.msg} at line {err.lineno})"
+        return None, BadRecord(path, what)
+    problem = validate_record(record)
+    if problem is not None:
+        return None, BadRecord(path, problem)
+    return record, None
+
+
+def warn_bad_record(bad: BadRecord) -> None:
+    print(bad.message(), file=sys.stderr)
+
+
+def read_record(
+    path: str | os.PathLike[str], on_bad: Callable[[BadRecord], None] | None = warn_bad_record
+) -> dict[str, Any] | None:
+    """The record in ``path``, or ``None`` when it is missing or corrupt (a corrupt one is reported to
+    ``on_bad``, by default on stderr naming the file)."""
+    record, bad = check_record(path)
+    if bad is not None and on_bad is not None:
+        on_bad(bad)
+    return record
+
+
+def record_files(results_dir: str | os.PathLike[str]) -> list[Path]:
+    """The record files of a results directory (hidden in-flight writes and lock files excluded)."""
     folder = Path(results_dir)
     if not folder.is_dir():
         return []
-    records = []
-    for path in sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")):  # skip in-flight writes
+    return sorted(p for p in folder.glob("*.json") if not p.name.startswith("."))
+
+
+def load_records(results_dir: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], list[BadRecord]]:
+    """``(valid records sorted by creation time, corrupt record files)`` of a results directory."""
+    records, bad = [], []
+    for path in record_files(results_dir):
+        record, problem = check_record(path)
+        if problem is not None:
+            bad.append(problem)
+        elif record is not None:
+            records.append(record)
+    return sorted(records, key=lambda r: str(r.get("created", ""))), bad
+
+
+def read_records(
+    results_dir: str | os.PathLike[str], on_bad: Callable[[BadRecord], None] | None = warn_bad_record
+) -> list[dict[str, Any]]:
+    """All valid success and error records of a results directory, sorted by creation time; each corrupt record
+    file is reported to ``on_bad`` (by default on stderr, naming the file) and left out."""
+    records, bad = load_records(results_dir)
+    if on_bad is not None:
+        for problem in bad:
+            on_bad(problem)
+    return records
+
+
+# -- writability, leftovers of killed writers ----------------------------------------------------------------
+class ResultsDirError(OSError):
+    """The results directory cannot take a record (read-only, full, not a directory)."""
+
+
+def check_writable(folder: str | os.PathLike[str], probe_bytes: int = 1 << 16) -> None:
+    """Create ``folder`` and write, fsync and remove a probe file there; raise :class:`ResultsDirError` saying
+    why when that fails (read-only, no space left, not a directory), before any work is done."""
+    folder = Path(folder)
+    probe = folder / f".{os.getpid()}@{_HOST_TAG}.{uuid.uuid4().hex}.probe"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * probe_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        why = {errno.ENOSPC: "no space left", errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EDQUOT: "disk quota exceeded"}.get(err.errno or -1, err.strerror or str(err))  # fmt: skip
+        raise ResultsDirError(err.errno or errno.EIO, f"results_dir {str(folder)!r} cannot take records ({why}); "
+                              "nothing was evaluated") from err  # fmt: skip
+    finally:
         try:
-            records.append(json.loads(path.read_text()))
-        except json.JSONDecodeError:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", platform.node())[:64] or "host"
+
+
+_HOST_TAG = _host_tag()
+#: ``.<pid>[@<host>].<32 hex>.<name>``: a temporary file of :func:`atomic_write` (older versions: no host).
+_TEMP_NAME = re.compile(r"^\.(\d+)(?:@([A-Za-z0-9_-]*))?\.([0-9a-f]{32})\.(.+)$")
+#: A temporary file this old is a leftover whatever wrote it (a record is written in well under a second).
+TEMP_MAX_AGE_S = 600.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def clean_temp_files(folder: str | os.PathLike[str], max_age_s: float = TEMP_MAX_AGE_S) -> list[Path]:
+    """Remove the temporary files of killed writers in ``folder``: those of a dead process of this host at once,
+    any older than ``max_age_s``. Returns the removed paths."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for path in folder.iterdir():
+        match = _TEMP_NAME.match(path.name)
+        if match is None or path.suffix == ".lock":
             continue
-    return sorted(records, key=lambda r: r.get("created", ""))
+        pid, host = int(match.group(1)), match.group(2)
+        try:
+            age = now - path.stat().st_mtime
+        except OSError:
+            continue
+        dead_here = host == _HOST_TAG and pid != os.getpid() and not pid_alive(pid)
+        if dead_here or age > max_age_s:
+            try:
+                path.unlink()
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+# -- claims: one process computes a config -------------------------------------------------------------------
+#: A claim's lock file is touched this often while its process works ...
+LOCK_HEARTBEAT_S = 30.0
+#: ... and a lock not touched for this long is stale whatever host holds it (a crashed node).
+LOCK_STALE_S = float(os.environ.get("MQB_LOCK_STALE_SECONDS", "600"))
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """Who holds a config's claim (the content of ``.<id>.lock``)."""
+
+    path: Path
+    pid: int
+    host: str
+    created: str
+    token: str
+    age_s: float
+
+    def describe(self) -> str:
+        return f"pid {self.pid} on {self.host} since {self.created}"
+
+
+def lock_path(results_dir: str | os.PathLike[str], cid: str) -> Path:
+    return Path(results_dir) / f".{cid}.lock"
+
+
+def read_lock(path: Path) -> LockInfo | None:
+    """The holder of a lock file, or ``None`` when there is none (an unreadable one reads as pid 0)."""
+    try:
+        stat = path.stat()
+        text = path.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError:
+        text, stat = "", None
+    age = time.time() - stat.st_mtime if stat is not None else 0.0
+    try:
+        data = json.loads(text)
+        assert isinstance(data, dict)
+        return LockInfo(path, int(data["pid"]), str(data["host"]), str(data["created"]), str(data["token"]), age)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        return LockInfo(path, 0, "?", "?", "", age)  # being written, or garbage
+
+
+def lock_is_stale(info: LockInfo) -> bool:
+    """A lock of a dead process of this host, an unreadable one older than a heartbeat, or one whose holder has
+    not touched it for :data:`LOCK_STALE_S` (any host)."""
+    if info.age_s > LOCK_STALE_S:
+        return True
+    if info.pid == 0:
+        return info.age_s > LOCK_HEARTBEAT_S
+    if info.host != platform.node():
+        return False
+    if not pid_alive(info.pid):
+        return True
+    try:  # the pid was reused by a process started after the lock was taken
+        import psutil
+
+        created = datetime.fromisoformat(info.created).timestamp()
+        return psutil.Process(info.pid).create_time() > created + 2.0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def lock_holder(results_dir: str | os.PathLike[str], cid: str) -> LockInfo | None:
+    """The live holder of a config's claim, or ``None`` (no lock, or a stale one)."""
+    info = read_lock(lock_path(results_dir, cid))
+    return None if info is None or lock_is_stale(info) else info
+
+
+class Claim:
+    """This process's claim on a config: the lock file ``.<id>.lock`` (pid, host, time), touched by a heartbeat
+    thread until :meth:`release`."""
+
+    def __init__(self, path: Path, token: str) -> None:
+        self.path, self.token = path, token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"mqb-claim-{path.name}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        info = read_lock(self.path)
+        if info is not None and info.token == self.token:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def try_claim(results_dir: str | os.PathLike[str], cid: str) -> Claim | LockInfo:
+    """Claim a config before computing it: a :class:`Claim` when this process got it, else the
+    :class:`LockInfo` of the live process that holds it. A stale lock (dead process) is broken and retaken."""
+    path = lock_path(results_dir, cid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(5):
+        token = uuid.uuid4().hex
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            info = read_lock(path)
+            if info is None:
+                continue  # released meanwhile
+            if not lock_is_stale(info):
+                return info
+            _break_lock(path, info)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": platform.node(), "created": datetime.now(UTC).isoformat(),
+                       "token": token}, f)  # fmt: skip
+            f.flush()
+            os.fsync(f.fileno())
+        return Claim(path, token)
+    info = read_lock(path)
+    if info is not None:
+        return info
+    raise OSError(errno.EAGAIN, f"could not claim {path}")
+
+
+def _break_lock(path: Path, stale: LockInfo) -> None:
+    """Move a stale lock aside; put it back if another process replaced it in the meantime (not stale)."""
+    aside = path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except OSError:
+        return
+    moved = read_lock(aside)
+    if moved is not None and moved.token != stale.token and not lock_is_stale(moved):
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass
+    aside.unlink(missing_ok=True)
 
 
 def git_commit() -> dict[str, Any]:

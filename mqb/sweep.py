@@ -4,7 +4,9 @@
     python -m mqb.sweep status outputs/results --sweep outputs/multirun/2026-11-27_20-43-59   # + missing
     python -m mqb.sweep summary outputs/results --out summary         # CSV + Markdown table of successes
 
-``status`` exits 0 when every config is done, 1 when some failed or are missing.
+``status`` exits 0 when every config is done, 1 when some failed, are missing or are still running. With
+``--sweep`` it lists the sweep's whole grid (from its ``multirun.yaml``), also the configs a killed sweep never
+started. A corrupt record file is named on stderr and its config counts as missing.
 """
 
 from __future__ import annotations
@@ -15,41 +17,165 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
+from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from mqb.results import read_records
+from mqb.results import BadRecord, load_records, lock_holder, read_records, warn_bad_record
 
-COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc_delta_pct", "nsd", "nsd_delta_pct",
-           "hd95", "untrained", "id")  # fmt: skip
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+LAUNCHERS_DIR = CONF_DIR.parent / "launchers"
+STATES = ("done", "failed", "running", "missing")
+
+COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc_delta_pct", "dsc_drop_ci_low",
+           "dsc_drop_ci_high", "dsc_p_holm", "dsc_significant", "nsd", "nsd_delta_pct", "nsd_drop_ci_low",
+           "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "hd95", "untrained", "id")  # fmt: skip
 
 
-def metric_with_delta(value: float | None, delta: float | None) -> str:
-    """``0.881 (0.3%)`` as in the paper's tables; ``-`` when the metric is undefined."""
+def metric_with_delta(value: float | None, delta: float | None, ci: dict[str, Any] | None = None) -> str:
+    """``0.881 (0.3%)`` as in the paper's tables; with ``ci`` (:func:`drop_ci`) the 95 % interval of the drop and
+    a ``*`` where it is significant: ``0.881 (0.3% [0.1, 0.5]*)``; ``-`` when the metric is undefined."""
     if value is None:
         return "-"
-    return f"{value:.3f} ({delta:.1f}%)" if delta is not None else f"{value:.3f}"
+    if delta is None:
+        return f"{value:.3f}"
+    if ci is None or ci.get("low") is None or ci.get("high") is None:
+        return f"{value:.3f} ({delta:.1f}%)"
+    mark = "*" if ci.get("significant") else ""
+    return f"{value:.3f} ({delta:.1f}% [{ci['low']:.1f}, {ci['high']:.1f}]{mark})"
+
+
+def drop_ci(record: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """The record's 95 % interval of the mean drop (in %, as ``delta_pct``) and its significance (after Holm when
+    the record went through :func:`with_holm`), from its ``stats`` section; ``None`` without one."""
+    entry = ((record.get("stats") or {}).get(metric) or {}).get("mean")
+    if not isinstance(entry, dict):
+        return None
+    return {"low": entry.get("drop_pct_ci_low"), "high": entry.get("drop_pct_ci_high"), "p": entry.get("p"),
+            "p_holm": entry.get("p_holm"), "significant": entry.get("significant")}  # fmt: skip
+
+
+def with_holm(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``records`` whose ``stats`` carry Holm-adjusted p-values across these configs (one family per
+    metric and class; :func:`mqb.analysis.stats.apply_holm`), ``significant`` judged on them."""
+    import copy
+
+    from mqb.analysis.stats import apply_holm
+
+    out = [copy.deepcopy(r) for r in records]
+    with_stats = {str(i): r["stats"] for i, r in enumerate(out) if isinstance(r.get("stats"), dict)}
+    if with_stats:
+        apply_holm(with_stats)
+    return out
+
+
+def _job_overrides(job: Path) -> list[str]:
+    overrides_file = job / ".hydra" / "overrides.yaml"
+    if not overrides_file.is_file():
+        return []
+    try:
+        data = yaml.safe_load(overrides_file.read_text()) or []
+    except yaml.YAMLError:
+        return []
+    return [str(o) for o in data] if isinstance(data, list) else []
 
 
 def sweep_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """The jobs of a Hydra sweep folder: name, overrides and (once started) the config id it writes."""
+    """The started jobs of a Hydra sweep folder: name, overrides and (once started) the config id it writes."""
     jobs = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / ".hydra").is_dir()):
-        overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = overrides_file.read_text().strip() if overrides_file.is_file() else ""
         id_file = job / "record_id.txt"
         rid = id_file.read_text().strip() if id_file.is_file() else None
-        jobs.append({"job": job.name, "overrides": overrides, "id": rid})
+        overrides = _job_overrides(job)
+        jobs.append({"job": job.name, "overrides": "\n".join(f"- {o}" for o in overrides), "id": rid,
+                     "override_list": overrides})  # fmt: skip
     return jobs
 
 
-def status(results_dir: Path, sweep_dir: Path | None = None) -> list[dict[str, Any]]:
-    """One row per config: ``done`` (success record), ``failed`` (error record only) or ``missing``."""
+def sweep_grid(sweep_dir: Path) -> list[list[str]] | None:
+    """Every job's overrides of a basic-sweeper sweep, in job order, as Hydra expands them from the sweep's
+    ``multirun.yaml`` (``hydra.sweeper.params`` then the command line); ``None`` when that is unknown."""
+    cfg_file = sweep_dir / "multirun.yaml"
+    if not cfg_file.is_file():
+        return None
+    try:
+        from hydra._internal.config_loader_impl import ConfigLoaderImpl
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra._internal.utils import create_config_search_path
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        from mqb.config import register_configs
+
+        register_configs()
+        conf = OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False)
+        assert isinstance(conf, dict)
+        hydra_conf = conf.get("hydra") or {}
+        sweeper = hydra_conf.get("sweeper") or {}
+        if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return None
+        params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+        task = [str(o) for o in (hydra_conf.get("overrides") or {}).get("task") or []]
+        loader = ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+        overrides = OverridesParser.create(config_loader=loader).parse_overrides(params + task)
+        return [list(job) for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    except Exception:  # noqa: BLE001  (another sweeper, an unparsable file: fall back to the started jobs)
+        return None
+
+
+def grid_ids(grid: list[list[str]]) -> list[str | None]:
+    """The config id of each job of a grid (composed like ``mqb.eval`` does; ``None`` where that fails)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from mqb.config import register_configs
+    from mqb.results import config_id
+
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app: cannot compose here
+        return [None] * len(grid)
+    register_configs()
+    ids: list[str | None] = []
+    search = [f"hydra.searchpath=[file://{LAUNCHERS_DIR}]"] if LAUNCHERS_DIR.is_dir() else []
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for overrides in grid:
+            try:
+                ids.append(config_id(compose(config_name="eval", overrides=[*overrides, *search])))
+            except Exception:  # noqa: BLE001
+                ids.append(None)
+    return ids
+
+
+def sweep_configs(sweep_dir: Path, compose: bool = True) -> list[dict[str, Any]]:
+    """Every config of a sweep: its grid (``multirun.yaml``) matched with the job folders that started; a job
+    that never started gets its id by composing its config (``compose``), else ``None``."""
+    started = sweep_jobs(sweep_dir)
+    grid = sweep_grid(sweep_dir)
+    if grid is None:
+        return started
+    by_overrides = {tuple(j["override_list"]): j for j in started}
+    jobs, unmatched = [], []
+    for num, overrides in enumerate(grid):
+        job = by_overrides.pop(tuple(overrides), None)
+        if job is None:
+            job = {"job": f"{num} (not started)", "overrides": "\n".join(f"- {o}" for o in overrides), "id": None,
+                   "override_list": overrides}  # fmt: skip
+            unmatched.append(job)
+        jobs.append(job)
+    if compose and unmatched:
+        for job, rid in zip(unmatched, grid_ids([j["override_list"] for j in unmatched]), strict=True):
+            job["id"] = rid
+    return jobs + list(by_overrides.values())
+
+
+def status(
+    results_dir: Path, sweep_dir: Path | None = None, on_bad: Any = warn_bad_record, compose: bool = True
+) -> list[dict[str, Any]]:
+    """One row per config: ``done`` (success record), ``failed`` (error record only), ``running`` (claimed by a
+    live process) or ``missing`` (no record, or only a corrupt one: each is reported to ``on_bad``)."""
+    records, bad = load_records(results_dir)
     rows: dict[str, dict[str, Any]] = {}
-    for r in read_records(results_dir):
-        rid = r.get("id")
-        if rid is None:
-            continue
+    for r in records:
+        rid = r["id"]
         state = "done" if r.get("status") == "success" else "failed"
         if rows.get(rid, {}).get("status") == "done":
             continue  # a success record wins over an older error record of the same config
@@ -62,32 +188,69 @@ def status(results_dir: Path, sweep_dir: Path | None = None) -> list[dict[str, A
             "method": r.get("method"),
             "error": r.get("error", "") if state == "failed" else "",
         }
+    for problem in bad:
+        if on_bad is not None:
+            on_bad(problem)
+        rows.setdefault(problem.record_id, _missing_row(problem.record_id, "", _corrupt(problem)))
     if sweep_dir is not None:
-        wanted = sweep_jobs(sweep_dir)
+        wanted = sweep_configs(sweep_dir, compose=compose)
         ids = {j["id"] for j in wanted if j["id"]}
         rows = {k: v for k, v in rows.items() if k in ids}
         for job in wanted:
             if job["id"] is None or job["id"] not in rows:
                 key = job["id"] or job["job"]
-                rows[key] = {"id": job["id"] or "-", "status": "missing", "model": job["job"], "precision": "",
-                             "granularity": "", "method": "", "error": job["overrides"].replace("\n", " ")}  # fmt: skip
-    return sorted(rows.values(), key=lambda r: (r["status"], str(r["model"]), str(r["precision"])))
+                rows[key] = _missing_row(job["id"] or "-", job["job"], job["overrides"].replace("\n", " "))
+            elif rows[job["id"]]["status"] == "missing":
+                rows[job["id"]]["model"] = job["job"]
+    for row in rows.values():
+        if row["status"] in ("missing", "failed") and row["id"] != "-":
+            holder = lock_holder(results_dir, row["id"])
+            if holder is not None:
+                row["status"], row["error"] = "running", f"claimed by {holder.describe()}"
+    order = {s: i for i, s in enumerate(STATES)}
+    return sorted(rows.values(), key=lambda r: (order[r["status"]], str(r["model"]), str(r["precision"])))
+
+
+def _corrupt(problem: BadRecord) -> str:
+    return f"corrupt record {problem.path.name}: {problem.reason}"
+
+
+def _missing_row(rid: str, model: str, error: str) -> dict[str, Any]:
+    return {"id": rid, "status": "missing", "model": model, "precision": "", "granularity": "", "method": "",
+            "error": error}  # fmt: skip
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows (one per successful config) in the paper's table format."""
+    """Flat rows (one per successful config) in the paper's table format, with the drop's 95 % interval and its
+    Holm-adjusted p across these configs; FP32 rows first within each model and dataset (the reference)."""
+    ok = [r for r in records if r.get("status") == "success" and isinstance(r.get("metrics"), dict)]
     rows = []
-    for r in records:
-        if r.get("status") != "success":
-            continue
-        m, d = r["metrics"], r["delta_pct"]
-        rows.append({
-            "model": r["model"], "dataset": r["dataset"], "precision": r["precision"],
-            "granularity": r["granularity"], "method": r["method"], "dsc": m["dsc"], "dsc_delta_pct": d["dsc"],
-            "nsd": m["nsd"], "nsd_delta_pct": d["nsd"], "hd95": m["hd95"], "untrained": r.get("untrained"),
-            "id": r["id"],
-        })  # fmt: skip
+    for r in sorted(with_holm(ok), key=reference_first):  # error records and other kinds (sensitivity) left out
+        m, d = r["metrics"], r.get("delta_pct") or {}
+        row = {"model": r["model"], "dataset": r["dataset"], "precision": r["precision"],
+               "granularity": r["granularity"], "method": r["method"], "hd95": m.get("hd95"),
+               "untrained": r.get("untrained"), "id": r["id"]}  # fmt: skip
+        for metric in ("dsc", "nsd"):
+            ci = drop_ci(r, metric) or {}
+            row.update({metric: m.get(metric), f"{metric}_delta_pct": d.get(metric),
+                        f"{metric}_drop_ci_low": ci.get("low"), f"{metric}_drop_ci_high": ci.get("high"),
+                        f"{metric}_p_holm": ci.get("p_holm"),
+                        f"{metric}_significant": ci.get("significant")})  # fmt: skip
+        rows.append(row)
     return rows
+
+
+def reference_first(record: dict[str, Any]) -> tuple:
+    """Sort key: by model and dataset, the FP32 reference first, then the rest in their given order."""
+    return (record.get("model", ""), record.get("dataset", ""), record.get("precision") != "fp32")
+
+
+def _cell(row: dict[str, Any], metric: str) -> str:
+    if row["precision"] == "fp32":  # the reference row: no drop to show
+        return f"{row[metric]:.3f} (ref.)" if row[metric] is not None else "-"
+    ci = {"low": row[f"{metric}_drop_ci_low"], "high": row[f"{metric}_drop_ci_high"],
+          "significant": row[f"{metric}_significant"]}  # fmt: skip
+    return metric_with_delta(row[metric], row[f"{metric}_delta_pct"], ci)
 
 
 def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
@@ -100,13 +263,24 @@ def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]
         writer.writeheader()
         writer.writerows(rows)
 
-    lines = ["| Architecture | Dataset | Precision | Quant-Granularity | Method | DSC (↓Δ%) | NSD (↓Δ%) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| Architecture | Dataset | Precision | Quant-Granularity | Method | DSC (↓Δ% [95% CI]) "
+             "| NSD (↓Δ% [95% CI]) | note |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    baselines = {}
+    for r in records:
+        if r.get("status") == "success" and isinstance(r.get("baseline"), dict):
+            baselines.setdefault((r.get("model"), r.get("dataset")), set()).add(r["baseline"].get("key"))
     for r in rows:
+        note = "UNTRAINED" if r["untrained"] else ""
+        if len(baselines.get((r["model"], r["dataset"]), ())) > 1:
+            note = (note + "; " if note else "") + "other FP32 baselines in this table (other test cases or settings)"
         lines.append(
             f"| {r['model']} | {r['dataset']} | {r['precision']} | {r['granularity']} | {r['method']} | "
-            f"{metric_with_delta(r['dsc'], r['dsc_delta_pct'])} | {metric_with_delta(r['nsd'], r['nsd_delta_pct'])} |"
+            f"{_cell(r, 'dsc')} | {_cell(r, 'nsd')} | {note} |"
         )
+    if any(r.get(f"{m}_drop_ci_low") is not None for r in rows for m in ("dsc", "nsd")):
+        lines += ["", "↓Δ%: drop from FP32 (positive = worse), 95 % bootstrap interval over the test cases; * the "
+                      "paired test across cases is significant at 0.05 after Holm correction across this table's "
+                      "configs (mqb.analysis.stats)."]  # fmt: skip
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -136,14 +310,17 @@ def main(argv: list[str] | None = None) -> int:
     table = Table(title=f"sweep status: {args.results_dir}")
     for col in ("status", "id", "model", "precision", "granularity", "method", "error"):
         table.add_column(col)
-    colors = {"done": "green", "failed": "red", "missing": "yellow"}
+    colors = {"done": "green", "failed": "red", "running": "cyan", "missing": "yellow"}
     for r in rows:
         table.add_row(f"[{colors[r['status']]}]{r['status']}", str(r["id"]), str(r["model"]), str(r["precision"]),
                       str(r["granularity"]), str(r["method"]), str(r["error"])[:200])  # fmt: skip
     console.print(table)
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "missing")}
-    console.print(", ".join(f"{n} {s}" for s, n in counts.items()))
-    return 0 if counts["failed"] == 0 and counts["missing"] == 0 else 1
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATES}
+    console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("done", "failed", "missing")))
+    if not rows:
+        print(f"mqb.sweep: no configs found in {str(args.sweep or args.results_dir)!r}", file=sys.stderr)
+        return 1
+    return 0 if counts["done"] == len(rows) else 1
 
 
 if __name__ == "__main__":

@@ -108,3 +108,32 @@ def test_aliased_tensors_save_once_and_load_under_every_name(tmp_path):
     dst = _Aliased()
     load_weights(dst, tmp_path / "full.pt")
     assert _same(src, dst)
+
+
+def test_legacy_non_zip_checkpoints_load_and_refuse_code_all_the_same(tmp_path):
+    """``torch.save(..., _use_new_zipfile_serialization=False)`` (older releases such as HD-BET's): a plain state
+    dict loads; one that needs code is refused with its format named."""
+    src = _net()
+    path = tmp_path / "legacy.model"
+    torch.save({"state_dict": src.state_dict(), "log": [np.float64(0.5)]}, path, _use_new_zipfile_serialization=False)
+    assert not __import__("zipfile").is_zipfile(path)
+    dst = _net()
+    load_weights(dst, path)
+    assert _same(src, dst)
+    bad = tmp_path / "legacy_code.pth"
+    torch.save({"state_dict": src.state_dict(), "args": argparse.Namespace(lr=0.1)}, bad,
+               _use_new_zipfile_serialization=False)  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"legacy \(non-zip\) torch.save format.*cannot be loaded safely"):
+        read_state_dict(bad)
+
+
+def test_key_mapping_for_checkpoints_with_other_names_and_extra_buffers(tmp_path):
+    src = _net()
+    state = {f"seg_head.{k}": v for k, v in src.state_dict().items()}
+    state["seg_head.0.num_batches_tracked"] = torch.tensor(3)  # a buffer the network does not have
+    torch.save(state, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        load_weights(_net(), tmp_path / "other.pt")
+    dst = _net()
+    load_weights(dst, tmp_path / "other.pt", rename={"seg_head.": ""}, ignore=[r"num_batches_tracked$"])
+    assert _same(src, dst)

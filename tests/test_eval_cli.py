@@ -82,6 +82,9 @@ def test_sweep_two_models_two_granularities(trained):
             # trainer.accelerator=auto: the GPU where there is one; true FP32 (no TF32) either way
             assert r["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
             assert r["device"]["fp32_precision"] == "ieee" and r["device"]["tf32_conv"] is False
+            mean = r["stats"]["dsc"]["mean"]  # paired per-case differences vs FP32 (2 test cases: exact test)
+            assert mean["n"] == 2 and mean["test"] == "permutation-exact" and mean["min_p"] == 0.5
+            assert mean["drop_pct_ci_low"] <= mean["drop_pct"] <= mean["drop_pct_ci_high"]
             assert r["realizability"]["groups"]
             timed_calibration = "calibration_seconds" in r["timings"]  # a phase that ran is in the record
             assert timed_calibration and r["data"]["calibration_cases"]

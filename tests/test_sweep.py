@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import multiprocessing as mp
 from pathlib import Path
+
+import pytest
 
 from mqb.results import read_records, write_json_atomic
 from mqb.sweep import main as sweep_main
@@ -55,7 +58,7 @@ def test_summary_table(tmp_path):
 def _writer(folder: str, worker: int) -> None:
     for i in range(40):
         rid = f"cfg{i % 10}"  # every worker rewrites the same 10 configs
-        write_json_atomic(Path(folder) / f"{rid}.json", {"id": rid, "worker": worker, "i": i, "pad": "x" * 5000})
+        write_json_atomic(Path(folder) / f"{rid}.json", record(rid, True, "x", worker=worker, i=i, pad="x" * 5000))
 
 
 def test_eight_concurrent_writers_never_corrupt_records(tmp_path):
@@ -72,3 +75,44 @@ def test_eight_concurrent_writers_never_corrupt_records(tmp_path):
         data = json.loads(f.read_text())  # every record is complete JSON
         assert data["id"] == f.stem and len(data["pad"]) == 5000
     assert len(read_records(tmp_path)) == 10
+
+
+def _stats_record(cid: str, precision: str, drops: list[float], untrained: bool = False) -> dict:
+    """A success record with per-case DSC/NSD and its ``stats`` section computed as mqb.eval does."""
+    from mqb.analysis.stats import compare
+
+    cases = [f"case{i}" for i in range(len(drops))]
+    fp32 = {"per_class": {"liver": {}}, "per_case": {c: {"dsc": [0.9], "nsd": [0.8]} for c in cases}}
+    per_case = {c: {"dsc": [0.9 - d], "nsd": [0.8 - d]} for c, d in zip(cases, drops, strict=True)}
+    quant = {"per_class": {"liver": {}}, "per_case": per_case}
+    stats = compare(fp32, quant, n_resamples=2000, class_names=["liver"]) if precision != "fp32" else None
+    dsc = 0.9 - sum(drops) / len(drops)
+    return {"id": cid, "status": "success", "model": "unet", "dataset": "synthetic", "precision": precision,
+            "granularity": "per_tensor", "method": "rtn", "untrained": untrained,
+            "metrics": {"dsc": dsc, "nsd": dsc - 0.1, "hd95": 1.0},
+            "delta_pct": {"dsc": 100 * (0.9 - dsc) / 0.9, "nsd": 100 * (0.8 - dsc + 0.1) / 0.8, "hd95": 0.0},
+            "baseline": {"key": "b1", "dsc": 0.9, "nsd": 0.8, "hd95": 1.0}, "stats": stats}  # fmt: skip
+
+
+def test_summary_has_the_reference_first_intervals_holm_and_flags(tmp_path):
+    from mqb.analysis.stats import holm
+
+    records = [
+        _stats_record("q1", "w8a8", [0.001, -0.001, 0.0005, 0.0, -0.0005, 0.001, 0.0, 0.0]),  # no real drop
+        _stats_record("q2", "w4a4", [0.10, 0.12, 0.09, 0.11, 0.13, 0.1, 0.12, 0.11], untrained=True),  # real drop
+        _stats_record("f", "fp32", [0.0] * 8),
+    ]
+    csv_path, md_path = write_summary(records, tmp_path / "summary")
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["precision"] for r in rows] == ["fp32", "w8a8", "w4a4"]  # the FP32 reference first
+    adjusted = holm({"q1": records[0]["stats"]["dsc"]["mean"]["p"], "q2": records[1]["stats"]["dsc"]["mean"]["p"]})
+    assert float(rows[2]["dsc_p_holm"]) == pytest.approx(adjusted["q2"])
+    assert rows[2]["dsc_significant"] == "True" and rows[1]["dsc_significant"] == "False"
+    low, high = float(rows[2]["dsc_drop_ci_low"]), float(rows[2]["dsc_drop_ci_high"])
+    assert low <= float(rows[2]["dsc_delta_pct"]) <= high and low > 0
+    md = md_path.read_text()
+    lines = md.splitlines()
+    assert "0.900 (ref.)" in lines[2] and "(0.0%" not in lines[2]
+    assert f"[{low:.1f}, {high:.1f}]*" in lines[4] and "UNTRAINED" in lines[4]
+    assert "Holm" in md
+    assert records[1]["stats"]["holm"] is False  # the records themselves are not changed

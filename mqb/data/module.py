@@ -45,7 +45,8 @@ def split_cases(
 
     Cases that carry a ``"split"`` key, or are named in ``pinned`` (``{"test": [case, ...], ...}``, e.g. from
     ``dataset.split_file``), keep that split. The others are assigned by a seeded permutation: ``sizes`` gives
-    the val/calib/test counts and train gets the rest (or ``sizes['train']``). Raises ``ValueError`` when the
+    the val/calib/test counts (``test: -1``: every case left after calib and val) and train gets the rest (or
+    ``sizes['train']``). Raises ``ValueError`` when the
     requested sizes exceed the available cases or a pinned case does not exist.
     """
     unknown = set(sizes) - set(SPLITS) | (set(pinned or {}) - set(SPLITS))
@@ -72,6 +73,12 @@ def split_cases(
             assigned.add(c["case"])
     free = [c for c in cases if c["case"] not in assigned]
     order = np.random.default_rng(seed).permutation(len(free))
+    sizes = dict(sizes)
+    if int(sizes.get("test", 0)) == -1:  # test: -1 = every case left after calib and val (your own scans)
+        if "train" in sizes:
+            raise ValueError("dataset.splits: test=-1 (the rest) leaves nothing for an explicit train size")
+        taken = sum(max(0, int(sizes.get(k, 0)) - len(out[k])) for k in ("calib", "val"))
+        sizes["test"] = len(out["test"]) + max(0, len(free) - taken)
     fixed = {k: max(0, int(sizes.get(k, 0)) - len(out[k])) for k in ("test", "calib", "val")}
     need = sum(fixed.values()) + (int(sizes["train"]) if "train" in sizes else 0)
     if need > len(free) or any(int(v) < 0 for v in sizes.values()):
@@ -309,8 +316,15 @@ class SegmentationDataModule(L.LightningDataModule):
         return T.Compose(chain)
 
     def intensity_transform(self) -> T.MapTransform:
-        """``{"a_min", "a_max", ...}``: fixed window (CT); ``{"lower", "upper", ...}``: percentile window (MRI)."""
+        """``{"a_min", "a_max", ...}``: fixed window (CT); ``{"lower", "upper", ...}``: percentile window (MRI);
+        ``{"zscore": true, "nonzero": ...}``: (x - mean) / std over the volume (over its non-zero voxels with
+        ``nonzero: true``, as nnU-Net and HD-BET normalise MRI), MONAI ``NormalizeIntensityd``."""
         assert self.intensity is not None
+        if self.intensity.get("zscore"):
+            unknown = set(self.intensity) - {"zscore", "nonzero"}
+            if unknown:
+                raise ValueError(f"dataset.intensity: {sorted(unknown)} do not go with zscore; valid: nonzero")
+            return T.NormalizeIntensityd(keys=["image"], nonzero=bool(self.intensity.get("nonzero", False)))
         if "lower" in self.intensity:
             return T.ScaleIntensityRangePercentilesd(keys=["image"], **self.intensity)
         return T.ScaleIntensityRanged(keys=["image"], **self.intensity)

@@ -308,6 +308,56 @@ class TotalSegmentatorExampleCT:
 
 
 @dataclass(frozen=True)
+class FolderSource:
+    """Your own scans: the NIfTI images ``root/<image_glob>``, each with a label map of the same file name in
+    ``root/<label_dir>/`` where you have one (``dataset=folder``).
+
+    All images labelled: DSC / NSD / HD95 against the labels. None labelled: every quantized run is scored by its
+    agreement with the FP32 prediction of the same model (records say ``reference: fp32_prediction``). Labels for
+    some images only is refused (say which images lack one), as is an empty folder.
+
+    Attributes:
+        root: the folder (``dataset.root``).
+        num_classes: the model's output classes (class names ``class1`` ... unless the dataset gives them).
+        image_glob: which files are images (relative to ``root``; sorted; the case id is the file name without
+            ``.nii``/``.nii.gz``).
+        label_dir: the label folder under ``root``, or ``None`` (images only).
+    """
+
+    root: str
+    num_classes: int = 2
+    image_glob: str = "*.nii.gz"
+    label_dir: str | None = "labels"
+
+    @property
+    def class_names(self) -> list[str]:
+        return ["background", *[f"class{i}" for i in range(1, int(self.num_classes))]]
+
+    def cases(self) -> list[dict[str, str]]:
+        root = _require_dir(self.root, "dataset.root", "point it at the folder holding your NIfTI images")
+        images = sorted(p for p in root.glob(self.image_glob) if p.is_file())
+        if not images:
+            raise DatasetError(f"dataset.root {str(root)!r} has no images matching {self.image_glob!r}")
+        labels = root / self.label_dir if self.label_dir else None
+        records, unlabelled = [], []
+        for image in images:
+            case = image.name.removesuffix(".gz").removesuffix(".nii")
+            record = {"case": case, "image": str(image)}
+            label = labels / image.name if labels is not None else None
+            if label is not None and label.is_file():
+                record["label"] = str(label)
+            else:
+                unlabelled.append(image.name)
+            records.append(record)
+        if unlabelled and len(unlabelled) < len(records):
+            raise DatasetError(
+                f"dataset.root {str(root)!r}: {len(unlabelled)} of {len(records)} images have no label map in "
+                f"{str(labels)!r} (e.g. {unlabelled[:3]}); label every image, or none (scored against FP32)"
+            )
+        return records
+
+
+@dataclass(frozen=True)
 class BrainAsegSample:
     """The real VoxelMorph T1 (1 mm, skull-stripped) with its FreeSurfer aseg mapped to the 18 brainchop classes
     (**test**), calibrated on a different brain: the MNI ICBM152 2009a T1 template (no labels needed).

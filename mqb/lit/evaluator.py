@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from mqb.metrics import aggregate, case_metrics, spacing_from_affine
+from mqb.metrics import aggregate, case_metrics, metric_definitions, spacing_from_affine
 from mqb.quant.quantizer import module_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -148,6 +148,7 @@ class SegmentationEvaluator(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._gather_cases()
         self.results = aggregate(self.case_results, self.class_names)
+        self.results["definitions"] = metric_definitions(self.nsd_tolerance_mm)  # which NSD / HD95 these are
         self.results["per_case"] = {
             case: {
                 "spacing_mm": list(spacing),

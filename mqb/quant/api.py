@@ -8,6 +8,7 @@ print(summarize(model))
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -120,6 +121,25 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     )
 
 
+@contextlib.contextmanager
+def inference_state(model: nn.Module) -> Iterator[None]:
+    """Run statistics passes in the model's inference state, and give every module its own flag back after.
+
+    A model whose top level is in training mode (a freshly built ``nn.Module``) is put in eval mode for the pass;
+    a model in eval mode is run as it is, so submodules a user deliberately keeps in training mode (norms that use
+    instance statistics at inference) stay so. Afterwards, also on error, **every** module's ``training`` flag is
+    what it was (``model.train(flag)`` would set them all alike).
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    if model.training:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
 def run_batches(
     model: nn.Module,
     batches: Iterable[Any],
@@ -128,16 +148,15 @@ def run_batches(
     max_batches: int | None = None,
 ) -> int:
     """Run ``forward(model, batch)`` (default :func:`default_forward`) over ``batches`` in eval mode without
-    gradients; afterwards, also on error, remove ``hooks`` and restore the training flag. Returns the batch count.
+    gradients (:func:`inference_state`); afterwards, also on error, remove ``hooks`` and restore every module's
+    training flag. Returns the batch count.
 
     The common loop of every statistics pass (input ranges, bias correction, GPTQ Hessians, proxies).
     """
     run = forward or default_forward
-    was_training = model.training
     seen = 0
-    model.eval()
     try:
-        with torch.no_grad():
+        with inference_state(model), torch.no_grad():
             for batch in batches:
                 if max_batches is not None and seen >= max_batches:
                     break
@@ -146,7 +165,6 @@ def run_batches(
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return seen
 
 
@@ -161,42 +179,41 @@ def calibrate(
 
     During calibration every quantizer passes tensors through unchanged, so the statistics are those of the
     float model (as in the paper and in ModelOpt/TensorRT). ``forward(model, batch)`` customises how a batch is
-    run, e.g. sliding-window inference over a whole volume. The model's train/eval state is restored.
+    run, e.g. sliding-window inference over a whole volume. Run in the model's inference state, every module's
+    train/eval flag restored after (:func:`inference_state`).
     """
     layers = [layer for _, layer in quantized_layers(model)]
     if not layers:
         raise ValueError("calibrate: the model has no quantized layers; call mqb.quant.quantize first")
     quantizers = [m for m in model.modules() if isinstance(m, TensorQuantizer)]
     run = forward or default_forward
-    was_training = model.training
-    model.eval()
-    for q in quantizers:
-        q.begin_calibration()
-    for layer in layers:
-        if isinstance(layer, QuantAttention):
-            layer.set_calibrating(True)
-    seen = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if max_batches is not None and seen >= max_batches:
-                    break
-                run(model, batch)
-                seen += 1
-        if seen == 0:
-            raise ValueError("calibrate: the calibration batches were empty")
-        for q in model.modules():
-            if isinstance(q, TensorQuantizer):
-                q.end_calibration()
-    finally:
+    with inference_state(model):
+        for q in quantizers:
+            q.begin_calibration()
         for layer in layers:
             if isinstance(layer, QuantAttention):
-                layer.set_calibrating(False)
-        for q in model.modules():
-            if isinstance(q, TensorQuantizer) and q.mode == "calibrate":
-                q._observer = None
-                q.mode = "quantize"
-        model.train(was_training)
+                layer.set_calibrating(True)
+        seen = 0
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    if max_batches is not None and seen >= max_batches:
+                        break
+                    run(model, batch)
+                    seen += 1
+            if seen == 0:
+                raise ValueError("calibrate: the calibration batches were empty")
+            for q in model.modules():
+                if isinstance(q, TensorQuantizer):
+                    q.end_calibration()
+        finally:
+            for layer in layers:
+                if isinstance(layer, QuantAttention):
+                    layer.set_calibrating(False)
+            for q in model.modules():
+                if isinstance(q, TensorQuantizer) and q.mode == "calibrate":
+                    q._observer = None
+                    q.mode = "quantize"
     return model
 
 

@@ -71,3 +71,28 @@ def test_the_model_is_quantized_in_place_and_a_copy_is_untouched() -> None:
     ptq(net, QuantRecipe.from_precision("w4a4", granularity="adaptive"), _data)
     assert type(net[0]).__name__ != type(before[0]).__name__
     assert not torch.equal(_out(net), _out(before))
+
+
+def test_every_module_keeps_its_train_eval_flag() -> None:
+    """A norm kept in training mode on purpose (instance statistics at inference) is run so during calibration and
+    keeps its flag; a model in training mode is calibrated in eval mode and gets its flags back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
+    net[1].train()  # batch statistics at inference, as the model's author runs it
+    net[1].momentum = 0.0  # (running statistics untouched)
+    data = _data()
+    ranges = collect_input_ranges(net, data)
+    assert [m.training for m in net.modules()] == [False, False, True, False, False]
+    reference = copy.deepcopy(net)
+    ptq(net, QuantRecipe.from_precision("w8a8", granularity="per_tensor"), lambda: data)
+    flags = {name: m.training for name, m in net.named_modules()}
+    assert [flags[n] for n in ("", "0", "1", "2", "3")] == [False, False, True, False, False]
+    # the calibrated range of the last conv's input is what that conv sees with batch statistics
+    with torch.no_grad():
+        seen = max(float(reference[:3](x).abs().max()) for x in data)
+        assert float(ranges["3"]["hi"].max()) == max(float(reference[:3](x).amax()) for x in data)
+    assert float(net[3].input_quantizer.amax) == torch.tensor(seen).item()
+    fresh = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4))  # training mode: eval for the pass
+    before = fresh[1].running_mean.clone()
+    ptq(fresh, QuantRecipe.from_precision("w8a8", granularity="per_tensor"), lambda: data)
+    assert fresh.training and fresh[1].training and torch.equal(fresh[1].running_mean, before)

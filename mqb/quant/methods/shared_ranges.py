@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from mqb.quant.api import default_forward
+from mqb.quant.api import default_forward, inference_state
 from mqb.quant.layers import QuantLayer
 from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod
 from mqb.quant.output import OUTPUT_QUANTIZER, attach_output_quantizer, make_output_quantizer
@@ -150,15 +150,12 @@ def trace_inputs(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any
     leaves = [m for m in model.modules() if isinstance(m, QuantLayer) or next(m.children(), None) is None]
     handles = [m.register_forward_pre_hook(pre_hook) for m in quantized]
     handles += [m.register_forward_hook(post_hook) for m in leaves]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), _CatTracker(tokens):
+        with inference_state(model), torch.no_grad(), _CatTracker(tokens):
             (forward or default_forward)(model, batch)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return InputTrace(calls, producers, [names[id(m)] for m in quantized])
 
 
