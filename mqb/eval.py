@@ -308,8 +308,8 @@ def build_logger(cfg: DictConfig, run_dir: Path, sweep: str) -> Any:
         # one line per run instead of W&B's banners (WANDB_SILENT=false brings them back)
         os.environ.setdefault("WANDB_SILENT", "true")
         where = run_dir / "wandb"
-        console.print(f"W&B {'offline' if offline else 'online'} run {kwargs['name']} in {where}"
-                      + (f" (upload later: wandb sync {where}/offline-run-*)" if offline else ""))  # fmt: skip
+        print(f"W&B {'offline' if offline else 'online'} run {kwargs['name']}"
+              + (f"; upload later: wandb sync {where}/offline-run-*" if offline else f" in {where}"), flush=True)
     return instantiate(lcfg, **kwargs)
 
 
@@ -665,8 +665,8 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
             r["precision"],
             r["granularity"],
             r["method"],
-            metric_with_delta(m["dsc"], d["dsc"], drop_ci(r, "dsc")),
-            metric_with_delta(m["nsd"], d["nsd"], drop_ci(r, "nsd")),
+            *(f"{m[k]:.3f} (ref.)" if r["precision"] == "fp32" and m.get(k) is not None
+              else metric_with_delta(m[k], d[k], drop_ci(r, k)) for k in ("dsc", "nsd")),  # fmt: skip
             hd,
             note,
         )

@@ -29,8 +29,8 @@ LAUNCHERS_DIR = CONF_DIR.parent / "launchers"
 STATES = ("done", "failed", "running", "missing")
 
 COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc_delta_pct", "dsc_drop_ci_low",
-           "dsc_drop_ci_high", "dsc_p_holm", "dsc_significant", "nsd", "nsd_delta_pct", "nsd_drop_ci_low",
-           "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "hd95", "untrained", "id")  # fmt: skip
+           "dsc_drop_ci_high", "dsc_p_holm", "dsc_significant", "dsc_cases", "nsd", "nsd_delta_pct", "nsd_drop_ci_low",
+           "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "nsd_cases", "hd95", "untrained", "id")  # fmt: skip
 
 
 def metric_with_delta(value: float | None, delta: float | None, ci: dict[str, Any] | None = None) -> str:
@@ -40,6 +40,8 @@ def metric_with_delta(value: float | None, delta: float | None, ci: dict[str, An
         return "-"
     if delta is None:
         return f"{value:.3f}"
+    if ci is not None and ci.get("n") is not None and ci["n"] < 2:  # one case: no interval, no test
+        return f"{value:.3f} ({delta:.1f}%, {ci['n']} case)"
     if ci is None or ci.get("low") is None or ci.get("high") is None:
         return f"{value:.3f} ({delta:.1f}%)"
     mark = "*" if ci.get("significant") else ""
@@ -53,7 +55,7 @@ def drop_ci(record: dict[str, Any], metric: str) -> dict[str, Any] | None:
     if not isinstance(entry, dict):
         return None
     return {"low": entry.get("drop_pct_ci_low"), "high": entry.get("drop_pct_ci_high"), "p": entry.get("p"),
-            "p_holm": entry.get("p_holm"), "significant": entry.get("significant")}  # fmt: skip
+            "p_holm": entry.get("p_holm"), "significant": entry.get("significant"), "n": entry.get("n")}  # fmt: skip
 
 
 def with_holm(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -234,7 +236,7 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ci = drop_ci(r, metric) or {}
             row.update({metric: m.get(metric), f"{metric}_delta_pct": d.get(metric),
                         f"{metric}_drop_ci_low": ci.get("low"), f"{metric}_drop_ci_high": ci.get("high"),
-                        f"{metric}_p_holm": ci.get("p_holm"),
+                        f"{metric}_p_holm": ci.get("p_holm"), f"{metric}_cases": ci.get("n"),
                         f"{metric}_significant": ci.get("significant")})  # fmt: skip
         rows.append(row)
     return rows
@@ -249,7 +251,7 @@ def _cell(row: dict[str, Any], metric: str) -> str:
     if row["precision"] == "fp32":  # the reference row: no drop to show
         return f"{row[metric]:.3f} (ref.)" if row[metric] is not None else "-"
     ci = {"low": row[f"{metric}_drop_ci_low"], "high": row[f"{metric}_drop_ci_high"],
-          "significant": row[f"{metric}_significant"]}  # fmt: skip
+          "significant": row[f"{metric}_significant"], "n": row[f"{metric}_cases"]}  # fmt: skip
     return metric_with_delta(row[metric], row[f"{metric}_delta_pct"], ci)
 
 

@@ -298,13 +298,17 @@ def to_latex(table: Table, comments: Sequence[str] = ()) -> str:
     return "\n".join(out) + "\n"
 
 
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """Raw numbers in table order, with the columns of ``mqb.sweep summary`` (``mqb.sweep.COLUMNS``)."""
+def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """Raw numbers in table order, with the columns of ``mqb.sweep summary`` (``mqb.sweep.COLUMNS``)."""
+    return _csv_text(rows, COLUMNS)
 
 
 def failure_lines(errors: Sequence[dict[str, Any]]) -> list[str]:
@@ -497,11 +501,7 @@ def per_class_tables(entries: Sequence[dict[str, Any]], alpha: float = 0.05) -> 
 
 def per_class_csv(entries: Sequence[dict[str, Any]]) -> str:
     """Long format, raw numbers: one line per group x quantized config x class (:data:`PER_CLASS_COLUMNS`)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PER_CLASS_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(entries)
-    return buf.getvalue()
+    return _csv_text(entries, PER_CLASS_COLUMNS)
 
 
 def render_per_class(entries: Sequence[dict[str, Any]], fmt: str) -> str:
