@@ -75,7 +75,7 @@ from mqb.sweep import (
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 #: Bumped whenever evaluation results change for the same inputs, invalidating cached baselines.
-PIPELINE_VERSION = 3  # 3: NSD / HD95 as DeepMind surface-distance (surfel-area weighted)
+PIPELINE_VERSION = 3  # 3: NSD / HD95 as DeepMind surface-distance (surfel-area weighted); model code in the key
 console = Console(width=None if sys.stdout.isatty() else 160)
 
 
@@ -417,6 +417,7 @@ def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
     return stable_hash(
         {
             "model": OmegaConf.to_container(cfg.model.net, resolve=True),
+            "code": model_code_sha(cfg),  # the network's own source: edited model code recomputes the baseline
             # how the model is run (window / whole volume); absent where the model config has no say (stable keys)
             **({"inference": OmegaConf.to_container(cfg.model.inference, resolve=True)}
                if cfg.model.get("inference") else {}),
@@ -440,6 +441,22 @@ def _drop_stats(cfg: DictConfig, baseline: dict[str, Any], metrics: dict[str, An
     if not baseline.get("per_case") or not metrics.get("per_case"):
         return None
     return compare(baseline, metrics, seed=int(cfg.seed), class_names=list(dm.class_names[1:]))
+
+
+def model_code_sha(cfg: DictConfig) -> str | None:
+    """SHA-256 of the source file of the network class ``model.net._target_`` (a user's model code changes the
+    FP32 baseline as much as its weights do); ``None`` where it has no readable source."""
+    import hashlib
+    import importlib
+    import inspect
+
+    target = str(cfg.model.net.get("_target_", ""))
+    module_name, _, attr = target.rpartition(".")
+    try:
+        source = inspect.getsourcefile(getattr(importlib.import_module(module_name), attr))
+        return hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
+    except (ImportError, AttributeError, OSError, TypeError, ValueError):
+        return None
 
 
 def _delta_pct(base: float | None, value: float | None, higher_is_better: bool = True) -> float | None:

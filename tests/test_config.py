@@ -1,6 +1,7 @@
 """Every config group choice composes (Hydra compose API) and builds what it describes."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,3 +153,27 @@ def test_custom_model_needs_a_target_and_passes_only_the_given_arguments():
                    "+model.net.out_channels=2", "+model.net.kernel_size=1")  # fmt: skip
     net = instantiate(cfg.model.net)
     assert isinstance(net, torch.nn.Conv3d) and net.in_channels == 1 and net.out_channels == 2
+
+
+def test_meshnet_runs_on_the_whole_volume_by_default_and_the_baseline_key_covers_model_code(tmp_path):
+    """The model config owns its inference (MeshNet: one window, the whole volume, as brainchop runs it), and a
+    user's edited model code gives another FP32 baseline key."""
+    import sys
+
+    from mqb.eval import baseline_key, inference_window
+
+    cfg = _compose("model=meshnet_18cls", "dataset=brain_aseg_sample")
+    dm = SimpleNamespace(roi_size=(96, 96, 96))
+    assert inference_window(cfg, dm) == (-1, -1, -1)
+    assert inference_window(_compose("model=unet"), dm) == (96, 96, 96)
+    (tmp_path / "user_net.py").write_text("from torch import nn\nclass Net(nn.Conv3d):\n    pass\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        cfg = _compose("model=custom", "model.net._target_=user_net.Net", "+model.net.in_channels=1",
+                       "+model.net.out_channels=2", "+model.net.kernel_size=1")  # fmt: skip
+        before = baseline_key(cfg, None)
+        (tmp_path / "user_net.py").write_text("from torch import nn\nclass Net(nn.Conv3d):\n    pass  # edited\n")
+        assert baseline_key(cfg, None) != before
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("user_net", None)

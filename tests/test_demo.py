@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,3 +46,18 @@ def test_demo_writes_the_readme_table(tmp_path: Path) -> None:
     for key, values in written.items():  # 3 decimals as printed; another CPU may round the last digit differently
         assert values == pytest.approx(documented[key], abs=0.0015), key
     assert "summary.md" in done.stdout  # the results path is printed at the end
+
+
+@pytest.mark.slow
+def test_meshnet_defaults_reproduce_the_reference_figure(tmp_path: Path) -> None:
+    """model=meshnet_18cls dataset=brain_aseg_sample with no overrides runs as brainchop does (whole volume) and
+    gives the full-volume Dice measured with the model's own inference (tests/models/test_meshnet.py)."""
+    from tests.models.test_meshnet import FULL_VOLUME_DSC
+
+    cmd = [sys.executable, "-m", "mqb.eval", "model=meshnet_18cls", "dataset=brain_aseg_sample", "precision=fp32",
+           "logger=none", "trainer.progress=false", f"paths.output_dir={tmp_path}",
+           f"paths.cache_dir={tmp_path}"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "results").glob("*.json")]
+    assert abs(record["metrics"]["dsc"] - FULL_VOLUME_DSC) < 0.005
