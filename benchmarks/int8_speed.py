@@ -101,11 +101,6 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], shape: tuple[int, ...]
 DEPLOY_INCLUDE = ("conv", "conv_transpose", "linear", "norm")
 
 
-#: the plugin's default precision; f32 under a oneDNN ISA cap (ONEDNN_MAX_CPU_ISA=AVX2 emulates an AVX2-only CPU,
-#: whose default is f32, but OpenVINO still picks bf16 from the real CPU's flags and then fails to compile)
-DEFAULT_HINT = "f32" if int8_isa().cap else None
-
-
 def deploy_recipe(**kwargs: object) -> QuantRecipe:
     """W8A8, weights per channel and activations per tensor; 7-bit weights where this CPU's INT8 dot product
     saturates (``mqb.deploy``'s ``deploy.overflow_fix=auto``)."""
@@ -127,9 +122,9 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
         "ort_fp32": OrtRuntime(fp32.path),
         "ort_int8": OrtRuntime(int8.path),
         "ov_fp32": OpenVINORuntime(fp32.path, precision="f32", shape=shape),
-        "ov_default": OpenVINORuntime(fp32.path, precision=DEFAULT_HINT, shape=shape),
+        "ov_default": OpenVINORuntime(fp32.path, precision=None, shape=shape),
         "ov_int8": OpenVINORuntime(int8.path, precision="f32", shape=shape),
-        "ov_int8_default": OpenVINORuntime(int8.path, precision=DEFAULT_HINT, shape=shape),
+        "ov_int8_default": OpenVINORuntime(int8.path, precision=None, shape=shape),
     }
     quantized = {"ov_int8": fq, "ov_int8_default": fq, "ort_int8": fq}
     exports = {"mqb int8": int8}
@@ -138,13 +133,13 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     SharedInputRanges(quantize_tensors=True).apply(fqd, batches=lambda: calib)
     int8d = export_onnx(fqd, x, workdir / f"{model}_int8d.onnx", strict=True, int8_concat=concat)
     runtimes["ov_int8d"] = OpenVINORuntime(int8d.path, precision="f32", shape=shape)
-    runtimes["ov_int8d_default"] = OpenVINORuntime(int8d.path, precision=DEFAULT_HINT, shape=shape)
+    runtimes["ov_int8d_default"] = OpenVINORuntime(int8d.path, precision=None, shape=shape)
     quantized.update(ov_int8d=fqd, ov_int8d_default=fqd)
     exports["mqb int8_deploy"] = int8d
     nncf_ir = nncf_int8(fp32.path, calib, shape, workdir / f"{model}_nncf.xml") if with_nncf else None
     if nncf_ir is not None:
         runtimes["nncf_int8"] = OpenVINORuntime(nncf_ir, precision="f32", shape=shape)
-        runtimes["nncf_int8_default"] = OpenVINORuntime(nncf_ir, precision=DEFAULT_HINT, shape=shape)
+        runtimes["nncf_int8_default"] = OpenVINORuntime(nncf_ir, precision=None, shape=shape)
     elif with_nncf:
         print("--nncf: nncf is not installed; no NNCF comparison", flush=True)
     xn = x.numpy()

@@ -363,6 +363,11 @@ class OpenVINORuntime:
 
         if precision is not None and precision not in OV_PRECISIONS:
             raise ValueError(f"precision={precision!r} is invalid; valid: {', '.join(OV_PRECISIONS)} or None")
+        cap = (_isa_cap() or "").upper()
+        if precision is None and cap and cap != "ALL" and not any(k in cap for k in ("BF16", "AMX", "FP16")):
+            # OpenVINO picks its default (bf16 on AVX512-BF16/AMX CPUs) from the CPU's flags, but oneDNN is capped
+            # below bf16 (ONEDNN_MAX_CPU_ISA): that combination computes garbage; the capped CPU's default is f32
+            precision = "f32"
         self.path = Path(path)
         self.core = ov.Core()
         model = self.core.read_model(str(self.path))
