@@ -251,9 +251,10 @@ def _run(cfg: DictConfig, args: argparse.Namespace) -> int:
     study["baseline_dsc"] = rows[0]["baseline"]["dsc"] if rows else float("nan")
     base = write_study(cfg, study, rows, extra)
     console.print(_table(study["title"], rows, extra))
-    for key in ("spearman_recovered_vs_sqnr", "mixed_precision"):
-        if key in study:
-            console.print(f"{key}: {json.dumps(study[key], default=str)}")
+    if "spearman_recovered_vs_sqnr" in study:  # printed to 3 digits (the study file keeps the full value)
+        console.print(f"spearman_recovered_vs_sqnr: {study['spearman_recovered_vs_sqnr']:.3f}")
+    if "mixed_precision" in study:
+        console.print(f"mixed_precision: {json.dumps(study['mixed_precision'], default=str)}")
     console.print(f"study written to {base}.json / .md / .png")
     return 0
 
