@@ -223,11 +223,11 @@ def _missing_row(rid: str, model: str, error: str) -> dict[str, Any]:
 
 
 def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows (one per successful config) in the paper's table format, with the drop's 95 % interval and its
-    Holm-adjusted p across these configs; FP32 rows first within each model and dataset (the reference)."""
+    """Flat rows (one per successful config, in the given order) in the paper's table format, with the drop's 95 %
+    interval and its Holm-adjusted p across these configs."""
     ok = [r for r in records if r.get("status") == "success" and isinstance(r.get("metrics"), dict)]
     rows = []
-    for r in sorted(with_holm(ok), key=reference_first):  # error records and other kinds (sensitivity) left out
+    for r in with_holm(ok):  # error records and other kinds (sensitivity studies) left out
         m, d = r["metrics"], r.get("delta_pct") or {}
         row = {"model": r["model"], "dataset": r["dataset"], "precision": r["precision"],
                "granularity": r["granularity"], "method": r["method"], "hd95": m.get("hd95"),
@@ -256,8 +256,9 @@ def _cell(row: dict[str, Any], metric: str) -> str:
 
 
 def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    """Write ``out.csv`` and ``out.md`` (DSC (↓Δ%) / NSD (↓Δ%) like the paper's tables); returns the paths."""
-    rows = summary_rows(records)
+    """Write ``out.csv`` and ``out.md`` (DSC (↓Δ%) / NSD (↓Δ%) like the paper's tables, FP32 first within each
+    model and dataset: the reference); returns the paths."""
+    rows = sorted(summary_rows(records), key=reference_first)
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
     with open(csv_path, "w", newline="") as f:
