@@ -12,6 +12,7 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from mqb.metrics import aggregate, case_metrics, metric_definitions, spacing_from_affine
+from mqb.quant.ptq import NonFiniteError
 from mqb.quant.quantizer import module_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -98,11 +99,20 @@ class SegmentationEvaluator(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         image = batch["image"]
-        prediction = self(image).float().argmax(dim=1)
+        cases = batch.get("case", [f"volume{batch_idx}_{i}" for i in range(image.shape[0])])
+        check_finite_input(image, cases)
+        logits = self(image)
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError(
+                f"case {', '.join(map(str, cases))}: the network's output has "
+                f"{int((~torch.isfinite(logits)).sum())} non-finite values (of {logits.numel()}); "
+                f"first non-finite output: {first_non_finite_layer(self.net, image, self.sliding_window)} "
+                f"(compute dtype {str(self.compute_dtype).removeprefix('torch.')}: float16 overflows above 65504)"
+            )
+        prediction = logits.float().argmax(dim=1)
         if hasattr(prediction, "as_tensor"):  # a MetaTensor: keep plain label maps
             prediction = prediction.as_tensor()
         affines = image.affine if hasattr(image, "affine") else torch.eye(4).expand(image.shape[0], 4, 4)
-        cases = batch.get("case", [f"volume{batch_idx}_{i}" for i in range(image.shape[0])])
         for i in range(image.shape[0]):
             affine = affines[i] if affines.ndim == 3 else affines
             spacing = spacing_from_affine(affine)
@@ -162,6 +172,39 @@ class SegmentationEvaluator(L.LightningModule):
                 self.log(f"test/{metric}", float(value), batch_size=1, rank_zero_only=True)
 
 
+def check_finite_input(image: torch.Tensor, cases: Any) -> None:
+    """Refuse an image with NaN / Inf voxels, naming the case and the count (a NaN input is scored DSC 0 otherwise)."""
+    finite = torch.isfinite(image)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        names = ", ".join(map(str, cases)) if isinstance(cases, list | tuple) else str(cases)
+        raise NonFiniteError(f"case {names}: the image has {bad} non-finite voxels (NaN/Inf) after loading; fix "
+                             "the file or mask them before evaluation")  # fmt: skip
+
+
+def first_non_finite_layer(net: torch.nn.Module, image: torch.Tensor, run: Any) -> str:
+    """The first module (in execution order) whose output holds a NaN / Inf when ``run(image, net)`` runs again;
+    ``"(none found on a second run)"`` if none does."""
+    found: list[str] = []
+
+    def hook(name: str) -> Any:
+        def record(module: torch.nn.Module, args: Any, output: Any) -> None:
+            if not found and isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
+                found.append(f"{name} ({type(module).__name__})")
+
+        return record
+
+    leaves = [(n, m) for n, m in net.named_modules() if n and next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+    try:
+        with torch.no_grad():
+            run(image, net)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else "(none found on a second run)"
+
+
 def calibration_forward(evaluator: SegmentationEvaluator):
     """``forward(model, batch)`` for :func:`mqb.quant.calibrate`: sliding windows over calibration volumes.
 
@@ -171,6 +214,7 @@ def calibration_forward(evaluator: SegmentationEvaluator):
 
     def forward(model: torch.nn.Module, batch: Any) -> torch.Tensor:
         device = module_device(model) or evaluator.device
+        check_finite_input(batch["image"], batch.get("case", ["calibration volume"]))
         return evaluator.sliding_window(batch["image"].to(device), model)
 
     return forward

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from mqb.quant.api import apply_input_ranges, calibrate, collect_input_ranges, needs_calibration, quantize
@@ -27,6 +28,29 @@ from mqb.quant.recipe import QuantRecipe
 
 #: how the static activation ranges were set (:attr:`PTQReport.calibration`)
 CALIBRATION_KINDS = ("calibrated", "input_ranges", "not_needed")
+
+
+class NonFiniteError(ValueError):
+    """A NaN or Inf where a number must be: an input voxel, a calibrated range, a logit."""
+
+
+def check_finite_ranges(model: nn.Module) -> None:
+    """Refuse calibrated ranges holding NaN / Inf (a NaN calibration voxel, an overflow), naming the layers in
+    execution-independent (module) order; otherwise they would turn into scale 1 or NaN tensors silently."""
+    from mqb.quant.quantizer import TensorQuantizer
+
+    bad = []
+    for name, module in model.named_modules():
+        if isinstance(module, TensorQuantizer):
+            for key in ("amax", "lo", "hi"):
+                value = getattr(module, key, None)
+                if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                    bad.append(f"{name}.{key}")
+    if bad:
+        raise NonFiniteError(
+            f"calibration gave non-finite ranges in {len(bad)} quantizers, first {bad[0]} (all: {bad[:8]}"
+            f"{' ...' if len(bad) > 8 else ''}): a NaN / Inf in a calibration volume or an activation overflow"
+        )
 
 
 @dataclass
@@ -98,6 +122,8 @@ def ptq(
         else:
             calibrate(model, batches(), forward=forward)
             report.calibration = "calibrated"
+        check_finite_ranges(model)
     report.methods += apply_methods(model, methods, "post_calibration", batches=batches, forward=forward)
+    check_finite_ranges(model)
     report.seconds = time.perf_counter() - start
     return report

@@ -71,3 +71,26 @@ def test_evaluator_on_device_matches_cpu(device):
     torch.testing.assert_close(logits[device].cpu(), logits["cpu"], rtol=1e-5, atol=1e-5)
     for metric in ("dsc", "nsd", "hd95"):
         assert results[device][metric] == pytest.approx(results["cpu"][metric], rel=1e-5, nan_ok=True)
+
+
+def test_non_finite_inputs_and_logits_are_errors_naming_the_case_and_the_layer() -> None:
+    """A NaN voxel is refused before the forward (it would score DSC 0 as a success); non-finite logits name the
+    first layer whose output is non-finite."""
+    import pytest
+    from torch import nn
+
+    from mqb.lit.evaluator import SegmentationEvaluator
+    from mqb.quant.ptq import NonFiniteError
+
+    class Overflow(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.finfo(torch.float32).max * 4  # inf where x != 0
+
+    net = nn.Sequential(nn.Conv3d(1, 2, 1), Overflow(), nn.Conv3d(2, 2, 1)).eval()
+    ev = SegmentationEvaluator(net, ["background", "x"], roi_size=(8, 8, 8), sw_batch_size=1)
+    image = torch.rand(1, 1, 8, 8, 8)
+    with pytest.raises(NonFiniteError, match=r"first non-finite output: 1 \(Overflow\)"):
+        ev.test_step({"image": image, "case": ["c1"]}, 0)
+    image[0, 0, 2, 2, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"case c1: the image has 1 non-finite voxels"):
+        ev.test_step({"image": image, "case": ["c1"]}, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -96,3 +97,13 @@ def test_every_module_keeps_its_train_eval_flag() -> None:
     before = fresh[1].running_mean.clone()
     ptq(fresh, QuantRecipe.from_precision("w8a8", granularity="per_tensor"), lambda: data)
     assert fresh.training and fresh[1].training and torch.equal(fresh[1].running_mean, before)
+
+
+def test_a_nan_in_the_calibration_data_is_refused_with_the_quantizer_named() -> None:
+    from mqb.quant.ptq import NonFiniteError
+
+    data = _data()
+    data[1] = data[1].clone()
+    data[1][0, 0, 3, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"non-finite ranges in \d+ quantizers, first 0\.input_quantizer\.amax"):
+        ptq(_net(), QuantRecipe.from_precision("w8a8", granularity="per_tensor"), lambda: data)
