@@ -12,9 +12,9 @@ export WANDB_MODE ?= offline
 # for timm, whose torchvision would replace the CPU torch with a multi-GB CUDA build; PlainConvUNet needs neither.
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps dynamic-network-architectures==0.4.4
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,deploy]"
+	$(PY) -m pip install -qq --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -qq --disable-pip-version-check --no-deps dynamic-network-architectures==0.4.4
+	$(PY) -m pip install -qq --disable-pip-version-check -e ".[dev,deploy]"
 	touch $(STAMP)
 
 setup: $(STAMP)
