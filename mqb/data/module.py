@@ -161,6 +161,15 @@ def validate_cases(cases: Sequence[dict[str, str]]) -> None:
                 raise DatasetError(
                     f"case {c['case']!r}: {role} file {path!r} is not a readable NIfTI ({err})"
                 ) from None
+            shape = tuple(headers[role].shape)
+            if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+                raise DatasetError(
+                    f"case {c['case']!r}: {role} file {path!r} has shape {shape}; valid: one 3-D volume "
+                    "(X, Y, Z), or (X, Y, Z, 1)"
+                    + (" — a 2-D image cannot be evaluated in 3-D" if len(shape) < 3 else "")
+                    + (f" — it holds {shape[3]} volumes (a time series or channels); give one volume per file"
+                       if len(shape) == 4 else "")  # fmt: skip
+                )
         if "label" in headers:
             image, label = headers["image"], headers["label"]
             if image.shape[:3] != label.shape[:3]:

@@ -198,6 +198,14 @@ def test_corrupt_nifti(tmp_path):
         datamodule("btcv", tmp_path, f"dataset.root={root}", "dataset.splits={test: 1, calib: 0, val: 0}").splits  # noqa: B018
 
 
+@pytest.mark.parametrize(("shape", "why"), [((8, 8), "2-D image"), ((8, 8, 8, 3), "holds 3 volumes")])
+def test_images_that_are_not_one_3d_volume_are_refused_up_front(tmp_path, shape, why):
+    root = make_msd(tmp_path / "btcv", 5)
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), root / "imagesTr" / "img0001.nii.gz")
+    with pytest.raises(DatasetError, match=rf"case 'img0001': image file .*img0001.nii.gz' has shape .*{why}"):
+        datamodule("btcv", tmp_path, f"dataset.root={root}", "dataset.splits={test: 1, calib: 0, val: 0}").splits  # noqa: B018
+
+
 def test_shape_and_affine_mismatch(tmp_path):
     root = make_msd(tmp_path / "btcv", 5)
     save(root / "labelsTr" / "label0002.nii.gz", np.zeros((5, 5, 5), np.uint8))
