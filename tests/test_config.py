@@ -177,3 +177,13 @@ def test_meshnet_runs_on_the_whole_volume_by_default_and_the_baseline_key_covers
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("user_net", None)
+
+
+def test_every_engine_precision_preset_is_a_config_choice_with_the_same_specs():
+    """``mqb.quant.spec.PRECISIONS`` and ``conf/precision/`` name the same presets with the same specs."""
+    from mqb.quant.spec import PRECISIONS
+
+    assert set(PRECISIONS) <= set(_choices("precision"))
+    for name, preset in PRECISIONS.items():
+        recipe = build_recipe(_compose(f"precision={name}"))
+        assert (recipe.weight, recipe.activation) == (preset.weight, preset.activation), name
