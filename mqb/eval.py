@@ -406,8 +406,9 @@ def calibration_inputs(
     )
 
 
-def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
-    """Cache key of the FP32 baseline: model, checkpoint bytes, dataset, evaluation settings, mqb version."""
+def baseline_key(cfg: DictConfig, checkpoint_sha: str | None, test_files: list[str | None] | None = None) -> str:
+    """Cache key of the FP32 baseline: model (config, code, inference), checkpoint bytes, dataset (config and the
+    test files' fingerprints), evaluation settings, mqb version."""
     dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
     assert isinstance(dataset, dict)
     for key in ("num_workers", "batch_size", "samples_per_volume", "cache_dir"):
@@ -418,6 +419,8 @@ def baseline_key(cfg: DictConfig, checkpoint_sha: str | None) -> str:
         {
             "model": OmegaConf.to_container(cfg.model.net, resolve=True),
             "code": model_code_sha(cfg),  # the network's own source: edited model code recomputes the baseline
+            # the test files' size and mtime (mqb.data.module.file_fingerprint): a file fixed in place is re-read
+            **({"files": test_files} if test_files else {}),
             # how the model is run (window / whole volume); absent where the model config has no say (stable keys)
             **({"inference": OmegaConf.to_container(cfg.model.inference, resolve=True)}
                if cfg.model.get("inference") else {}),
@@ -498,7 +501,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     calibration_cached = None
     calib = dm.calibration_indices(cfg.calibration.num_volumes, cfg.calibration.seed)
-    bkey = baseline_key(cfg, checkpoint_sha)
+    bkey = baseline_key(cfg, checkpoint_sha, [c.get("fingerprint") for c in dm.splits["test"]])
     baseline_file = Path(cfg.paths.cache_dir) / "baselines" / f"{bkey}.json"
     labelled = dm.test_has_labels
     predictions_file = baseline_file.with_suffix(".predictions.pt")
@@ -542,7 +545,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         quant_cb = None
         evaluator = _evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=reference)
         if recipe is not None:
-            range_key = stable_hash({"baseline": bkey, "calibration": calib, "v": 1}, 24)
+            calib_files = [dm.splits["calib"][i].get("fingerprint") for i in calib]  # contents, not only paths
+            range_key = stable_hash({"baseline": bkey, "calibration": calib, "files": calib_files, "v": 1}, 24)
             quant_cb = QuantizationCallback(
                 recipe,
                 lambda: dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed),

@@ -144,6 +144,18 @@ class CheckLabelsd(T.MapTransform):
         return data
 
 
+def file_fingerprint(case: dict[str, str]) -> str:
+    """Size and modification time (ns) of a case's image and label files: part of the case record, so MONAI's
+    persistent cache (which hashes the record), the FP32 baseline key and the calibration-range key change when a
+    file is replaced or fixed in place (a path alone would keep serving the old results)."""
+    parts = []
+    for role in ("image", "label"):
+        if role in case and Path(case[role]).is_file():
+            st = Path(case[role]).stat()
+            parts.append(f"{role}:{st.st_size}:{st.st_mtime_ns}")
+    return ";".join(parts)
+
+
 def validate_cases(cases: Sequence[dict[str, str]]) -> None:
     """Check every case's files up front from their headers: readable NIfTI, image/label shape and affine agree."""
     for c in cases:
@@ -291,6 +303,9 @@ class SegmentationDataModule(L.LightningDataModule):
                 splits["calib"] = splits["calib"][: self.calib_cases]
             if self.validate:
                 validate_cases([c for split in splits.values() for c in split])
+            for split in splits.values():
+                for c in split:
+                    c["fingerprint"] = file_fingerprint(c)
             self._splits = splits
         return self._splits
 

@@ -359,3 +359,28 @@ def test_a_missing_sample_file_says_what_to_set(tmp_path):
     partial.mkdir(parents=True)
     with pytest.raises(DatasetError, match="case 'voxelmorph_test_scan': image file .* is missing; .*paths.data_dir"):
         datamodule("brain_aseg_sample", tmp_path, f"paths.data_dir={partial.parent}").splits  # noqa: B018
+
+
+def test_a_file_fixed_in_place_changes_the_case_fingerprint_and_the_cache_keys(tmp_path):
+    """Caches are keyed on content (size + mtime), not only on paths: fixing a file in place recomputes."""
+    import os
+
+    from mqb.eval import baseline_key
+
+    root = make_msd(tmp_path / "btcv", 5)
+    overrides = (f"dataset.root={root}", "dataset.splits={test: 2, calib: 2, val: 0}")
+    before = datamodule("btcv", tmp_path, *overrides).splits
+    case = before["test"][0]
+    assert case["fingerprint"].startswith("image:") and ";label:" in case["fingerprint"]
+    image = Path(case["image"])
+    data = nib.load(image)
+    fixed = np.asarray(data.dataobj).copy()
+    fixed[0, 0, 0] += 1.0
+    nib.save(nib.Nifti1Image(fixed, data.affine), image)
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 1_000_000))
+    after = datamodule("btcv", tmp_path, *overrides).splits
+    assert after["test"][0]["case"] == case["case"] and after["test"][0]["fingerprint"] != case["fingerprint"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["dataset=btcv", *overrides])
+    keys = {baseline_key(cfg, None, [c["fingerprint"] for c in s["test"]]) for s in (before, after)}
+    assert len(keys) == 2
