@@ -288,6 +288,24 @@ def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]
     return csv_path, md_path
 
 
+#: what ``clear-cache`` deletes under ``paths.cache_dir``: results that can be recomputed (not checkpoints)
+CACHE_FOLDERS = ("baselines", "calibration", "persistent", "labels")
+
+
+def clear_cache(cache_dir: Path) -> int:
+    """Delete the recomputable caches under ``cache_dir`` (:data:`CACHE_FOLDERS`); trained checkpoints stay."""
+    import shutil
+
+    if not cache_dir.is_dir():
+        print(f"mqb.sweep: cache directory {str(cache_dir)!r} does not exist (paths.cache_dir)", file=sys.stderr)
+        return 2
+    removed = [f for f in CACHE_FOLDERS if (cache_dir / f).is_dir()]
+    for folder in removed:
+        shutil.rmtree(cache_dir / folder)
+    print(f"cleared {', '.join(removed) or 'nothing'} under {cache_dir} (checkpoints kept)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mqb.sweep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -297,7 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     sm = sub.add_parser("summary", help="CSV + Markdown table of the successful configs")
     sm.add_argument("results_dir", type=Path)
     sm.add_argument("--out", type=Path, default=Path("summary"))
+    cc = sub.add_parser("clear-cache", help="delete the cached FP32 baselines, calibration ranges and preprocessed "
+                        "volumes (trained checkpoints are kept)")  # fmt: skip
+    cc.add_argument("cache_dir", type=Path, nargs="?", default=Path(".cache/mqb"), help="paths.cache_dir")
     args = parser.parse_args(argv)
+    if args.command == "clear-cache":
+        return clear_cache(args.cache_dir)
     if not args.results_dir.is_dir():
         print(f"mqb.sweep: results directory {str(args.results_dir)!r} does not exist", file=sys.stderr)
         return 2

@@ -116,3 +116,13 @@ def test_summary_has_the_reference_first_intervals_holm_and_flags(tmp_path):
     assert f"[{low:.1f}, {high:.1f}]*" in lines[4] and "UNTRAINED" in lines[4]
     assert "Holm" in md
     assert records[1]["stats"]["holm"] is False  # the records themselves are not changed
+
+
+def test_clear_cache_keeps_checkpoints(tmp_path, capsys):
+    for folder in ("baselines", "calibration", "persistent", "labels", "checkpoints"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x").write_text("1")
+    assert sweep_main(["clear-cache", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+    assert "checkpoints kept" in capsys.readouterr().out
+    assert sweep_main(["clear-cache", str(tmp_path / "nope")]) == 2
