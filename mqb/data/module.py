@@ -144,15 +144,33 @@ class CheckLabelsd(T.MapTransform):
         return data
 
 
+def _content_digest(path: Path) -> str:
+    """A digest of a file's content: for gzip (``.nii.gz``) its size and last 64 KiB, which end with the gzip
+    trailer (CRC-32 and length of all the uncompressed data), so any change of the data changes it without reading
+    the whole file; for other files the SHA-256 of all bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if path.name.endswith(".gz"):
+            f.seek(max(0, size - 65536))
+            digest.update(f"{size}:".encode() + f.read())
+        else:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def file_fingerprint(case: dict[str, str]) -> str:
-    """Size and modification time (ns) of a case's image and label files: part of the case record, so MONAI's
-    persistent cache (which hashes the record), the FP32 baseline key and the calibration-range key change when a
-    file is replaced or fixed in place (a path alone would keep serving the old results)."""
+    """The content digests of a case's image and label files (:func:`_content_digest`): part of the case record,
+    so MONAI's persistent cache (which hashes the record), the FP32 baseline key and the calibration-range key change
+    when a file is replaced or fixed in place (a path alone would keep serving the old results), while identical
+    copies in two places (the synthetic data of two cache folders) keep one key."""
     parts = []
     for role in ("image", "label"):
         if role in case and Path(case[role]).is_file():
-            st = Path(case[role]).stat()
-            parts.append(f"{role}:{st.st_size}:{st.st_mtime_ns}")
+            parts.append(f"{role}:{_content_digest(Path(case[role]))}")
     return ";".join(parts)
 
 

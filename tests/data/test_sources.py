@@ -362,7 +362,7 @@ def test_a_missing_sample_file_says_what_to_set(tmp_path):
 
 
 def test_a_file_fixed_in_place_changes_the_case_fingerprint_and_the_cache_keys(tmp_path):
-    """Caches are keyed on content (size + mtime), not only on paths: fixing a file in place recomputes."""
+    """Caches are keyed on content, not only on paths: fixing a file in place recomputes."""
     import os
 
     from mqb.eval import baseline_key
