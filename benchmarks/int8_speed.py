@@ -53,7 +53,7 @@ from mqb.checkpoints import load_weights
 from mqb.data.synthetic import make_phantom
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
-from mqb.deploy.isa import int8_isa, overflow_fixed
+from mqb.deploy.isa import int8_isa, recipe_for_cpu
 from mqb.deploy.profile import interleaved_latency
 from mqb.deploy.report import openvino_nodes, runtime_report
 from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, openvino_exactness, runtime_versions
@@ -105,7 +105,7 @@ def deploy_recipe(**kwargs: object) -> QuantRecipe:
     """W8A8, weights per channel and activations per tensor; 7-bit weights where this CPU's INT8 dot product
     saturates (``mqb.deploy``'s ``deploy.overflow_fix=auto``)."""
     recipe = QuantRecipe.from_precision("w8a8", granularity="deploy", **kwargs)  # type: ignore[arg-type]
-    return overflow_fixed(recipe) if int8_isa().saturates else recipe
+    return recipe_for_cpu(recipe)[0]
 
 
 def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool = False) -> dict[str, float]:

@@ -59,11 +59,16 @@ def _data_only_global(name: str) -> Any | None:
         return None
 
 
-def _all_data_only_globals() -> list[Any]:
+def _dtype_classes() -> list[Any]:
+    """``numpy.dtypes.*DType``: a pickled dtype is rebuilt through its class (``Float64DType`` ...)."""
     import numpy.dtypes
 
-    names = list(_NUMPY_DATA_GLOBALS) + [f"numpy.dtypes.{a}" for a in dir(numpy.dtypes) if a.endswith("DType")]
-    return [obj for name in names if (obj := _data_only_global(name)) is not None]
+    names = [f"numpy.dtypes.{attr}" for attr in dir(numpy.dtypes) if attr.endswith("DType")]
+    return [cls for name in names if (cls := _data_only_global(name)) is not None]
+
+
+def _all_data_only_globals() -> list[Any]:
+    return [obj for name in _NUMPY_DATA_GLOBALS if (obj := _data_only_global(name)) is not None] + _dtype_classes()
 
 
 def _torch_load_data_only(path: Path) -> Any:
@@ -79,14 +84,8 @@ def _torch_load_data_only(path: Path) -> Any:
     if refused:
         raise pickle.UnpicklingError(f"it needs the code objects {refused}")
     allowed = [obj for obj in resolved.values() if obj is not None]
-    if "numpy.dtype" in resolved:  # a pickled dtype is rebuilt through its class (numpy.dtypes.Float64DType ...)
-        import numpy.dtypes
-
-        allowed += [
-            cls
-            for attr in dir(numpy.dtypes)
-            if attr.endswith("DType") and (cls := _data_only_global(f"numpy.dtypes.{attr}"))
-        ]
+    if "numpy.dtype" in resolved:
+        allowed += _dtype_classes()
     with torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location="cpu", weights_only=True)
 

@@ -385,7 +385,8 @@ def checkpoint_keys(cfg: DictConfig) -> dict[str, Any]:
 
 
 def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Path | None]:
-    """The config's network in eval mode with its checkpoint loaded (``None``: untrained), as ``evaluate`` does."""
+    """The config's network in eval mode with its checkpoint loaded (``None``: untrained); ``evaluate`` and every
+    tool build the network with it."""
     net = instantiate(cfg.model.net)
     checkpoint = resolve_checkpoint(cfg)
     if checkpoint is not None:
@@ -449,7 +450,6 @@ def _drop_stats(cfg: DictConfig, baseline: dict[str, Any], metrics: dict[str, An
 def model_code_sha(cfg: DictConfig) -> str | None:
     """SHA-256 of the source file of the network class ``model.net._target_`` (a user's model code changes the
     FP32 baseline as much as its weights do); ``None`` where it has no readable source."""
-    import hashlib
     import importlib
     import inspect
 
@@ -457,7 +457,7 @@ def model_code_sha(cfg: DictConfig) -> str | None:
     module_name, _, attr = target.rpartition(".")
     try:
         source = inspect.getsourcefile(getattr(importlib.import_module(module_name), attr))
-        return hashlib.sha256(Path(source).read_bytes()).hexdigest() if source else None
+        return file_sha256(source) if source else None
     except (ImportError, AttributeError, OSError, TypeError, ValueError):
         return None
 
@@ -490,12 +490,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_sha = file_sha256(checkpoint) if checkpoint is not None else None
     dm: SegmentationDataModule = instantiate(cfg.dataset)
     dm.prepare_data()
-    net = instantiate(cfg.model.net)
+    net, _ = load_model(cfg)
     if recipe is not None:
         _check_plan(cfg, recipe, net)  # before the baseline, calibration or any forward
-    if checkpoint is not None:
-        load_weights(net, checkpoint, **checkpoint_keys(cfg))
-    net.eval()
     float_net = copy.deepcopy(net)
 
     timings: dict[str, float] = {}
@@ -686,8 +683,7 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
             r["precision"],
             r["granularity"],
             r["method"],
-            *(f"{m[k]:.3f} (ref.)" if r["precision"] == "fp32" and m.get(k) is not None
-              else metric_with_delta(m[k], d[k], drop_ci(r, k)) for k in ("dsc", "nsd")),  # fmt: skip
+            *(metric_with_delta(m[k], d[k], drop_ci(r, k), reference=r["precision"] == "fp32") for k in ("dsc", "nsd")),
             hd,
             note,
         )
@@ -730,8 +726,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
 CLAIM_POLL_S = 2.0
 
 
-def _success_record(path: Path) -> dict[str, Any] | None:
-    record = read_record(path)  # a corrupt one is named on stderr and treated as missing (re-run)
+def _success_record(path: Path, quiet: bool = False) -> dict[str, Any] | None:
+    """The success record in ``path``, or ``None``; a corrupt one is treated as missing (re-run) and, unless
+    ``quiet``, named on stderr."""
+    record = read_record(path, on_bad=None) if quiet else read_record(path)
     return record if record is not None and record.get("status") == "success" else None
 
 
@@ -878,7 +876,8 @@ class SweepSummaryCallback(Callback):
         while True:
             held = {}
             for cid in sorted(ids):
-                if _success_record_quiet(results_dir / f"{cid}.json") is None and (h := lock_holder(results_dir, cid)):
+                done = _success_record(results_dir / f"{cid}.json", quiet=True)
+                if done is None and (h := lock_holder(results_dir, cid)):
                     held[cid] = h
             if not held:
                 return
@@ -887,11 +886,6 @@ class SweepSummaryCallback(Callback):
                 console.print(f"[yellow]waiting for {len(held)} config(s) other runs are computing ({who})")
                 announced = True
             time.sleep(CLAIM_POLL_S)
-
-
-def _success_record_quiet(path: Path) -> dict[str, Any] | None:
-    record = read_record(path, on_bad=None)
-    return record if record is not None and record.get("status") == "success" else None
 
 
 def _user_error(err: BaseException) -> BaseException | None:

@@ -33,11 +33,16 @@ COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc
            "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "nsd_cases", "hd95", "untrained", "id")  # fmt: skip
 
 
-def metric_with_delta(value: float | None, delta: float | None, ci: dict[str, Any] | None = None) -> str:
+def metric_with_delta(
+    value: float | None, delta: float | None, ci: dict[str, Any] | None = None, reference: bool = False
+) -> str:
     """``0.881 (0.3%)`` as in the paper's tables; with ``ci`` (:func:`drop_ci`) the 95 % interval of the drop and
-    a ``*`` where it is significant: ``0.881 (0.3% [0.1, 0.5]*)``; ``-`` when the metric is undefined."""
+    a ``*`` where it is significant: ``0.881 (0.3% [0.1, 0.5]*)``; ``0.884 (ref.)`` for the FP32 reference row
+    (``reference``); ``-`` when the metric is undefined."""
     if value is None:
         return "-"
+    if reference:
+        return f"{value:.3f} (ref.)"
     if delta is None:
         return f"{value:.3f}"
     if ci is not None and ci.get("n") is not None and ci["n"] < 2:  # one case: no interval, no test
@@ -65,7 +70,8 @@ def with_holm(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     from mqb.analysis.stats import apply_holm
 
-    out = [copy.deepcopy(r) for r in records]
+    # only the stats sections are copied (and changed): per-case metrics and configs are shared, not duplicated
+    out = [{**r, "stats": copy.deepcopy(r["stats"])} if isinstance(r.get("stats"), dict) else r for r in records]
     with_stats = {str(i): r["stats"] for i, r in enumerate(out) if isinstance(r.get("stats"), dict)}
     if with_stats:
         apply_holm(with_stats)
@@ -248,11 +254,9 @@ def reference_first(record: dict[str, Any]) -> tuple:
 
 
 def _cell(row: dict[str, Any], metric: str) -> str:
-    if row["precision"] == "fp32":  # the reference row: no drop to show
-        return f"{row[metric]:.3f} (ref.)" if row[metric] is not None else "-"
     ci = {"low": row[f"{metric}_drop_ci_low"], "high": row[f"{metric}_drop_ci_high"],
           "significant": row[f"{metric}_significant"], "n": row[f"{metric}_cases"]}  # fmt: skip
-    return metric_with_delta(row[metric], row[f"{metric}_delta_pct"], ci)
+    return metric_with_delta(row[metric], row[f"{metric}_delta_pct"], ci, reference=row["precision"] == "fp32")
 
 
 def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:

@@ -150,16 +150,14 @@ def _content_digest(path: Path) -> str:
     the whole file; for other files the SHA-256 of all bytes."""
     import hashlib
 
-    digest = hashlib.sha256()
+    from mqb.checkpoints import file_sha256
+
+    if not path.name.endswith(".gz"):
+        return file_sha256(path)[:16]
     size = path.stat().st_size
     with open(path, "rb") as f:
-        if path.name.endswith(".gz"):
-            f.seek(max(0, size - 65536))
-            digest.update(f"{size}:".encode() + f.read())
-        else:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
+        f.seek(max(0, size - 65536))
+        return hashlib.sha256(f"{size}:".encode() + f.read()).hexdigest()[:16]
 
 
 def file_fingerprint(case: dict[str, str]) -> str:

@@ -62,7 +62,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from mqb.config import DEPLOY_RUNTIMES, DEPLOY_SCHEMES
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import ExportResult, export_onnx
-from mqb.deploy.isa import OVERFLOW_FIX, int8_isa, overflow_fix_active, overflow_fixed
+from mqb.deploy.isa import OVERFLOW_FIX, int8_isa, overflow_fix_active, recipe_for_cpu
 from mqb.deploy.profile import interleaved_latency, isolated_memory, sliding_window, throughput, volume_latency
 from mqb.deploy.report import openvino_nodes, ort_nodes, report_markdown, runtime_report
 from mqb.deploy.runtimes import (
@@ -146,9 +146,8 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
         recipe = dataclasses.replace(recipe, granularity="deploy")
         scheme = "deploy (weights per-channel, activations per-tensor)"
     isa = int8_isa()
-    fixed = overflow_fix_active(str(deploy.overflow_fix), isa)
+    recipe, fixed = recipe_for_cpu(recipe, str(deploy.overflow_fix), isa)
     if fixed:
-        recipe = overflow_fixed(recipe)
         scheme += ", 7-bit weights (overflow fix)"
     elif isa.saturates:
         print(f"WARNING: this CPU's INT8 dot product saturates ({isa.describe()}) and deploy.overflow_fix=disable: "

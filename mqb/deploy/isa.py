@@ -135,6 +135,13 @@ def overflow_fix_active(setting: str, isa: Int8Isa | None = None) -> bool:
     return setting == "enable"
 
 
+def recipe_for_cpu(recipe: Any, setting: str = "auto", isa: Int8Isa | None = None) -> tuple[Any, bool]:
+    """``(recipe, applied)``: ``recipe`` with the overflow fix where ``deploy.overflow_fix=<setting>`` applies it on
+    this machine (:func:`overflow_fix_active`), else unchanged."""
+    applied = overflow_fix_active(setting, isa)
+    return (overflow_fixed(recipe) if applied else recipe), applied
+
+
 def fix_weight_spec(spec: Any) -> Any:
     """An INT8 integer weight spec on the 7-bit grid; any other spec unchanged."""
     if spec is not None and spec.format == "int" and spec.bits == 8:

@@ -65,8 +65,8 @@ class QuantizationCallback(L.Callback):
         return batches
 
     def _cached_ranges(self, trainer: L.Trainer, net: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        if self.range_cache is None:
-            return collect_input_ranges(net, self._batches(trainer), forward=self.forward)
+        """The float input ranges from ``range_cache``, collected and saved there first if it is missing."""
+        assert self.range_cache is not None
         if self.range_cache.is_file():
             self.calibration_cached = True
             return torch.load(self.range_cache, map_location="cpu", weights_only=True)

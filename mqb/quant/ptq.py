@@ -35,8 +35,8 @@ class NonFiniteError(ValueError):
 
 
 def check_finite_ranges(model: nn.Module) -> None:
-    """Refuse calibrated ranges holding NaN / Inf (a NaN calibration voxel, an overflow), naming the layers in
-    execution-independent (module) order; otherwise they would turn into scale 1 or NaN tensors silently."""
+    """Refuse calibrated ranges holding NaN / Inf (a NaN calibration voxel, an overflow), naming the quantizers in
+    module order; otherwise they would turn into scale 1 or NaN tensors silently."""
     from mqb.quant.quantizer import TensorQuantizer
 
     bad = []

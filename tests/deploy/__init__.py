@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mqb.deploy.isa import int8_isa, overflow_fixed
+from mqb.deploy.isa import recipe_for_cpu
 from mqb.quant import LayerRule, QuantRecipe, calibrate, quantize
 
 SHAPE = (1, 1, 16, 16, 16)
@@ -33,7 +33,7 @@ def deploy_recipe(**kwargs: object) -> QuantRecipe:
     """W8A8 with per-channel weights and per-tensor activations, as ``mqb.deploy`` runs it on this CPU: with 7-bit
     weights where the CPU's INT8 dot product saturates (``deploy.overflow_fix=auto``, :mod:`mqb.deploy.isa`)."""
     recipe = QuantRecipe.from_precision("w8a8", granularity="deploy", **kwargs)  # type: ignore[arg-type]
-    return overflow_fixed(recipe) if int8_isa().saturates else recipe
+    return recipe_for_cpu(recipe)[0]
 
 
 def deployable(net: nn.Module, rules: tuple[LayerRule, ...] = (), batches: int = 2) -> nn.Module:

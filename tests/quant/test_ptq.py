@@ -40,7 +40,7 @@ def test_ptq_is_the_manual_sequence_bit_for_bit() -> None:
     report = ptq(one_call, recipe, lambda: data, methods=methods)
     assert torch.equal(_out(one_call), _out(manual))
     assert [r.method for r in report.methods] == ["smoothquant", "bias_correction"]
-    assert report.calibration == "calibrated" and report.seconds > 0  # a transform method: ranges must be recalibrated
+    assert report.calibration == "calibrated"  # a transform method: ranges must be recalibrated
     plain = _net()
     ptq(plain, recipe, lambda: data)
     assert not torch.equal(_out(one_call), _out(plain))  # the methods changed the model
