@@ -29,9 +29,9 @@ from monai.data import DataLoader, Dataset
 from monai.inferers import sliding_window_inference
 
 from mqb.checkpoints import load_weights
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR, _evaluator, _trainer
+from mqb.config import CONF_DIR, register_configs
 from mqb.metrics import case_metrics, spacing_from_affine
+from mqb.pipeline import build_evaluator, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["precision=w8a8,w4a4", "granularity=per_tensor,per_channel,adaptive"]
@@ -58,8 +58,8 @@ def plain_loop(net: torch.nn.Module, dm, roi, sw_batch: int, overlap: float) -> 
 
 def mqb_loop(cfg, net: torch.nn.Module, dm, run_dir: Path) -> float:
     start = time.perf_counter()
-    evaluator = _evaluator(cfg, net, dm, "float32")
-    _trainer(cfg, None, run_dir, []).test(evaluator, datamodule=dm, verbose=False)
+    evaluator = build_evaluator(cfg, net, dm, "float32")
+    build_trainer(cfg, None, run_dir, []).test(evaluator, datamodule=dm, verbose=False)
     return time.perf_counter() - start
 
 

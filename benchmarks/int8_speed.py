@@ -50,6 +50,7 @@ import torch
 from hydra.utils import instantiate
 
 from mqb.checkpoints import load_weights
+from mqb.config import compose_eval
 from mqb.data.synthetic import make_phantom
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
@@ -57,10 +58,9 @@ from mqb.deploy.isa import int8_isa, recipe_for_cpu
 from mqb.deploy.profile import interleaved_latency
 from mqb.deploy.report import openvino_nodes, runtime_report
 from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, openvino_exactness, runtime_versions
-from mqb.eval import resolve_checkpoint
+from mqb.pipeline import resolve_checkpoint
 from mqb.quant import QuantRecipe, calibrate, quantize
 from mqb.quant.methods import SharedInputRanges
-from mqb.sensitivity import compose_eval
 
 
 def phantom(size: int, seed: int) -> torch.Tensor:

@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 
 from mqb.analysis.activation_stats import activation_report
-from mqb.eval import _user_error, calibration_inputs, load_model
+from mqb.cli import user_error
+from mqb.config import compose_eval
+from mqb.pipeline import calibration_inputs, compute_device, load_model
 from mqb.quant.selectors import validate_selector
-from mqb.sensitivity import compose_eval, compute_device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         activation_report(net, batches(), out, args.layers, alpha=args.alpha, plot_layers=args.plot,
                           forward=forward, max_batches=args.max_batches)  # fmt: skip
     except Exception as err:  # noqa: BLE001
-        user_error = _user_error(err)
-        if user_error is None:
+        problem = user_error(err)
+        if problem is None:
             raise
-        print(f"mqb.activations: error: {user_error}", file=sys.stderr)
+        print(f"mqb.activations: error: {problem}", file=sys.stderr)
         return 2
     print(f"activation statistics written to {out}")
     return 0

@@ -7,12 +7,17 @@ fails at composition time, before any work, with Hydra's message naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from mqb.samples import shipped_data_dir
+
+#: The config folder (``conf/``: one folder per group) and the cluster profiles (``launchers/``, ``+cluster=<name>``).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+LAUNCHERS_DIR = CONF_DIR.parent / "launchers"
 
 #: Config groups of mqb.eval (each a folder under conf/).
 EVAL_GROUPS = (
@@ -210,3 +215,13 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="train_schema", node=TrainConfig)
+
+
+def compose_eval(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The ``mqb.eval`` config for ``overrides`` (``["model=unetr", "precision=w4a4"]``), composed with Hydra's
+    compose API as the command line would (for tools, notebooks and tests that run outside ``hydra.main``)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("eval", overrides=list(overrides))

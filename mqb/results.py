@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import mqb
@@ -97,6 +96,8 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
 
 def save_tensors_atomic(path: str | os.PathLike[str], tensors: dict[str, Any]) -> None:
     """``torch.save`` a (nested) dict of tensors through :func:`atomic_write`."""
+    import torch
+
     with atomic_write(path) as tmp:
         torch.save(tensors, tmp)
 
@@ -491,6 +492,8 @@ def git_commit() -> dict[str, Any]:
 
 
 def host_info() -> dict[str, Any]:
+    import torch
+
     info: dict[str, Any] = {
         "hostname": platform.node(),
         "platform": platform.platform(),
@@ -504,3 +507,8 @@ def host_info() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def is_rank_zero() -> bool:
+    """Only the first process writes records and caches (DDP children re-run the same job)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0

@@ -25,11 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from rich.console import Console
-from rich.table import Table
 
 from mqb.analysis.sensitivity import (
     Step,
@@ -42,35 +40,18 @@ from mqb.analysis.sensitivity import (
     rank_by_recovery,
     rank_correlation,
 )
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR, _user_error, build_methods, build_recipe, calibration_inputs, load_model, run_job
+from mqb.analysis.tables import steps_markdown, steps_table
+from mqb.cli import user_error
+from mqb.config import compose_eval
+from mqb.jobs import run_job
+from mqb.pipeline import build_methods, build_recipe, calibration_inputs, compute_device, load_model
 from mqb.quant import ptq, quantizable_layers
 from mqb.quant.selectors import matches_any, validate_selector
 from mqb.quant.spec import get_precision
 from mqb.results import stable_hash, write_json_atomic
-from mqb.sweep import metric_with_delta
 
 console = Console(width=None if sys.stdout.isatty() else 160)
 DEFAULT_GROUPS = ["conv1x3x3", "conv1x1x1", "conv3x3x3", "linear", "attention"]
-
-
-def compose_eval(overrides: list[str]) -> DictConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("eval", overrides=overrides)
-
-
-def compute_device(cfg: DictConfig) -> torch.device:
-    """The device ``trainer.accelerator`` asks for, for the passes that run outside Lightning (error proxies,
-    activation statistics): ``gpu``/``cuda`` -> CUDA, ``auto`` -> CUDA when available, otherwise the CPU."""
-    accelerator = str(cfg.trainer.get("accelerator", "cpu")).lower()
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"trainer.accelerator={accelerator} needs CUDA, which is not available")
-        return torch.device("cuda")
-    if accelerator == "auto" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def with_method(
@@ -127,28 +108,6 @@ def error_proxies(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return layer_error_proxies(net, batches(), forward=forward)
 
 
-def _table(title: str, rows: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> Table:
-    table = Table(title=title)
-    for col in ("step", "DSC (↓Δ%)", "NSD (↓Δ%)", *extra):
-        table.add_column(col)
-    for r in rows:
-        values = [str(r.get(c, "")) if not isinstance(r.get(c), float) else f"{r[c]:.3g}" for c in extra]
-        table.add_row(r["label"], metric_with_delta(r["dsc"], r["dsc_delta_pct"]),
-                      metric_with_delta(r["nsd"], r["nsd_delta_pct"]), *values)  # fmt: skip
-    return table
-
-
-def _markdown(rows: list[dict[str, Any]], extra: tuple[str, ...] = ()) -> str:
-    head = ["Step", "DSC (↓Δ%)", "NSD (↓Δ%)", *extra]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        values = [f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in extra]
-        cells = [r["label"], metric_with_delta(r["dsc"], r["dsc_delta_pct"]),
-                 metric_with_delta(r["nsd"], r["nsd_delta_pct"]), *values]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def _bar_chart(rows: list[dict[str, Any]], baseline: float, path: Path, title: str) -> None:
     import matplotlib
 
@@ -178,7 +137,7 @@ def write_study(cfg: DictConfig, study: dict[str, Any], rows: list[dict[str, Any
     md = base.with_suffix(".md")
     md.parent.mkdir(parents=True, exist_ok=True)
     tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(f"# {study['title']}\n\nFP32 DSC {study['baseline_dsc']:.3f}\n\n" + _markdown(rows, extra))
+    tmp.write_text(f"# {study['title']}\n\nFP32 DSC {study['baseline_dsc']:.3f}\n\n" + steps_markdown(rows, extra))
     tmp.replace(md)
     _bar_chart(rows, study["baseline_dsc"], base.with_suffix(".png"), study["title"])
     return base
@@ -207,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = compose_eval(args.overrides)
         return _run(cfg, args)
     except Exception as err:  # noqa: BLE001
-        user_error = _user_error(err)
-        if user_error is None:
+        problem = user_error(err)
+        if problem is None:
             raise
-        print(f"mqb.sensitivity: error: {user_error}", file=sys.stderr)
+        print(f"mqb.sensitivity: error: {problem}", file=sys.stderr)
         return 2
 
 
@@ -250,7 +209,7 @@ def _run(cfg: DictConfig, args: argparse.Namespace) -> int:
         rows, extra = _mixed(cfg, args, study)
     study["baseline_dsc"] = rows[0]["baseline"]["dsc"] if rows else float("nan")
     base = write_study(cfg, study, rows, extra)
-    console.print(_table(study["title"], rows, extra))
+    console.print(steps_table(study["title"], rows, extra))
     if "spearman_recovered_vs_sqnr" in study:  # printed to 3 digits (the study file keeps the full value)
         console.print(f"spearman_recovered_vs_sqnr: {study['spearman_recovered_vs_sqnr']:.3f}")
     if "mixed_precision" in study:

@@ -12,71 +12,19 @@ started. A corrupt record file is named on stderr and its config counts as missi
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
-from rich.console import Console
-from rich.table import Table
 
+from mqb.analysis.tables import console, status_table, write_summary
 from mqb.results import BadRecord, load_records, lock_holder, read_records, warn_bad_record
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 LAUNCHERS_DIR = CONF_DIR.parent / "launchers"
 STATES = ("done", "failed", "running", "missing")
-
-COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc_delta_pct", "dsc_drop_ci_low",
-           "dsc_drop_ci_high", "dsc_p_holm", "dsc_significant", "dsc_cases", "nsd", "nsd_delta_pct", "nsd_drop_ci_low",
-           "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "nsd_cases", "hd95", "untrained", "id")  # fmt: skip
-
-
-def metric_with_delta(
-    value: float | None, delta: float | None, ci: dict[str, Any] | None = None, reference: bool = False
-) -> str:
-    """``0.881 (0.3%)`` as in the paper's tables; with ``ci`` (:func:`drop_ci`) the 95 % interval of the drop and
-    a ``*`` where it is significant: ``0.881 (0.3% [0.1, 0.5]*)``; ``0.884 (ref.)`` for the FP32 reference row
-    (``reference``); ``-`` when the metric is undefined."""
-    if value is None:
-        return "-"
-    if reference:
-        return f"{value:.3f} (ref.)"
-    if delta is None:
-        return f"{value:.3f}"
-    if ci is not None and ci.get("n") is not None and ci["n"] < 2:  # one case: no interval, no test
-        return f"{value:.3f} ({delta:.1f}%, {ci['n']} case)"
-    if ci is None or ci.get("low") is None or ci.get("high") is None:
-        return f"{value:.3f} ({delta:.1f}%)"
-    mark = "*" if ci.get("significant") else ""
-    return f"{value:.3f} ({delta:.1f}% [{ci['low']:.1f}, {ci['high']:.1f}]{mark})"
-
-
-def drop_ci(record: dict[str, Any], metric: str) -> dict[str, Any] | None:
-    """The record's 95 % interval of the mean drop (in %, as ``delta_pct``) and its significance (after Holm when
-    the record went through :func:`with_holm`), from its ``stats`` section; ``None`` without one."""
-    entry = ((record.get("stats") or {}).get(metric) or {}).get("mean")
-    if not isinstance(entry, dict):
-        return None
-    return {"low": entry.get("drop_pct_ci_low"), "high": entry.get("drop_pct_ci_high"), "p": entry.get("p"),
-            "p_holm": entry.get("p_holm"), "significant": entry.get("significant"), "n": entry.get("n")}  # fmt: skip
-
-
-def with_holm(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Copies of ``records`` whose ``stats`` carry Holm-adjusted p-values across these configs (one family per
-    metric and class; :func:`mqb.analysis.stats.apply_holm`), ``significant`` judged on them."""
-    import copy
-
-    from mqb.analysis.stats import apply_holm
-
-    # only the stats sections are copied (and changed): per-case metrics and configs are shared, not duplicated
-    out = [{**r, "stats": copy.deepcopy(r["stats"])} if isinstance(r.get("stats"), dict) else r for r in records]
-    with_stats = {str(i): r["stats"] for i, r in enumerate(out) if isinstance(r.get("stats"), dict)}
-    if with_stats:
-        apply_holm(with_stats)
-    return out
-
 
 def _job_overrides(job: Path) -> list[str]:
     overrides_file = job / ".hydra" / "overrides.yaml"
@@ -228,70 +176,6 @@ def _missing_row(rid: str, model: str, error: str) -> dict[str, Any]:
             "error": error}  # fmt: skip
 
 
-def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Flat rows (one per successful config, in the given order) in the paper's table format, with the drop's 95 %
-    interval and its Holm-adjusted p across these configs."""
-    ok = [r for r in records if r.get("status") == "success" and isinstance(r.get("metrics"), dict)]
-    rows = []
-    for r in with_holm(ok):  # error records and other kinds (sensitivity studies) left out
-        m, d = r["metrics"], r.get("delta_pct") or {}
-        row = {"model": r["model"], "dataset": r["dataset"], "precision": r["precision"],
-               "granularity": r["granularity"], "method": r["method"], "hd95": m.get("hd95"),
-               "untrained": r.get("untrained"), "id": r["id"]}  # fmt: skip
-        for metric in ("dsc", "nsd"):
-            ci = drop_ci(r, metric) or {}
-            row.update({metric: m.get(metric), f"{metric}_delta_pct": d.get(metric),
-                        f"{metric}_drop_ci_low": ci.get("low"), f"{metric}_drop_ci_high": ci.get("high"),
-                        f"{metric}_p_holm": ci.get("p_holm"), f"{metric}_cases": ci.get("n"),
-                        f"{metric}_significant": ci.get("significant")})  # fmt: skip
-        rows.append(row)
-    return rows
-
-
-def reference_first(record: dict[str, Any]) -> tuple:
-    """Sort key: by model and dataset, the FP32 reference first, then the rest in their given order."""
-    return (record.get("model", ""), record.get("dataset", ""), record.get("precision") != "fp32")
-
-
-def _cell(row: dict[str, Any], metric: str) -> str:
-    ci = {"low": row[f"{metric}_drop_ci_low"], "high": row[f"{metric}_drop_ci_high"],
-          "significant": row[f"{metric}_significant"], "n": row[f"{metric}_cases"]}  # fmt: skip
-    return metric_with_delta(row[metric], row[f"{metric}_delta_pct"], ci, reference=row["precision"] == "fp32")
-
-
-def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]:
-    """Write ``out.csv`` and ``out.md`` (DSC (↓Δ%) / NSD (↓Δ%) like the paper's tables, FP32 first within each
-    model and dataset: the reference); returns the paths."""
-    rows = sorted(summary_rows(records), key=reference_first)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    lines = ["| Architecture | Dataset | Precision | Quant-Granularity | Method | DSC (↓Δ% [95% CI]) "
-             "| NSD (↓Δ% [95% CI]) | note |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    baselines = {}
-    for r in records:
-        if r.get("status") == "success" and isinstance(r.get("baseline"), dict):
-            baselines.setdefault((r.get("model"), r.get("dataset")), set()).add(r["baseline"].get("key"))
-    for r in rows:
-        note = "UNTRAINED" if r["untrained"] else ""
-        if len(baselines.get((r["model"], r["dataset"]), ())) > 1:
-            note = (note + "; " if note else "") + "other FP32 baselines in this table (other test cases or settings)"
-        lines.append(
-            f"| {r['model']} | {r['dataset']} | {r['precision']} | {r['granularity']} | {r['method']} | "
-            f"{_cell(r, 'dsc')} | {_cell(r, 'nsd')} | {note} |"
-        )
-    if any(r.get(f"{m}_drop_ci_low") is not None for r in rows for m in ("dsc", "nsd")):
-        lines += ["", "↓Δ%: drop from FP32 (positive = worse), 95 % bootstrap interval over the test cases; * the "
-                      "paired test across cases is significant at 0.05 after Holm correction across this table's "
-                      "configs (mqb.analysis.stats)."]  # fmt: skip
-    md_path.write_text("\n".join(lines) + "\n")
-    return csv_path, md_path
-
-
 #: what ``clear-cache`` deletes under ``paths.cache_dir``: results that can be recomputed (not checkpoints)
 CACHE_FOLDERS = ("baselines", "calibration", "persistent", "labels")
 
@@ -328,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.results_dir.is_dir():
         print(f"mqb.sweep: results directory {str(args.results_dir)!r} does not exist", file=sys.stderr)
         return 2
-    console = Console(width=None if sys.stdout.isatty() else 160)
+
     if args.command == "summary":
         csv_path, md_path = write_summary(read_records(args.results_dir), args.out)
         console.print(f"wrote {csv_path} and {md_path}")
@@ -337,14 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mqb.sweep: sweep folder {str(args.sweep)!r} does not exist", file=sys.stderr)
         return 2
     rows = status(args.results_dir, args.sweep)
-    table = Table(title=f"sweep status: {args.results_dir}")
-    for col in ("status", "id", "model", "precision", "granularity", "method", "error"):
-        table.add_column(col)
-    colors = {"done": "green", "failed": "red", "running": "cyan", "missing": "yellow"}
-    for r in rows:
-        table.add_row(f"[{colors[r['status']]}]{r['status']}", str(r["id"]), str(r["model"]), str(r["precision"]),
-                      str(r["granularity"]), str(r["method"]), str(r["error"])[:200])  # fmt: skip
-    console.print(table)
+    console.print(status_table(rows, title=f"sweep status: {args.results_dir}"))
     counts = {s: sum(r["status"] == s for r in rows) for s in STATES}
     console.print(", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("done", "failed", "missing")))
     if not rows:

@@ -20,13 +20,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mqb.checkpoints import save_weights
-from mqb.config import register_configs
+from mqb.config import CONF_DIR, register_configs
 from mqb.devices import apply_fp32_precision, device_info
 from mqb.lit import quiet_lightning
 from mqb.lit.trainer import SegmentationTrainer
 from mqb.results import git_commit
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def fit(

@@ -10,8 +10,9 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR, _check_group_choices, build_recipe
+from mqb.cli import check_group_choices
+from mqb.config import CONF_DIR, register_configs
+from mqb.pipeline import build_recipe
 from mqb.quant import QuantRecipe
 from mqb.results import config_id
 
@@ -105,19 +106,19 @@ def test_wrong_key_fails_at_composition():
 
 
 def test_our_message_for_a_wrong_group_choice():
-    msgs = _check_group_choices(["-m", "model=unetr,medformerx", "precision=w3a3", "seed=1", "hydra/launcher=basic"])
+    msgs = check_group_choices(["-m", "model=unetr,medformerx", "precision=w3a3", "seed=1", "hydra/launcher=basic"])
     assert len(msgs) == 2
     assert "unknown model 'medformerx'" in msgs[0] and "swinunetr_t" in msgs[0]
     assert "unknown precision 'w3a3'" in msgs[1] and "w4a4" in msgs[1]
 
 
 def test_our_message_for_a_wrong_key():
-    (msg,) = _check_group_choices(["precision.weight.bitz=3", "precision.weight.bits=4", "model.net.foo=1"])
+    (msg,) = check_group_choices(["precision.weight.bitz=3", "precision.weight.bits=4", "model.net.foo=1"])
     assert "unknown key 'precision.weight.bitz'" in msg and "valid keys there: bits, dynamic, format" in msg
-    (msg,) = _check_group_choices(["eval.overlapp=0.5"])
+    (msg,) = check_group_choices(["eval.overlapp=0.5"])
     assert "eval has no 'overlapp'" in msg and "overlap" in msg
     # Hydra's own keys (launcher, sweeper) are Hydra's to check, not flagged as unknown mqb keys
-    assert _check_group_choices(["hydra.launcher.partition=a100", "hydra.sweeper.params.x=1"]) == []
+    assert check_group_choices(["hydra.launcher.partition=a100", "hydra.sweeper.params.x=1"]) == []
 
 
 def test_config_id_ignores_outputs_and_float_quant_keys():
@@ -143,7 +144,7 @@ def test_options_at_their_default_do_not_change_the_id_of_earlier_records():
 
 def test_custom_model_needs_a_target_and_passes_only_the_given_arguments():
     """model=custom is a template: no class, no leftover arguments of another model (README "Your own model")."""
-    from mqb.eval import build_recipe
+    from mqb.pipeline import build_recipe
 
     cfg = _compose("model=custom")
     assert set(cfg.model.net) == {"_target_"}
@@ -160,7 +161,7 @@ def test_meshnet_runs_on_the_whole_volume_by_default_and_the_baseline_key_covers
     user's edited model code gives another FP32 baseline key."""
     import sys
 
-    from mqb.eval import baseline_key, inference_window
+    from mqb.pipeline import baseline_key, inference_window
 
     cfg = _compose("model=meshnet_18cls", "dataset=brain_aseg_sample")
     dm = SimpleNamespace(roi_size=(96, 96, 96))

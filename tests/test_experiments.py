@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import instantiate
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR, build_methods, build_recipe, method_label
+from mqb.config import CONF_DIR, register_configs
+from mqb.pipeline import build_methods, build_recipe, method_label
 from mqb.quant import quantizable_layers
 from mqb.quant.selectors import matches
 

@@ -21,9 +21,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import mqb.eval as mqb_eval
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR, SweepSummaryCallback, precision_label, run_job
+import mqb.jobs
+import mqb.loggers
+import mqb.pipeline
+from mqb.config import CONF_DIR, register_configs
+from mqb.jobs import SweepSummaryCallback, run_job
+from mqb.pipeline import precision_label
 from mqb.results import (
     ResultsDirError,
     check_record,
@@ -98,12 +101,12 @@ def test_unwritable_results_dir_fails_before_any_work_and_the_sweep_exits_nonzer
     # the disk fills up during a run: the final write fails -> a clear error, no success record anywhere
     cfg = _compose(f"results_dir={tmp_path / 'full'}", f"paths.output_dir={tmp_path / 'out2'}", *UNTRAINED)
     run_dir = tmp_path / "run"
-    monkeypatch.setattr(mqb_eval, "evaluate", lambda c: {**_record("x"), "sweep": "s", "run_dir": str(run_dir)})
+    monkeypatch.setattr(mqb.pipeline, "evaluate", lambda c: {**_record("x"), "sweep": "s", "run_dir": str(run_dir)})
 
     def full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(mqb_eval, "write_json_atomic", full)
+    monkeypatch.setattr(mqb.jobs, "write_json_atomic", full)
     with pytest.raises(ResultsDirError, match="could not save the record") as info:
         run_job(cfg)
     assert info.value.mqb_error_record is None  # the CLI then says "NO record written", not "error record written"
@@ -150,7 +153,7 @@ def test_corrupt_records_are_named_and_treated_as_missing_by_every_reader(tmp_pa
     (results / f"{cid}.json").write_text(full[:100])
     ran = []
     fake = {**_record(cid), "sweep": "s", "run_dir": str(tmp_path / "run")}
-    monkeypatch.setattr(mqb_eval, "evaluate", lambda c: ran.append(1) or fake)
+    monkeypatch.setattr(mqb.pipeline, "evaluate", lambda c: ran.append(1) or fake)
     run_job(cfg)
     assert ran == [1] and check_record(results / f"{cid}.json")[0]["id"] == cid
     run_job(cfg)  # now valid: skipped
@@ -186,7 +189,7 @@ def test_precision_label_follows_the_settings_and_contradictions_are_rejected(tm
 # -- 8. leftovers and small gaps ------------------------------------------------------------------------------
 def test_leftover_temp_files_are_removed(tmp_path):
     dead = _dead_pid()
-    host = mqb_eval.__dict__["clean_temp_files"].__globals__["_HOST_TAG"]
+    host = mqb.jobs.__dict__["clean_temp_files"].__globals__["_HOST_TAG"]
     killed = tmp_path / f".{dead}@{host}.{uuid.uuid4().hex}.abc.json"  # this host, process gone
     legacy = tmp_path / f".{dead}.{uuid.uuid4().hex}.old.json"  # older name without host, an hour old
     live = tmp_path / f".{os.getpid()}@{host}.{uuid.uuid4().hex}.cur.json"  # a write in flight
@@ -220,7 +223,7 @@ def test_sweep_status_lists_the_whole_grid_of_a_killed_sweep(tmp_path):
 
 def test_calibration_volumes_and_empty_sweeps_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="calibration.num_volumes=0 is invalid"):
-        mqb_eval.build_recipe(_compose("calibration.num_volumes=0"))
+        mqb.pipeline.build_recipe(_compose("calibration.num_volumes=0"))
     proc = run_cli("mqb.eval", "calibration.num_volumes=-1", *UNTRAINED, tmp=tmp_path, check=False)
     assert proc.returncode == 2 and "calibration.num_volumes=-1 is invalid" in proc.stderr
     empty = run_cli("mqb.eval", "-m", "model=glob(no_such_model*)", *UNTRAINED, tmp=tmp_path, check=False)
@@ -241,13 +244,13 @@ def test_wandb_mode_offline_wins_over_a_configured_key(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    mqb_eval._log_sweep_table([_record("a")], "s", tmp_path, OmegaConf.create({"project": "mqb"}))
+    mqb.loggers.log_sweep_table([_record("a")], "s", tmp_path, OmegaConf.create({"project": "mqb"}))
     assert seen["mode"] == "offline"
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    mqb_eval._log_sweep_table([_record("a")], "s", tmp_path, OmegaConf.create({"offline": False}))
+    mqb.loggers.log_sweep_table([_record("a")], "s", tmp_path, OmegaConf.create({"offline": False}))
     assert seen["mode"] == "disabled"
     monkeypatch.delenv("WANDB_MODE")
-    assert mqb_eval.wandb_mode(OmegaConf.create({})) == "online"  # a key and no WANDB_MODE: online
+    assert mqb.loggers.wandb_mode(OmegaConf.create({})) == "online"  # a key and no WANDB_MODE: online
 
 
 def test_claims_stale_locks_of_dead_processes_are_retaken(tmp_path):

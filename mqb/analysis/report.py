@@ -36,8 +36,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from mqb.analysis.stats import FEW_CASES, compare, holm
+from mqb.analysis.tables import COLUMNS, metric_with_delta, summary_rows
 from mqb.results import atomic_write
-from mqb.sweep import COLUMNS, metric_with_delta, summary_rows
 
 #: Table order of the precisions; others follow alphabetically.
 PRECISION_ORDER = ("fp32", "w8a8", "w4a8", "w4a4")

@@ -554,3 +554,16 @@ def calibration_spread(values_per_draw: Sequence[float | None] | Mapping[Any, fl
         "range": _json_float(np.ptp(finite)) if n else None,
         "skipped": len(values) - n,
     }
+
+
+def with_holm(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``records`` whose ``stats`` carry Holm-adjusted p-values across these configs (one family per
+    metric and class; :func:`apply_holm`), ``significant`` judged on them. Only the ``stats`` sections are copied
+    (and changed): per-case metrics and configs are shared, not duplicated."""
+    import copy
+
+    out = [{**r, "stats": copy.deepcopy(r["stats"])} if isinstance(r.get("stats"), dict) else r for r in records]
+    with_stats = {str(i): r["stats"] for i, r in enumerate(out) if isinstance(r.get("stats"), dict)}
+    if with_stats:
+        apply_holm(with_stats)
+    return out

@@ -59,12 +59,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from mqb.analysis.tables import deploy_markdown
 from mqb.config import DEPLOY_RUNTIMES, DEPLOY_SCHEMES
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import ExportResult, export_onnx
 from mqb.deploy.isa import OVERFLOW_FIX, int8_isa, overflow_fix_active, recipe_for_cpu
 from mqb.deploy.profile import interleaved_latency, isolated_memory, sliding_window, throughput, volume_latency
-from mqb.deploy.report import openvino_nodes, ort_nodes, report_markdown, runtime_report
+from mqb.deploy.report import openvino_nodes, ort_nodes, runtime_report
 from mqb.deploy.runtimes import (
     OpenVINORuntime,
     OrtRuntime,
@@ -129,8 +130,8 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
     ``deploy`` settings."""
     from hydra.utils import instantiate
 
-    from mqb.eval import _evaluator, build_methods, build_recipe, load_model
     from mqb.lit.evaluator import calibration_forward
+    from mqb.pipeline import build_evaluator, build_methods, build_recipe, load_model
     from mqb.quant import ptq
 
     timings: dict[str, float] = {}
@@ -158,7 +159,7 @@ def prepare(cfg: DictConfig, out: Path) -> Prepared:
     dm = instantiate(cfg.dataset)
     dm.prepare_data()
     float_net = copy.deepcopy(net)
-    forward = calibration_forward(_evaluator(cfg, net, dm, "float32"))
+    forward = calibration_forward(build_evaluator(cfg, net, dm, "float32"))
 
     def batches() -> Any:
         return dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed)
@@ -337,64 +338,6 @@ def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: 
     return per_runtime
 
 
-def markdown(record: dict[str, Any]) -> str:
-    """FP32 / BF16 / INT8 side by side, then the layer reports."""
-    machine = record["machine"]
-    head = (f"# mqb.deploy: {record['model']} {record['precision']} ({record['scheme']})\n\n"
-            f"{machine['model']}, {machine['cpu_count']} CPUs ({', '.join(machine['isa'])}); "
-            + (f"INT8: {record['int8_isa']['description']}"
-               + ("; 7-bit weights (overflow fix)" if record["int8_isa"]["overflow_fix"] else "") + "; "
-               if "int8_isa" in record else "")
-            + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "\n\n")  # fmt: skip
-    sizes = record["export"]
-    lines = [
-        f"ONNX: FP32 {sizes['fp32']['file_bytes'] / 1e6:.2f} MB (weights {sizes['fp32']['weight_bytes'] / 1e6:.2f} MB)"
-        f", INT8 {sizes['int8']['file_bytes'] / 1e6:.2f} MB (weights {sizes['int8']['weight_bytes'] / 1e6:.2f} MB): "
-        f"{sizes['size_ratio']:.2f}x smaller file, {sizes['weight_ratio']:.2f}x smaller weights; "
-        f"{sizes['int8']['counts']['int8']} layers INT8, {sizes['int8']['counts']['int8-input']} norm inputs INT8, "
-        f"{sizes['int8']['counts']['float']} in float.",
-        "",
-    ]
-    profile = record.get("profile", {})
-    agree = record.get("agreement", {})
-    names = list(profile) or list(agree)
-    cols = ["runtime", "precision"]
-    if profile:
-        cols += ["patch latency (ms)", "speedup vs FP32", "volume latency (s)", "patches/s", "load (MiB)",
-                 "inference peak (MiB)"]  # fmt: skip
-    if agree:
-        cols += ["Dice vs reference", "reference"]
-    if names:
-        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for name in names:
-        prof, row = profile.get(name, {}), agree.get(name, {})
-        if "skipped" in prof:
-            lines.append(f"| {name} | {prof['skipped']} |" + " |" * (len(cols) - 2))
-            continue
-        cells = [name, str(prof.get("precision") or row.get("precision") or "")]
-        if profile:
-            lat = prof.get("patch_latency", {}).get("median_s")
-            vol = prof.get("volume_latency", {}).get("median_s")
-            mem = prof.get("memory", {})
-            cells += [
-                f"{lat * 1000:.1f}" if lat else "-",
-                f"{prof['speedup']:.2f}x" if prof.get("speedup") else "-",
-                f"{vol:.2f}" if vol else "-",
-                f"{prof['throughput']['patches_per_s']:.2f}" if "throughput" in prof else "-",
-                f"{mem['load_bytes'] / 2**20:.0f}" if "load_bytes" in mem else "-",
-                f"{mem['inference_peak_bytes'] / 2**20:.0f}" if "inference_peak_bytes" in mem else "-",
-            ]
-        if agree:
-            dice = row.get("dice")
-            cells += [f"{dice:.4f}" if dice is not None else "-", row.get("reference", "-")]
-        lines.append("| " + " | ".join(cells) + " |")
-    if names:
-        lines.append("")
-    for rep in record.get("layer_reports", {}).values():
-        lines.append(report_markdown(rep))
-    return head + "\n".join(lines) + "\n"
-
-
 def _config_dict(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config without the logger (whose paths interpolate Hydra's run-time config)."""
     out = copy.deepcopy(cfg)
@@ -462,8 +405,8 @@ def run(command: str, cfg: DictConfig) -> dict[str, Any]:
     from mqb.results import atomic_write
 
     with atomic_write(out / "deploy.md") as tmp:
-        tmp.write_text(markdown(record))
-    print(markdown(record))
+        tmp.write_text(deploy_markdown(record))
+    print(deploy_markdown(record))
     print(f"written: {out / 'deploy.json'}, {out / 'deploy.md'}, {p.fp32.path}, {p.int8.path}")
     return record
 
@@ -477,26 +420,25 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs="*", help="mqb.eval overrides (model=..., precision=...) and deploy=... / deploy.<key>=..."
     )
     args = parser.parse_args(argv)
-    from mqb.eval import _check_group_choices
+    from mqb.cli import check_group_choices, user_error
 
-    problems = _check_group_choices(args.overrides)  # a wrong group choice or key: which one, and the valid ones
+    # a wrong group choice or key: which one, and the valid ones
+    problems = check_group_choices(args.overrides, prog="mqb.deploy: error")
     if problems:
         for problem in problems:
-            print(problem.replace("mqb.eval:", "mqb.deploy: error:", 1), file=sys.stderr)
+            print(problem, file=sys.stderr)
         return 2
     try:
-        from mqb.sensitivity import compose_eval
+        from mqb.config import compose_eval
 
         cfg = compose_eval(args.overrides)
         run(args.command, cfg)
         return 0
     except Exception as err:  # noqa: BLE001
-        from mqb.eval import _user_error
-
-        user_error = _user_error(err)
-        if user_error is None and not isinstance(err, (ValueError, RuntimeUnavailable)):
+        problem = user_error(err)
+        if problem is None and not isinstance(err, (ValueError, RuntimeUnavailable)):
             raise
-        print(f"mqb.deploy: error: {user_error or err}", file=sys.stderr)
+        print(f"mqb.deploy: error: {problem or err}", file=sys.stderr)
         return 2
 
 

@@ -210,28 +210,3 @@ def runtime_report(runtime_name: str, layers: list[LayerExport], nodes: list[Run
         "not_in_graph": [layer.name for layer in layers if not layer.in_graph],
         "by_type": precision_summary(nodes),
     }
-
-
-def report_markdown(report: dict[str, Any], max_types: int = 12) -> str:
-    """A Markdown rendering of :func:`runtime_report`."""
-    lines = [
-        f"### {report['runtime']}: {report['int8_layers']}/{len(report['layers'])} quantized layers run in INT8",
-        "",
-        "| layer | kind | exported as | runtime op | runtime precision | kernel | time (ms) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in report["layers"]:
-        time_ms = f"{r['time_us'] / 1000:.2f}" if r["time_us"] is not None else "-"
-        lines.append(
-            f"| {r['layer']} | {r['kind']} | {r['export_mode']} | {r['runtime_type'] or '-'} | "
-            f"{r['runtime_precision'] or '-'} | {r['kernel'] or '-'} | {time_ms} |"
-        )
-    if report["fell_back"]:
-        lines += ["", "Exported as INT8 but run in float: " + ", ".join(report["fell_back"])]
-    if report["exported_float"]:
-        lines += ["", "Exported in float (not INT8-exportable): " + ", ".join(report["exported_float"])]
-    lines += ["", "| op type | precision | count | time (ms) |", "|---|---|---|---|"]
-    for g in report["by_type"][:max_types]:
-        time_ms = f"{g['time_us'] / 1000:.2f}" if g["time_us"] is not None else "-"
-        lines.append(f"| {g['type']} | {g['precision']} | {g['count']} | {time_ms} |")
-    return "\n".join(lines) + "\n"

@@ -16,8 +16,7 @@ from hydra.utils import instantiate
 from rich.console import Console
 from rich.table import Table
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.quant import quantizable_layers
 
 #: The released brainchop models have a fixed number of classes.

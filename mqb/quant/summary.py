@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from mqb.analysis.tables import text_table
 from mqb.quant.layers import LayerInfo
 from mqb.quant.realizability import Realizability, realizability
 from mqb.quant.spec import QuantSpec
@@ -38,12 +39,6 @@ class LayerRow:
         }
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
-
-
 @dataclass(frozen=True)
 class QuantSummary:
     rows: tuple[LayerRow, ...]
@@ -68,7 +63,7 @@ class QuantSummary:
 
     def layer_table(self) -> str:
         keys = ["name", "type", "kernel", "weight", "activation", "realizability"]
-        return _table(keys, [[str(rec[k]) for k in keys] for rec in self.records()])
+        return text_table(keys, [[str(rec[k]) for k in keys] for rec in self.records()])
 
     def group_table(self) -> str:
         rows = []
@@ -83,7 +78,7 @@ class QuantSummary:
                     status,
                 ]
             )  # type: ignore[arg-type]
-        return _table(["group", "layers", "weight", "activation", "realizability"], rows)
+        return text_table(["group", "layers", "weight", "activation", "realizability"], rows)
 
     def __str__(self) -> str:
         n_sim = sum(1 for r in self.rows if r.realizability.status == "simulation-only")

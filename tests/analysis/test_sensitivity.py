@@ -171,9 +171,10 @@ def test_error_proxies_score_the_model_the_dice_steps_evaluate(tmp_path):
     (its QuantizationCallback), not on a plain quantize + calibrate copy (what they were measured on before)."""
     from types import SimpleNamespace
 
-    from mqb.eval import build_methods, build_recipe, calibration_inputs, load_model
+    from mqb.config import compose_eval
     from mqb.lit.callbacks import QuantizationCallback
-    from mqb.sensitivity import compose_eval, error_proxies
+    from mqb.pipeline import build_methods, build_recipe, calibration_inputs, load_model
+    from mqb.sensitivity import error_proxies
 
     cfg = compose_eval([
         "precision=w8a8", "granularity=per_tensor", "method=smoothquant", "model.checkpoint=null", "logger=none",

@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 
 import mqb
 from mqb.checkpoints import CheckpointError, load_weights, read_state_dict
-from mqb.config import PathsConfig, register_configs
-from mqb.eval import CONF_DIR, _unknown_key
+from mqb.cli import unknown_key
+from mqb.config import CONF_DIR, PathsConfig, register_configs
 from mqb.samples import SAMPLE_FOLDERS, missing_sample_hint, sample_data_dir, shipped_data_dir
 
 register_configs()
@@ -88,7 +88,7 @@ def test_pyproject_packages_every_mqb_package_and_the_samples():
 def test_the_old_setting_is_gone_and_the_message_names_the_new_one(tmp_path):
     with pytest.raises(ConfigCompositionException):
         _compose(f"paths.shared_data={tmp_path}")
-    message = _unknown_key("paths.shared_data")
+    message = unknown_key("paths.shared_data")
     assert message is not None and "paths has no 'shared_data'" in message and "data_dir" in message
 
 

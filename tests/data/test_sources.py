@@ -13,11 +13,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from mqb.config import register_configs
+from mqb.config import CONF_DIR, register_configs
 from mqb.data.module import split_cases
 from mqb.data.sources import DatasetError
 from mqb.data.tables import ABDOMENATLAS_CLASSES, totalsegmentator_classes
-from mqb.eval import CONF_DIR
 
 register_configs()
 SHAPE = (12, 10, 6)
@@ -365,7 +364,7 @@ def test_a_file_fixed_in_place_changes_the_case_fingerprint_and_the_cache_keys(t
     """Caches are keyed on content, not only on paths: fixing a file in place recomputes."""
     import os
 
-    from mqb.eval import baseline_key
+    from mqb.pipeline import baseline_key
 
     root = make_msd(tmp_path / "btcv", 5)
     overrides = (f"dataset.root={root}", "dataset.splits={test: 2, calib: 2, val: 0}")

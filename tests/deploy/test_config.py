@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mqb.config import DEPLOY_RUNTIMES, DEPLOY_SCHEMES, DeployConfig
+from mqb.config import CONF_DIR, DEPLOY_RUNTIMES, DEPLOY_SCHEMES, DeployConfig, compose_eval
 from mqb.deploy.__main__ import main
-from mqb.eval import CONF_DIR
 from mqb.results import config_id
-from mqb.sensitivity import compose_eval
 
 CHOICES = sorted(p.stem for p in (CONF_DIR / "deploy").glob("*.yaml"))
 

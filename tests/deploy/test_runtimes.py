@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from mqb.analysis.tables import runtime_report_markdown as report_markdown
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
-from mqb.deploy.report import ort_nodes, report_markdown, runtime_report
+from mqb.deploy.report import ort_nodes, runtime_report
 from mqb.deploy.runtimes import (
     OrtRuntime,
     Runtime,

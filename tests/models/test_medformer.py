@@ -15,8 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.models.medformer import BidirectionAttention, BidirectionAttentionBlock, MedFormer, SemanticMapGeneration
 from mqb.quant import QuantRecipe, calibrate, dequantize, quantize, quantized_layers, summarize
 

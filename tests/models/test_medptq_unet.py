@@ -7,8 +7,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.models.medptq_unet import UNet3D
 from tests.models.reference import KEYS, quantized_errors, random_state
 

@@ -7,8 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from mqb.checkpoints import load_weights
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.metrics import case_metrics
 from mqb.models import MeshNet
 

@@ -10,8 +10,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.models.nnunet import BTCV_STRIDES, from_plans, nnunet, plain_conv_unet
 from mqb.quant import QuantRecipe, calibrate, quantize, summarize
 

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.models.segformer3d import EfficientSelfAttention, SegFormer3D
 from mqb.quant import QuantRecipe, QuantSpec, dequantize, fake_quantize, quantize
 from tests.models.reference import KEYS, quantized_errors, random_state

@@ -9,8 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.models.transunet import MultiheadSelfAttention, TransformerBlock, TransUNet3D
 from mqb.quant import QuantRecipe, QuantSpec, calibrate, fake_quantize, quantize, summarize
 from tests.models.reference import KEYS, quantized_errors, random_state

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mqb.config import register_configs
-from mqb.eval import CONF_DIR
+from mqb.config import CONF_DIR, register_configs
 from mqb.models.unest import NestAttention, UNesT, blockify, deblockify
 from mqb.quant import QuantRecipe, calibrate, quantize, summarize
 
