@@ -23,7 +23,7 @@ demo: setup
 	$(PY) -m mqb.eval -m experiment=demo
 
 test: setup
-	$(PY) -m ruff check mqb tests benchmarks
+	$(PY) -m ruff check mqb tests benchmarks hydra_plugins
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 test-slow: setup
@@ -41,7 +41,7 @@ test-all: setup
 	$(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff check mqb tests benchmarks
+	$(PY) -m ruff check mqb tests benchmarks hydra_plugins
 
 bench: setup
 	$(PY) benchmarks/quant_overhead.py

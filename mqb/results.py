@@ -503,7 +503,10 @@ def host_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "mqb": mqb.__version__,
+        "pid": os.getpid(),  # which worker ran the config (hydra/launcher=mqb_pool)
     }
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        info["cuda_visible_devices"] = os.environ["CUDA_VISIBLE_DEVICES"]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -72,11 +72,12 @@ def test_the_shipped_set_is_complete_small_and_documented():
 
 
 def test_pyproject_packages_every_mqb_package_and_the_samples():
-    """pyproject.toml lists the packages (to map data/ onto mqb/_samples); a new subpackage must be listed."""
+    """pyproject.toml lists the packages (to map data/ onto mqb/_samples); a new subpackage must be listed (also
+    mqb's Hydra plugins, which live in Hydra's ``hydra_plugins`` namespace)."""
     from setuptools import find_namespace_packages
 
     setuptools_cfg = _pyproject()["tool"]["setuptools"]
-    on_disk = set(find_namespace_packages(where=str(REPO), include=["mqb", "mqb.*"]))
+    on_disk = set(find_namespace_packages(where=str(REPO), include=["mqb", "mqb.*", "hydra_plugins.*"]))
     assert set(setuptools_cfg["packages"]) == on_disk | {"mqb._samples"}, "update [tool.setuptools] packages"
     assert setuptools_cfg["package-dir"] == {"mqb._samples": "data"}
     patterns = setuptools_cfg["package-data"]["mqb._samples"]
@@ -122,7 +123,7 @@ def _build_wheel(tmp_path: Path) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         (src / name).write_bytes((REPO / name).read_bytes())
-    for name in ("mqb", "data"):
+    for name in ("mqb", "data", "hydra_plugins"):
         for path in (REPO / name).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 target = src / path.relative_to(REPO)
@@ -146,6 +147,7 @@ def test_a_wheel_carries_the_samples_and_an_installed_mqb_finds_them(tmp_path):
         names = set(zf.namelist())
     assert {f"mqb/_samples/{name}" for name in shipped} <= names
     assert "mqb/data/tables/totalsegmentator_v2_total.json" in names
+    assert "hydra_plugins/mqb_launcher/pool_launcher.py" in names  # hydra/launcher=mqb_pool in an installed mqb
     assert not any(n.startswith(("data/", "mqb/_samples/__pycache__")) for n in names)
 
     site = tmp_path / "site"

@@ -1,0 +1,1 @@
+"""mqb's Hydra launcher plugin: ``hydra/launcher=mqb_pool`` (:mod:`.pool_launcher`)."""
