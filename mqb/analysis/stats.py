@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats as _scipy_stats
 
 #: Largest number of cases whose ``2^n`` sign flips :func:`permutation_test` enumerates (65 536 flips).
 MAX_EXACT = 16
@@ -173,6 +172,8 @@ def bootstrap_ci(
     for attempt in (method, "percentile"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DegenerateDataWarning / 0-division inside BCa: checked below
+            from scipy import stats as _scipy_stats  # imported when needed: readers of records stay quick
+
             res = _scipy_stats.bootstrap((d,), np.mean, confidence_level=confidence, n_resamples=n_resamples,
                                          method=attempt, rng=np.random.default_rng(seed))  # fmt: skip
         low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
@@ -271,6 +272,8 @@ def wilcoxon_test(diffs: Sequence[float] | np.ndarray, alternative: str = "two-s
         return TestResult(1.0, 0.0, "wilcoxon", n, alternative, None, "all differences zero")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sample size too small for normal approximation" and friends
+        from scipy import stats as _scipy_stats
+
         res = _scipy_stats.wilcoxon(d, alternative=alternative)
     floor = (2.0 if alternative == "two-sided" else 1.0) / 2**nonzero
     reason = None if nonzero == n else f"{n - nonzero} zero difference(s) dropped"
