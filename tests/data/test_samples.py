@@ -147,7 +147,7 @@ def test_a_wheel_carries_the_samples_and_an_installed_mqb_finds_them(tmp_path):
         names = set(zf.namelist())
     assert {f"mqb/_samples/{name}" for name in shipped} <= names
     assert "mqb/data/tables/totalsegmentator_v2_total.json" in names
-    assert "hydra_plugins/mqb_launcher/pool_launcher.py" in names  # hydra/launcher=mqb_pool in an installed mqb
+    assert "hydra_plugins/mqb_sweeps/pool_launcher.py" in names  # hydra/launcher=mqb_pool in an installed mqb
     assert not any(n.startswith(("data/", "mqb/_samples/__pycache__")) for n in names)
 
     site = tmp_path / "site"

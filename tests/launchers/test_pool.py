@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from hydra_plugins.mqb_launcher.pool_launcher import PoolLauncher
+from hydra_plugins.mqb_sweeps.pool_launcher import PoolLauncher
 from tests.test_eval_cli import TINY, records, run_cli
 
 
@@ -26,7 +26,7 @@ def test_the_pool_launcher_is_a_discovered_hydra_plugin():
 
     # Hydra loads plugin modules on its own (not through sys.modules): compare by name
     names = {f"{c.__module__}.{c.__qualname__}" for c in Plugins.instance().discover(Launcher)}
-    assert "hydra_plugins.mqb_launcher.pool_launcher.PoolLauncher" in names
+    assert "hydra_plugins.mqb_sweeps.pool_launcher.PoolLauncher" in names
 
 
 @pytest.mark.slow

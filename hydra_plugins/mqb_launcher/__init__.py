@@ -1,1 +1,0 @@
-"""mqb's Hydra launcher plugin: ``hydra/launcher=mqb_pool`` (:mod:`.pool_launcher`)."""
