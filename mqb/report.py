@@ -2,6 +2,7 @@
 
     python -m mqb.report outputs/results                                 # report/table.{md,tex,csv}
     python -m mqb.report /shared/mqb/results --out paper --formats md,tex --figures
+    python -m mqb.report outputs/results --html                          # + report/report.html, self-contained
 
 Rows: one per config, the latest success record per config id (error records and other record kinds are
 listed under the Markdown table, not in it), grouped per model, dataset and FP32 baseline (untrained networks
@@ -9,6 +10,9 @@ and other checkpoints get their own group, marked † and (2)) with the FP32 row
 other precisions; cells read ``DSC (↓Δ%)`` / ``NSD (↓Δ%)`` as in MedQuanBench Tables 1-3.
 ``--figures`` adds, per model and dataset, ``dsc_<model>_<dataset>.png`` (DSC bars by precision x granularity,
 FP32 dashed) and ``per_class_delta_dsc_<model>_<dataset>.png`` (per-class DSC drop heat map).
+``--html`` adds ``report.html``: one page that opens from disk (no server, no network; figures embedded) with the
+tables, the figures, each row's distinguishing settings, untrained flags, failed configs and the machines and
+versions the records came from (:mod:`mqb.analysis.html`).
 
 Every record file is checked against the record schema (:func:`mqb.results.validate_record`): a corrupt one
 (truncated, not UTF-8, not a record, a success without metrics) is named on stderr and left out.
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", type=_formats, default=tuple(FORMATS),
                         help=f"comma-separated subset of {','.join(FORMATS)} (default: all)")  # fmt: skip
     parser.add_argument("--figures", action="store_true", help="also write PNG figures per model and dataset")
+    html_help = "also write report.html: tables, figures, configs, failures and machines in one file"
+    parser.add_argument("--html", action="store_true", help=html_help)
     args = parser.parse_args(argv)
     if not args.results_dir.is_dir():
         print(f"mqb.report: results directory {str(args.results_dir)!r} does not exist", file=sys.stderr)
@@ -56,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(report.selection.errors)} failed config(s))", file=sys.stderr)  # fmt: skip
         return 2
     paths = write_report(report, args.out, args.formats, with_figures=args.figures)
+    if args.html:
+        from mqb.analysis.html import write_html
+
+        paths.append(write_html(report, args.out, source=str(args.results_dir)))
     print(render(report, "md"))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -502,19 +502,46 @@ def _save_figure(fig: Any, path: str | Path) -> Path:
     return target
 
 
-def plot_kurtosis_scatter(
+def _wrap_name(name: str, width: int = 26) -> str:
+    """A long qualified layer name broken into lines of at most ``width`` characters, after a ``.`` or ``_``
+    where possible (``encoder.stages.0.`` / ``conv_depthwise_expansion``)."""
+    lines, line = [], ""
+    for part in re.findall(r"[^._]+[._]?|[._]", name) or [name]:
+        if line and len(line) + len(part) > width:
+            lines.append(line)
+            line = ""
+        while len(part) > width:  # one piece longer than a line
+            lines.append(part[:width])
+            part = part[width:]
+        line += part
+    return "\n".join([*lines, line] if line else lines)
+
+
+def _index_formatter(value: float, _: Any) -> str:
+    """Tick labels of unit indices: ``0``, ``900``, ``2.5k``, ``4M`` (no offset text colliding with the label)."""
+    for suffix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.0f}"
+
+
+def kurtosis_scatter_figure(
     stats: LayerActivationStats | Sequence[LayerActivationStats] | dict[str, LayerActivationStats],
-    path: str | Path,
-) -> Path:
-    """Fig. 1b style: ``log10`` kurtosis per unit for one or more layers (one column each).
+) -> Any:
+    """Fig. 1b style: ``log10`` kurtosis per unit for one or more layers (one column each), as a
+    :class:`~matplotlib.figure.Figure`.
 
     Top row: one dot per channel (within-channel kurtosis), bottom row: one dot per sampled voxel or token
-    (across-channel kurtosis); x = unit index (global row index for voxels), colour = magnitude (channel / voxel
-    max |x|, blue low, red high, scaled per panel; no colour bars, as in the paper, which keeps drawing fast).
+    (across-channel kurtosis); x = unit index (global row index for voxels), colour = the unit's max |x| relative
+    to the largest in its panel (one colour bar per row; each panel's title gives that largest value). A dashed
+    line marks a normal distribution's κ = 3. Long layer names are wrapped at dots; index ticks read ``2M``, not
+    an offset; the layout is constrained so titles, ticks and labels do not overlap.
     """
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     if isinstance(stats, LayerActivationStats):
         layers = [stats]
@@ -524,31 +551,55 @@ def plot_kurtosis_scatter(
         layers = list(stats)
     if not layers:
         raise ValueError("plot_kurtosis_scatter: no layers to plot")
-    width = 3.2 * len(layers) + 1.0
-    fig = Figure(figsize=(width, 5.4))
-    fig.subplots_adjust(left=0.9 / width, right=0.98, bottom=0.1, top=0.9, wspace=0.35, hspace=0.35)
+    titles = [_wrap_name(st.name) for st in layers]
+    title_lines = max(t.count("\n") + 1 for t in titles) + 1
+    fig = Figure(figsize=(2.9 * len(layers) + 1.6, 5.2 + 0.16 * title_lines), layout="constrained")
     axes = fig.subplots(2, len(layers), squeeze=False)
-    for col, st in enumerate(layers):
+    cmap, norm = colormaps["coolwarm"], Normalize(vmin=0.0, vmax=1.0)
+    for col, (st, title) in enumerate(zip(layers, titles, strict=True)):
         series = (
             ("channel", st.within_kurtosis, st.absmax, torch.arange(st.channels)),
             ("token" if st.kind == "linear" else "voxel", st.voxel_kurtosis, st.voxel_absmax, st.voxel_index),
         )
+        peaks = []
         for row, (unit, kurt, mag, index) in enumerate(series):
             ax = axes[row][col]
-            k = kurt.double().reshape(-1) if kurt is not None else torch.zeros(0)
-            m = mag.double().reshape(-1) if mag is not None else torch.zeros_like(k)
+            k = kurt.double().reshape(-1).cpu() if kurt is not None else torch.zeros(0)
+            m = mag.double().reshape(-1).cpu() if mag is not None else torch.zeros_like(k)
+            m = m if m.numel() == k.numel() else torch.zeros_like(k)
             ok = ~torch.isnan(k)
             y = torch.log10(k[ok].clamp(min=1e-300)).numpy()
-            c = m[ok].numpy()
-            norm = Normalize(vmin=float(c.min()), vmax=float(c.max())) if c.size else None
-            ax.scatter(index[ok].numpy(), y, c=c, cmap="coolwarm", norm=norm, s=12 if row == 0 else 6)
-            ax.set_xlabel(f"{unit} index")
+            c = m[ok].abs().numpy()
+            peak = float(c.max()) if c.size else 0.0
+            peaks.append(peak)
+            ax.scatter(index[ok].cpu().numpy() if index.numel() == k.numel() else range(int(ok.sum())), y,
+                       c=c / peak if peak > 0 else c, cmap=cmap, norm=norm, s=12 if row == 0 else 5,
+                       linewidths=0)  # fmt: skip
+            ax.axhline(math.log10(3.0), color="dimgray", linestyle="--", linewidth=0.8)
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+            ax.xaxis.set_major_formatter(FuncFormatter(_index_formatter))
+            ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+            ax.tick_params(labelsize="small")
+            ax.set_xlabel(f"{unit} index", fontsize="small")
             if col == 0:
-                ax.set_ylabel(f"log10 kurtosis ({'within' if row == 0 else 'across'} channel)")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if row == 0:
-                ax.set_title(f"{st.name}\n{st.kernel or st.kind}", fontsize=9)
-    return _save_figure(fig, path)
+                ax.set_ylabel(f"log₁₀ κ {'within' if row == 0 else 'across'} channels", fontsize="small")
+            ax.grid(alpha=0.25)
+        axes[0][col].set_title(f"{title}\n{st.kernel or st.kind} · max |x| {peaks[0]:.3g}", fontsize="small")
+    for row, what in enumerate(("channel", "voxel/token")):
+        bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes[row]), fraction=0.04, pad=0.01)
+        bar.set_label(f"{what} max |x| / panel max", fontsize="small")
+        bar.ax.tick_params(labelsize="x-small")
+    fig.suptitle("Kurtosis per channel (top) and per voxel/token (bottom); dashed: a normal's κ = 3",
+                 fontsize="medium")  # fmt: skip
+    return fig
+
+
+def plot_kurtosis_scatter(
+    stats: LayerActivationStats | Sequence[LayerActivationStats] | dict[str, LayerActivationStats],
+    path: str | Path,
+) -> Path:
+    """Write :func:`kurtosis_scatter_figure` of ``stats`` as a PNG at ``path``; returns the path."""
+    return _save_figure(kurtosis_scatter_figure(stats), path)
 
 
 def plot_outlier_heatmap(

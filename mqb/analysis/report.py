@@ -23,6 +23,7 @@ import io
 import math
 import os
 import re
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from matplotlib.ticker import FuncFormatter
 
 from mqb.analysis.stats import FEW_CASES, compare, holm
 from mqb.analysis.tables import COLUMNS, metric_with_delta, summary_rows
-from mqb.results import atomic_write
+from mqb.results import NESTED_VOLATILE_KEYS, VOLATILE_KEYS, atomic_write
 
 #: Table order of the precisions; others follow alphabetically.
 PRECISION_ORDER = ("fp32", "w8a8", "w4a8", "w4a4")
@@ -73,6 +74,9 @@ SAME_NAME_NOTE = (
     "evaluation settings); the CSV has the config ids."
 )
 DELTA_NOTE = "Δ%: relative drop from the FP32 baseline (negative: above FP32)."
+CI_NOTE = ("[95% CI]: bootstrap interval of the drop over the test cases; * the paired test across cases is "
+           "significant at 0.05 after Holm's correction across the configs of this report (mqb.analysis.stats).")
+SETTING_NOTE = "Setting: the config keys in which rows with the same label differ."
 
 
 # -- records -> rows ---------------------------------------------------------------------------------------
@@ -150,7 +154,8 @@ def table_rows(successes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                      "per_case": per_case if isinstance(per_case, dict) else {}, "stats": stats,
                      "class_order": [str(n) for n in names[1:]] if isinstance(names, list) else None,
                      "reference": record.get("reference", "labels"), "from_baseline": False,
-                     "baseline": record.get("baseline") or {}})  # fmt: skip
+                     "baseline": record.get("baseline") or {},
+                     "config": record.get("config") if isinstance(record.get("config"), dict) else {}})  # fmt: skip
     has_fp32 = {group_key(r) for r in rows if r["precision"] == "fp32"}
     synthesized: dict[tuple[str, str, bool, bool, str], dict[str, Any]] = {}
     for r in rows:  # successes come oldest first: the latest baseline wins
@@ -160,7 +165,7 @@ def table_rows(successes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "model": r["model"], "dataset": r["dataset"], "precision": "fp32", "granularity": "-", "method": "-",
                 "dsc": base.get("dsc"), "dsc_delta_pct": None, "nsd": base.get("nsd"), "nsd_delta_pct": None,
                 "hd95": base.get("hd95"), "untrained": r["untrained"], "id": "", "per_class": {}, "per_case": {},
-                "stats": None, "class_order": None,
+                "stats": None, "class_order": None, "config": {},
                 "reference": r["reference"], "from_baseline": True, "baseline": base,
             }  # fmt: skip
 
@@ -168,7 +173,71 @@ def table_rows(successes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         key = group_key(row)
         return key[:4], key not in has_fp32, key[4], _rank_in_group(row)
 
-    return sorted(rows + list(synthesized.values()), key=order)
+    out = sorted(rows + list(synthesized.values()), key=order)
+    for row, setting in zip(out, distinguishing_settings(out), strict=True):
+        row["setting"] = setting
+    return out
+
+
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A record's ``config`` as dotted keys -> leaf values (lists kept whole), without the keys that do not change
+    results (``mqb.results.VOLATILE_KEYS``: paths, results_dir, logger, trainer ...; ``NESTED_VOLATILE_KEYS``:
+    cache_dir, num_workers at any depth), as the config id leaves them out."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                if (not prefix and k in VOLATILE_KEYS) or k in NESTED_VOLATILE_KEYS:
+                    continue
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    walk("", config if isinstance(config, dict) else {})
+    return out
+
+
+def config_value(value: Any) -> str:
+    """A config value as a reader writes it: ``percentile``, ``0.5``, ``[conv1x1x1, linear]``, ``null``."""
+    if isinstance(value, list):
+        return "[" + ", ".join(config_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {config_value(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def label_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What a row's visible label says: its group (:func:`group_key`), precision, granularity and method."""
+    return (*group_key(row), row["precision"], row["granularity"], row["method"])
+
+
+def distinguishing_settings(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Per row, the config settings that tell it apart from the other rows with the same label
+    (:func:`label_key`), e.g. ``method.exclude=[conv1x1x1]`` or ``calibration.name=percentile,
+    calibration.observer=percentile``: the keys of :func:`flat_config` whose values differ within the label
+    (a key one record lacks reads ``unset``). ``""`` for a row whose label is unique."""
+    by_label: dict[tuple[Any, ...], list[int]] = {}
+    for i, r in enumerate(rows):
+        by_label.setdefault(label_key(r), []).append(i)
+    out = [""] * len(rows)
+    for members in by_label.values():
+        if len(members) < 2:
+            continue
+        flats = [flat_config(rows[i].get("config") or {}) for i in members]
+        keys = sorted({k for f in flats for k in f})
+        missing = object()
+        differ = [k for k in keys if len({repr(f.get(k, missing)) for f in flats}) > 1]
+        for i, f in zip(members, flats, strict=True):
+            if differ:
+                out[i] = ", ".join(f"{k}={config_value(f[k]) if k in f else 'unset'}" for k in differ)
+            else:  # same visible label and same config: only the id tells them apart
+                out[i] = f"id {rows[i]['id']}" if rows[i]["id"] else "FP32 from baseline"
+    return out
 
 
 # -- rows -> table ----------------------------------------------------------------------------------------
@@ -196,20 +265,36 @@ def granularity_label(name: str) -> str:
     return GRANULARITY_NAMES.get(name) or name.replace("_", "-").capitalize()
 
 
-def metric_cell(value: float | None, delta: float | None, reference: bool = False) -> str:
-    """``0.881 (0.3%)`` (``mqb.sweep.metric_with_delta``); the FP32 reference row reads ``0.881 (-)``."""
+def metric_cell(value: float | None, delta: float | None, reference: bool = False,
+                ci: dict[str, Any] | None = None) -> str:  # fmt: skip
+    """``0.881 (0.3%)``, with ``ci`` (:func:`row_ci`) ``0.881 (0.3% [0.1, 0.5]*)`` (``metric_with_delta``); the
+    FP32 reference row reads ``0.881 (-)``."""
     if reference and value is not None:
         return f"{value:.3f} (-)"
-    return metric_with_delta(value, delta)
+    return metric_with_delta(value, delta, ci)
+
+
+def row_ci(row: dict[str, Any], metric: str) -> dict[str, Any] | None:
+    """A row's interval of the mean drop of ``metric`` and its significance after Holm (columns
+    ``<metric>_drop_ci_low`` ... of ``summary_rows``), ``None`` when the record had no ``stats``."""
+    if row.get(f"{metric}_drop_ci_low") is None and row.get(f"{metric}_cases") is None:
+        return None
+    return {"low": row.get(f"{metric}_drop_ci_low"), "high": row.get(f"{metric}_drop_ci_high"),
+            "significant": row.get(f"{metric}_significant"), "n": row.get(f"{metric}_cases")}  # fmt: skip
 
 
 def paper_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """Architecture / Dataset / Precision / Quant-Granularity [/ Method] / DSC (↓Δ%) / NSD (↓Δ%), as in the
-    paper; a Method column only when the quantized rows use more than one method."""
+    """Architecture / Dataset / Precision / Quant-Granularity [/ Method] [/ Setting] / DSC (↓Δ%) / NSD (↓Δ%), as
+    in the paper; a Method column only when the quantized rows use more than one method, a Setting column only
+    when rows share a label and differ in other config keys (:func:`distinguishing_settings`). Cells carry the
+    drop's 95 % interval and a ``*`` when significant after Holm where the records have ``stats``."""
     methods = sorted({r["method"] for r in rows if r["method"] != "-"}, key=lambda m: _rank(METHOD_ORDER, m))
     with_method = len(methods) > 1
+    with_setting = any(r.get("setting") for r in rows)
+    with_ci = any(row_ci(r, m) is not None for r in rows for m in ("dsc", "nsd"))
+    delta = "↓Δ% [95% CI]" if with_ci else "↓Δ%"
     header = ("Architecture", "Dataset", "Precision", "Quant-Granularity", *(("Method",) * with_method),
-              "DSC (↓Δ%)", "NSD (↓Δ%)")  # fmt: skip
+              *(("Setting",) * with_setting), f"DSC ({delta})", f"NSD ({delta})")  # fmt: skip
     names = group_names(rows)
     used = set()
     cells = []
@@ -219,14 +304,19 @@ def paper_table(rows: Sequence[dict[str, Any]]) -> Table:
         precision = precision_label(r["precision"]) + (FROM_BASELINE if r["from_baseline"] else "")
         used.update(dataset + precision)
         cells.append((str(r["model"]), dataset, precision, granularity_label(r["granularity"]),
-                      *((str(r["method"]),) * with_method), metric_cell(r["dsc"], r["dsc_delta_pct"], reference),
-                      metric_cell(r["nsd"], r["nsd_delta_pct"], reference)))  # fmt: skip
+                      *((str(r["method"]),) * with_method), *((r.get("setting") or "",) * with_setting),
+                      metric_cell(r["dsc"], r["dsc_delta_pct"], reference, row_ci(r, "dsc")),
+                      metric_cell(r["nsd"], r["nsd_delta_pct"], reference, row_ci(r, "nsd"))))  # fmt: skip
     notes = [NOTES[m] for m in (UNTRAINED, NO_LABELS, FROM_BASELINE) if m in used]
     if any(name.endswith(")") for name in names.values()):
         notes.append(SAME_NAME_NOTE)
     if len(methods) == 1:
         notes.append(f"Quantization method: {methods[0]}.")
     notes.append(DELTA_NOTE)
+    if with_ci:
+        notes.append(CI_NOTE)
+    if with_setting:
+        notes.append(SETTING_NOTE)
     return Table(header, cells, merge=3, notes=notes, align="l" * (len(header) - 2) + "cc")
 
 
@@ -333,7 +423,8 @@ def format_pct(value: float | None, minus: str = "-") -> str:
 
 
 def _config_label(row: dict[str, Any], with_method: bool) -> str:
-    return f"{precision_label(row['precision'])} {_series_label(row, with_method)}"
+    setting = row.get("setting") or ""
+    return f"{precision_label(row['precision'])} {_series_label(row, with_method)}" + (f" [{setting}]" * bool(setting))
 
 
 def _float(value: Any) -> float | None:
@@ -568,25 +659,52 @@ def _series_label(row: dict[str, Any], with_method: bool) -> str:
     return f"{label} ({row['method']})" if with_method and row["method"] != "-" else label
 
 
+def _series_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return row["granularity"], row["method"], row.get("setting") or ""
+
+
+def _wrap(text: str, width: int) -> str:
+    """``text`` broken at ``", "`` / spaces into lines of about ``width`` characters (figure labels)."""
+    return textwrap.fill(text, width, break_on_hyphens=False) if len(text) > width else text
+
+
 def dsc_bar_figure(group: Sequence[dict[str, Any]], title: str) -> Figure | None:
-    """DSC bars of one group's rows (:func:`group_key`) by precision, one bar per granularity (and method), FP32
-    as a dashed line; ``None`` without quantized rows."""
+    """DSC bars of one group's rows (:func:`group_key`) by precision, one bar per granularity (and method, and
+    distinguishing setting) present at that precision, in one colour per series across precisions; FP32 as a
+    dashed line; the legend under the axes (long settings wrapped). ``None`` without quantized rows."""
     fp32 = next((r for r in group if r["precision"] == "fp32" and r["dsc"] is not None), None)
     quant = [r for r in group if r["precision"] != "fp32"]
     if not quant:
         return None
     with_method = len({r["method"] for r in quant}) > 1
     precisions = list(dict.fromkeys(r["precision"] for r in quant))  # rows are in table order
-    series = sorted({(r["granularity"], r["method"]) for r in quant},
-                    key=lambda s: (_rank(tuple(GRANULARITY_NAMES), s[0]), _rank(METHOD_ORDER, s[1])))  # fmt: skip
-    width = 0.8 / len(series)
-    fig = Figure(figsize=(max(5.0, 1.0 + (0.6 + 0.35 * len(series)) * len(precisions)), 4.2), layout="constrained")
+    series = sorted({_series_key(r) for r in quant},
+                    key=lambda s: (_rank(tuple(GRANULARITY_NAMES), s[0]), _rank(METHOD_ORDER, s[1]), s[2]))  # fmt: skip
+    at = {p: [s for s in series if any((r["precision"], *_series_key(r)) == (p, *s) for r in quant)]
+          for p in precisions}  # fmt: skip
+    slots = max(len(v) for v in at.values())
+    width = 0.8 / slots
+    labels = {s: _wrap(_series_label({"granularity": s[0], "method": s[1]}, with_method) + (f" [{s[2]}]" if s[2]
+                                                                                          else ""), 60)
+              for s in series}  # fmt: skip
+    longest = max(len(line) for text in labels.values() for line in text.splitlines())
+    ncols = min(len(series) + (fp32 is not None), 3 if longest <= 32 else 1)
+    legend_width = (0.075 * longest + 0.8) * ncols
+    entries = [labels[s].count("\n") + 1 for s in series] + [1] * (fp32 is not None)
+    legend_lines = sum(entries) if ncols == 1 else math.ceil(len(entries) / ncols)
+    fig = Figure(figsize=(max(5.0, legend_width, 1.0 + (0.6 + 0.35 * slots) * len(precisions)),
+                          3.6 + 0.2 * legend_lines), layout="constrained")  # fmt: skip
     ax = fig.subplots()
-    for j, s in enumerate(series):
-        points = [(i - 0.4 + width * (j + 0.5), r["dsc"]) for i, p in enumerate(precisions) for r in quant
-                  if (r["precision"], r["granularity"], r["method"]) == (p, *s) and r["dsc"] is not None]  # fmt: skip
-        label = _series_label({"granularity": s[0], "method": s[1]}, with_method)
-        bars = ax.bar([x for x, _ in points], [y for _, y in points], width, label=label)
+    colors = {s: f"C{j % 10}" for j, s in enumerate(series)}
+    for s in series:
+        points = []
+        for i, p in enumerate(precisions):
+            if s not in at[p]:
+                continue
+            x = i - width * len(at[p]) / 2 + width * (at[p].index(s) + 0.5)  # centred on the precision's tick
+            points += [(x, r["dsc"]) for r in quant if (r["precision"], *_series_key(r)) == (p, *s) and r["dsc"]
+                       is not None]  # fmt: skip
+        bars = ax.bar([x for x, _ in points], [y for _, y in points], width, label=labels[s], color=colors[s])
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
     if fp32 is not None:
         ax.axhline(fp32["dsc"], linestyle="--", color="black", linewidth=1, label=f"FP32 ({fp32['dsc']:.3f})")
@@ -595,7 +713,7 @@ def dsc_bar_figure(group: Sequence[dict[str, Any]], title: str) -> Figure | None
     ax.set_ylabel("DSC")
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    fig.legend(loc="outside lower center", ncols=min(len(series) + (fp32 is not None), 3), fontsize="small")
+    fig.legend(loc="outside lower center", ncols=ncols, fontsize="small")
     return fig
 
 
@@ -644,11 +762,15 @@ def per_class_delta_figure(entries: Sequence[dict[str, Any]], title: str) -> Fig
     matrix = np.array([[(by.get((i, c)) or {}).get("drop_pct") for c in classes] for i, _ in configs], dtype=float)
     finite = [float(v) for v in matrix.ravel() if np.isfinite(v)]
     norm, cmap = _color_scale(finite)
-    fig = Figure(figsize=(3.2 + 0.6 * len(classes), 2.2 + 0.34 * len(configs)), layout="constrained")
+    row_labels = [_wrap(label, 48) for _, label in configs]  # long settings wrapped: the map keeps its room
+    longest = max(len(line) for label in row_labels for line in label.splitlines())
+    lines = sum(label.count("\n") + 1 for label in row_labels)
+    fig = Figure(figsize=(3.2 + 0.6 * len(classes) + 0.06 * max(longest - 24, 0), 2.2 + 0.3 * len(configs)
+                          + 0.13 * (lines - len(configs))), layout="constrained")  # fmt: skip
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, norm=norm, aspect="auto")
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize="small")
-    ax.set_yticks(range(len(configs)), [label for _, label in configs], fontsize="small")
+    ax.set_yticks(range(len(configs)), row_labels, fontsize="small")
     marked = False
     if len(classes) * len(configs) <= 300:
         for i, (cid, _) in enumerate(configs):

@@ -44,6 +44,8 @@ def metric_with_delta(
     (``reference``); ``-`` when the metric is undefined."""
     if value is None:
         return "-"
+    if delta is not None and round(delta, 1) == 0:
+        delta = 0.0  # "0.0%", never "-0.0%"
     if reference:
         return f"{value:.3f} (ref.)"
     if delta is None:

@@ -452,3 +452,69 @@ def test_heat_map_reads_percent_and_spans_the_data(results, tmp_path):
     assert fig2 is not None and all(not t.get_text().endswith("*") for t in fig2.axes[0].texts)
     fig2.savefig(tmp_path / "heat.png", dpi=80)
     assert (tmp_path / "heat.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# -- rows that share a label, and the drop's interval in the headline table ---------------------------------------
+def test_rows_with_the_same_label_are_told_apart_by_their_settings():
+    """Table 11's rows (same model / precision / granularity / method, other method.exclude) must not read alike."""
+    from mqb.analysis.report import distinguishing_settings, flat_config
+
+    cfg = {"method": {"name": "rtn", "exclude": []}, "calibration": {"name": "minmax"},
+           "paths": {"output_dir": "/a"}, "dataset": {"cache_dir": "/c", "name": "btcv"}}  # fmt: skip
+    excluded = {**cfg, "method": {"name": "rtn", "exclude": ["conv1x1x1", "linear"]}, "paths": {"output_dir": "/b"}}
+    percentile = {**cfg, "calibration": {"name": "percentile", "percentile": 99.9}}
+    records = [record("fp", "unet", "fp32", "-", *BASE["unet"], config=cfg),
+               record("a", "unet", "w4a4", "per_channel", 0.6, 0.5, config=cfg),
+               record("b", "unet", "w4a4", "per_channel", 0.7, 0.6, config=excluded),
+               record("c", "unet", "w4a4", "per_channel", 0.65, 0.55, config=percentile),
+               record("d", "unet", "w4a4", "per_tensor", 0.2, 0.2, config=excluded)]  # fmt: skip
+    assert flat_config(excluded) == {"method.name": "rtn", "method.exclude": ["conv1x1x1", "linear"],
+                                     "calibration.name": "minmax", "dataset.name": "btcv"}  # no paths, no cache_dir
+    rows = table_rows(records)
+    settings = {r["id"]: r["setting"] for r in rows}
+    assert settings == {
+        "fp": "", "d": "",  # unique labels
+        "a": "calibration.name=minmax, calibration.percentile=unset, method.exclude=[]",
+        "b": "calibration.name=minmax, calibration.percentile=unset, method.exclude=[conv1x1x1, linear]",
+        "c": "calibration.name=percentile, calibration.percentile=99.9, method.exclude=[]",
+    }  # fmt: skip
+    assert distinguishing_settings(rows) == [r["setting"] for r in rows]
+    md = to_markdown(paper_table(rows))
+    assert md.splitlines()[0] == ("| Architecture | Dataset | Precision | Quant-Granularity | Setting | DSC (↓Δ%) | "
+                                  "NSD (↓Δ%) |")  # fmt: skip
+    w4 = [line for line in md.splitlines() if "Per-channel/token" in line]
+    assert len(w4) == 3 and len(set(w4)) == 3 and "method.exclude=[conv1x1x1, linear]" in w4[1]
+    assert "Setting: the config keys in which rows with the same label differ." in md
+    # the per-class columns and the bar chart's series are told apart too
+    labels = {e["config"] for e in build_report(records, n_resamples=100).per_class["dsc"]}
+    assert "INT W4A4 Per-channel/token [calibration.name=percentile, calibration.percentile=99.9, " \
+           "method.exclude=[]]" in labels and len(labels) == 4  # fmt: skip
+    bars = figures(rows)["dsc_unet_btcv.png"]
+    assert len([c for c in bars.axes[0].containers]) == 4  # 3 per-channel settings + per-tensor
+    # two records with the same label and the same config differ only in their id
+    same = table_rows([record("x1", "unet", "w8a8", "adaptive", 0.8, 0.7), record("x2", "unet", "w8a8", "adaptive",
+                                                                                 0.81, 0.7)])  # fmt: skip
+    assert [r["setting"] for r in same if r["id"]] == ["id x1", "id x2"]
+
+
+def test_headline_cells_carry_the_interval_and_the_mark(tmp_path):
+    """Records with a stats section: ``value (Δ% [low, high]*)`` from the record's own numbers, Holm across configs."""
+    from mqb.analysis.stats import compare
+
+    records = read_records(per_case_results(tmp_path / "results"))
+    fp32 = next(r for r in records if r["id"] == "fp32")
+    for r in records:
+        if r["id"] != "fp32":
+            r["stats"] = compare(fp32["metrics"], r["metrics"], n_resamples=500, class_names=CLASSES)
+    w8 = next(r for r in records if r["id"] == "w8a8")
+    w8["stats"]["dsc"]["mean"].update(p=0.001)  # significant even after Holm over 2 configs (0.002)
+    rows = table_rows(records)
+    md = to_markdown(paper_table(rows))
+    assert "DSC (↓Δ% [95% CI])" in md.splitlines()[0] and "[95% CI]: bootstrap interval" in md
+    for r in records:
+        if r["id"] == "fp32":
+            continue
+        mean = r["stats"]["dsc"]["mean"]
+        cell = (f"{r['metrics']['dsc']:.3f} ({r['delta_pct']['dsc']:.1f}% [{mean['drop_pct_ci_low']:.1f}, "
+                f"{mean['drop_pct_ci_high']:.1f}]")  # fmt: skip
+        assert cell + ("*)" if r["id"] == "w8a8" else ")") in md, cell
