@@ -18,17 +18,20 @@ from omegaconf import DictConfig
 
 from mqb.cli import check_group_choices, is_multirun, user_error, with_launchers
 from mqb.config import CONF_DIR, register_configs
+from mqb.preemption import stop_on_sigterm
 
 
 def run_task(cfg: DictConfig) -> None:
     """The Hydra task: one config. Module-level and undecorated so launchers pickle it by reference. A user error
     ends a single run with exit 2 and one line; in a sweep the config's error record says it and the sweep goes on
-    (its end exits non-zero)."""
+    (its end exits non-zero). SIGTERM (preemption) ends the process at the next batch with exit 143 and no record
+    of the config; the relaunch computes it."""
     from mqb.analysis.tables import console
     from mqb.jobs import run_job
 
     try:
-        run_job(cfg)
+        with stop_on_sigterm():  # SIGTERM: stop at the next batch, write nothing, exit 143 (mqb.preemption)
+            run_job(cfg)
     except Exception as err:  # noqa: BLE001
         problem = user_error(err)
         if is_multirun():

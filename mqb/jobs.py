@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mqb import preemption
 from mqb.analysis.stats import with_holm
 from mqb.analysis.tables import DELTA_LEGEND, console, reference_first, results_table, write_summary
 from mqb.cli import is_multirun, user_error
@@ -103,6 +104,7 @@ def claim_config(cfg: DictConfig, results_dir: Path, cid: str, success: Path) ->
             console.print(f"[yellow]{cid} is being computed by {got.describe()}: waiting for its record")
             waiting = True
         time.sleep(CLAIM_POLL_S)
+        preemption.check("wait")
         if (done := success_record(success)) is not None:
             return done
 

@@ -45,7 +45,7 @@ from mqb.config import CONF_DIR, compose_eval
 from mqb.data.module import SegmentationDataModule
 from mqb.devices import apply_fp32_precision, device_info
 from mqb.lit import quiet_lightning
-from mqb.lit.callbacks import QuantizationCallback
+from mqb.lit.callbacks import PreemptionCallback, QuantizationCallback
 from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.loggers import build_logger, log_record
 from mqb.quant import LayerRule, QuantRecipe
@@ -286,7 +286,11 @@ def resolve_checkpoint(cfg: DictConfig) -> Path | None:
 
 
 def build_trainer(cfg: DictConfig, logger: Any, run_dir: Path, callbacks: list[L.Callback]) -> L.Trainer:
+    """The Lightning trainer of an evaluation (``cfg.trainer``: accelerator, devices, strategy, progress), quiet,
+    with a :class:`~mqb.lit.callbacks.PreemptionCallback` (SIGTERM stops it before the next sliding window)."""
     quiet_lightning()
+    if not any(isinstance(c, PreemptionCallback) for c in callbacks):  # QuantizationCallback is one already
+        callbacks = [PreemptionCallback(), *callbacks]
     return L.Trainer(
         accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices,

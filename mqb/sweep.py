@@ -68,7 +68,9 @@ def sweep_grid(sweep_dir: Path) -> list[list[str]] | None:
         assert isinstance(conf, dict)
         hydra_conf = conf.get("hydra") or {}
         sweeper = hydra_conf.get("sweeper") or {}
-        if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        from hydra.utils import get_class
+
+        if not issubclass(get_class(str(sweeper.get("_target_", ""))), BasicSweeper):  # basic, mqb_grid
             return None
         params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
         task = [str(o) for o in (hydra_conf.get("overrides") or {}).get("task") or []]

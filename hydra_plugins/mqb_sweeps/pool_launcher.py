@@ -12,12 +12,14 @@ exactly as under the basic launcher; the job configs are composed in the workers
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import queue
+import signal
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +104,26 @@ class PoolLauncher(Launcher):
         with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                  initargs=(devices, self.threads)) as pool:  # fmt: skip
             futures = []
-            for i, overrides in enumerate(job_overrides):
-                idx = initial_job_idx + i
-                log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-                futures.append(pool.submit(_run_config, payload, list(overrides), idx))
-            return [cloudpickle.loads(f.result()) for f in futures]
+
+            def forward(signum: int, frame: Any) -> None:
+                """SIGTERM (preemption) to the workers, which stop at their next batch (mqb.preemption) and
+                start no further config; configs not started yet are cancelled. The sweep then exits 143."""
+                for future in futures:
+                    future.cancel()
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(process.pid, signum)
+
+            previous = signal.signal(signal.SIGTERM, forward)
+            try:
+                for i, overrides in enumerate(job_overrides):
+                    idx = initial_job_idx + i
+                    log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+                    futures.append(pool.submit(_run_config, payload, list(overrides), idx))
+                return [cloudpickle.loads(f.result()) for f in futures]
+            except CancelledError:
+                from mqb.preemption import Preempted
+
+                raise Preempted("the sweep") from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)

@@ -12,21 +12,24 @@ seeded train / val / calibration / test sets and builds MONAI pipelines:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any, Protocol
 
 import lightning as L
-import nibabel as nib
 import numpy as np
 import torch
 from monai import transforms as T
 from monai.data import DataLoader, Dataset, PersistentDataset
 from monai.data.meta_tensor import MetaTensor
-from monai.data.utils import pickle_hashing
+from monai.data.utils import SUPPORTED_PICKLE_MOD, pickle_hashing
+from monai.utils import convert_to_tensor, look_up_option
 from monai.utils.enums import MetaKeys, SpaceKeys, TraceKeys
 
-from mqb.data.sources import DatasetError
+from mqb.data.sources import DatasetError, validate_cases
+from mqb.results import atomic_write, clean_temp_files
 
 SPLITS = ("train", "val", "calib", "test")
 
@@ -115,11 +118,41 @@ _CACHE_SAFE_GLOBALS = [
 
 class MetaPersistentDataset(PersistentDataset):
     """``PersistentDataset`` whose cached items keep their MetaTensor metadata (affine -> voxel spacing) and
-    are still read with ``weights_only=True`` (only the data types above are allowed, no code)."""
+    are still read with ``weights_only=True`` (only the data types above are allowed, no code).
+
+    Unlike MONAI's, an item is written beside its final name and renamed (:func:`mqb.results.atomic_write`; MONAI
+    writes to the system temporary folder and moves, which is a copy, cut short by a kill, when that folder is on
+    another file system than the cache), and an unreadable cached item (cut short, or not loadable) is computed
+    again instead of failing every later run. Leftovers of killed writers are removed when the dataset is made."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.cache_dir is not None:
+            clean_temp_files(self.cache_dir)
 
     def _cachecheck(self, item_transformed: Any) -> Any:
-        with torch.serialization.safe_globals(_CACHE_SAFE_GLOBALS):
+        if self.cache_dir is None:
             return super()._cachecheck(item_transformed)
+        hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
+        if hashfile.is_file():
+            try:
+                with torch.serialization.safe_globals(_CACHE_SAFE_GLOBALS):
+                    return torch.load(hashfile, weights_only=True)
+            except PermissionError:
+                raise
+            except Exception as err:  # noqa: BLE001  (a cache entry: compute it again)
+                warnings.warn(f"unreadable cached item {hashfile} ({type(err).__name__}: {err}); computing it again",
+                              stacklevel=2)  # fmt: skip
+                hashfile.unlink(missing_ok=True)
+        item = self._pre_transform(deepcopy(item_transformed))  # keep the original (hashed) record as it is
+        try:
+            with atomic_write(hashfile) as tmp:
+                torch.save(convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta), tmp,
+                           pickle_module=look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD),
+                           pickle_protocol=self.pickle_protocol)  # fmt: skip
+        except PermissionError:  # a read-only cache: compute every time, as MONAI does
+            pass
+        return item
 
 
 class CheckLabelsd(T.MapTransform):
@@ -172,46 +205,6 @@ def file_fingerprint(case: dict[str, str]) -> str:
     return ";".join(parts)
 
 
-def validate_cases(cases: Sequence[dict[str, str]]) -> None:
-    """Check every case's files up front from their headers: readable NIfTI, image/label shape and affine agree."""
-    for c in cases:
-        headers = {}
-        for role in ("image", "label"):
-            if role not in c:
-                continue
-            path = c[role]
-            if not Path(path).is_file():
-                raise DatasetError(f"case {c['case']!r}: {role} file {path!r} is missing")
-            try:
-                headers[role] = nib.load(path)
-                headers[role].header.get_data_shape()
-            except Exception as err:  # noqa: BLE001
-                raise DatasetError(
-                    f"case {c['case']!r}: {role} file {path!r} is not a readable NIfTI ({err})"
-                ) from None
-            shape = tuple(headers[role].shape)
-            if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
-                raise DatasetError(
-                    f"case {c['case']!r}: {role} file {path!r} has shape {shape}; valid: one 3-D volume "
-                    "(X, Y, Z), or (X, Y, Z, 1)"
-                    + (" — a 2-D image cannot be evaluated in 3-D" if len(shape) < 3 else "")
-                    + (f" — it holds {shape[3]} volumes (a time series or channels); give one volume per file"
-                       if len(shape) == 4 else "")  # fmt: skip
-                )
-        if "label" in headers:
-            image, label = headers["image"], headers["label"]
-            if image.shape[:3] != label.shape[:3]:
-                raise DatasetError(
-                    f"case {c['case']!r}: image {c['image']!r} shape {image.shape} != label {c['label']!r} shape "
-                    f"{label.shape}"
-                )
-            if not np.allclose(image.affine, label.affine, atol=1e-3):
-                raise DatasetError(
-                    f"case {c['case']!r}: image {c['image']!r} and label {c['label']!r} have different affines "
-                    "(not aligned in space)"
-                )
-
-
 class SegmentationDataModule(L.LightningDataModule):
     """Splits, transforms and loaders for one dataset.
 
@@ -230,7 +223,8 @@ class SegmentationDataModule(L.LightningDataModule):
         nsd_tolerance_mm: NSD tolerance per foreground class (or one value for all), in mm.
         split_file: JSON ``{"test": [case, ...], "calib": [...], ...}`` pinning cases to splits.
         test_cases / calib_cases: keep only the first N cases of the test / calibration split (quick runs).
-        validate: check every case's headers (shape, affine, readability) before any work.
+        validate: check every case's files before any work (:func:`mqb.data.sources.validate_cases`: readable,
+            complete, one 3-D volume, voxel dtype, affine; label on the image's grid).
         root: the dataset folder (``dataset.root``; the source reads it, kept here for records).
         axcodes: orientation every volume is brought to (``RAS``; ``LIA`` for FreeSurfer-conformed brain models).
         crop: a centre crop ``[x, y, z]`` (voxels, after orientation and resampling) of every volume, labels
@@ -312,6 +306,7 @@ class SegmentationDataModule(L.LightningDataModule):
                 if not path.is_file():
                     raise DatasetError(f"dataset.split_file {str(path)!r} does not exist")
                 pinned = json.loads(path.read_text())
+            self._clean_cache_leftovers(cases)
             splits = split_cases(cases, self.split_sizes, self.split_seed, pinned)
             if self.test_cases is not None:
                 splits["test"] = splits["test"][: self.test_cases]
@@ -324,6 +319,17 @@ class SegmentationDataModule(L.LightningDataModule):
                     c["fingerprint"] = file_fingerprint(c)
             self._splits = splits
         return self._splits
+
+    def _clean_cache_leftovers(self, cases: Sequence[dict[str, str]]) -> None:
+        """Remove the temporary files that killed writers left beside the case files mqb wrote itself (generated
+        or combined volumes under ``cache_dir``; never the user's dataset folders)."""
+        if self.cache_dir is None:
+            return
+        cache = Path(self.cache_dir).resolve()
+        folders = {Path(c[role]).resolve().parent for c in cases for role in ("image", "label") if role in c}
+        for folder in sorted(folders):
+            if folder.is_relative_to(cache):
+                clean_temp_files(folder)
 
     @property
     def test_has_labels(self) -> bool:

@@ -65,6 +65,122 @@ def _atomic_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
         nib.save(nib.Nifti1Image(data, affine), tmp)
 
 
+# -- one check of every case's files at set-up ---------------------------------------------------------------
+#: NumPy kinds a volume may hold: bool, signed and unsigned integers, floats (not complex, RGB or other records).
+VOLUME_KINDS = {"b": "bool", "i": "integer", "u": "unsigned integer", "f": "float"}
+#: How far the voxel grids of an image and its label may differ (affine entries, mm).
+AFFINE_TOLERANCE = 1e-3
+
+
+def _gzip_problem(path: Path, needed: int) -> str | None:
+    """Why the gzip file ``path`` cannot hold ``needed`` uncompressed bytes (header + voxels), or ``None``.
+
+    Cheap first: a complete single-member gzip file ends with ISIZE, the uncompressed length modulo 2^32
+    (RFC 1952), which equals ``needed`` for a NIfTI written in one piece; a file cut short ends in the middle of
+    the compressed data instead, whose last 4 bytes match by chance with probability 2^-32. Only where they differ
+    (cut short, several members as bgzip writes, trailing data as in .mgz) is the whole file decompressed: an
+    incomplete stream, a bad CRC or fewer bytes than ``needed`` is a problem, anything else is fine."""
+    import gzip
+    import zlib
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            magic = f.read(2)
+            f.seek(max(0, size - 4))
+            trailer = f.read(4)
+    except OSError as err:
+        return f"unreadable ({err.strerror or err})"
+    if magic != b"\x1f\x8b":
+        return "not gzip-compressed although its name ends in .gz"
+    if size >= 18 and int.from_bytes(trailer, "little") == needed % (1 << 32):
+        return None
+    total = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 16):
+                total += len(chunk)
+    except EOFError:
+        return (f"truncated: its gzip stream ends after about {total:,} of the {needed:,} uncompressed bytes the "
+                "header announces (an interrupted copy or download?)")  # fmt: skip
+    except (OSError, zlib.error) as err:
+        return f"corrupt: bad gzip data after about {total:,} uncompressed bytes ({err})"
+    if total < needed:
+        return f"too short: it holds {total:,} uncompressed bytes, its header announces {needed:,}"
+    return None
+
+
+def check_volume_file(path: str | os.PathLike[str], case: str, role: str) -> nib.spatialimages.SpatialImage:
+    """Check one image or label file from its header and its size, without reading the voxels; return the image
+    (header and lazy data). Raises :class:`DatasetError` naming the case, the file and what is valid when the file
+    is missing, not a readable NIfTI, cut short (an incomplete gzip member, or fewer bytes than the header
+    announces), not one 3-D volume (2-D; 4-D with several volumes; a zero-size axis), of a dtype that is not
+    bool / integer / float, or placed by a non-finite or singular affine."""
+    path = Path(path)
+    where = f"case {case!r}: {role} file {str(path)!r}"
+    if not path.is_file():
+        raise DatasetError(f"{where} is missing")
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(n) for n in img.header.get_data_shape())
+        dtype = np.dtype(img.get_data_dtype())
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as err:  # noqa: BLE001
+        raise DatasetError(f"{where} is not a readable NIfTI ({err})") from None
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)):
+        why = ""
+        if len(shape) < 3:
+            why = f" — a {len(shape)}-D image cannot be evaluated in 3-D"
+        elif len(shape) == 4:
+            why = f" — it holds {shape[3]} volumes (a time series or channels); give one volume per file"
+        raise DatasetError(f"{where} has shape {shape}; valid: one 3-D volume (X, Y, Z), or (X, Y, Z, 1){why}")
+    if min(shape) < 1:
+        raise DatasetError(f"{where} has shape {shape} with an empty axis; valid: at least one voxel per axis")
+    if dtype.kind not in VOLUME_KINDS:
+        raise DatasetError(
+            f"{where} stores voxels as {dtype} (NIfTI datatype {int(img.header['datatype'])}); valid: "
+            f"{', '.join(VOLUME_KINDS.values())} voxels (not complex or RGB)"
+        )
+    if not np.isfinite(affine).all() or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise DatasetError(
+            f"{where} has the affine {affine[:3].round(4).tolist()}, which does not place voxels in space "
+            "(non-finite, or a zero voxel size); valid: a finite affine with non-zero voxel sizes (sform or qform)"
+        )
+    offset = int(getattr(img.dataobj, "offset", 0) or 0)
+    needed = offset + int(np.prod(shape)) * dtype.itemsize
+    if path.name.endswith(".nii.gz"):
+        problem = _gzip_problem(path, needed)
+    else:
+        size = path.stat().st_size
+        problem = (f"truncated: {size:,} bytes, the header announces {needed:,} (an interrupted copy or download?)"
+                   if size < needed and path.suffix == ".nii" else None)  # fmt: skip
+    if problem is not None:
+        raise DatasetError(f"{where} is {problem}; valid: a complete file (copy or download it again)")
+    return img
+
+
+def validate_cases(cases: Sequence[dict[str, str]]) -> None:
+    """Check every case's files up front, before any work (the one place: ``SegmentationDataModule.splits``):
+    each image and label by :func:`check_volume_file` (readable, complete, one 3-D volume, a voxel dtype, a
+    usable affine), and a label against its image: the same grid (shape and affine). Raises :class:`DatasetError`
+    naming the case and the file (the CLI exits 2)."""
+    for c in cases:
+        images = {role: check_volume_file(c[role], c["case"], role) for role in ("image", "label") if role in c}
+        if "label" not in images:
+            continue
+        image, label = images["image"], images["label"]
+        if tuple(image.shape[:3]) != tuple(label.shape[:3]):
+            raise DatasetError(
+                f"case {c['case']!r}: image {c['image']!r} shape {image.shape} != label {c['label']!r} shape "
+                f"{label.shape}; valid: a label map on the image's voxel grid"
+            )
+        if not np.allclose(image.affine, label.affine, atol=AFFINE_TOLERANCE):
+            raise DatasetError(
+                f"case {c['case']!r}: image {c['image']!r} and label {c['label']!r} have different affines "
+                f"(not aligned in space; valid: equal within {AFFINE_TOLERANCE} mm)"
+            )
+
+
 def _load(path: Path, case: str, role: str) -> nib.Nifti1Image:
     try:
         img = nib.load(str(path))
@@ -177,7 +293,7 @@ class MaskFolderSource:
         return records
 
     def _combine(self, case: str, folder: Path, image: Path, out: Path) -> None:
-        ref = _load(image, case, "image")
+        ref = check_volume_file(image, case, "image")
         label = np.zeros(ref.shape[:3], dtype=np.uint8 if len(self.classes) < 255 else np.uint16)
         seg_dir = folder / "segmentations"
         if not seg_dir.is_dir():

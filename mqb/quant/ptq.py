@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mqb.preemption import checked
 from mqb.quant.api import apply_input_ranges, calibrate, collect_input_ranges, needs_calibration, quantize
 from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod, apply_methods
 from mqb.quant.recipe import QuantRecipe
@@ -107,8 +108,14 @@ def ptq(
             and calibration runs otherwise.
 
     Returns a :class:`PTQReport` (method reports, how the ranges were set, time).
+
+    Every pass over ``batches`` checks for a stop request before each batch (:func:`mqb.preemption.check`): after
+    SIGTERM, :class:`mqb.preemption.Preempted` is raised at the next calibration batch, the model left half
+    quantized (in memory only).
     """
     start = time.perf_counter()
+    source = batches
+    batches = lambda: checked(source(), "calibration batch")  # noqa: E731
     stand_in = ranges_stand_in_for_calibration(model, recipe, methods)
     ranges: InputRanges | None = None
     if any(m.needs_input_ranges for m in methods) or (input_ranges is not None and stand_in):
