@@ -34,6 +34,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from mqb.quant.attention import QuantAttention, register_attention
@@ -46,12 +47,13 @@ Grid = tuple[int, int, int]
 
 def _tokens_to_grid(x: torch.Tensor, grid: Grid) -> torch.Tensor:
     """(B, N, C) tokens -> (B, C, D, H, W) map; tokens are in the row-major order of ``flatten(2)``."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
+    d, h, w = grid
+    return rearrange(x, "b (d h w) c -> b c d h w", d=d, h=h, w=w)
 
 
 def _grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """(B, C, D, H, W) map -> (B, N, C) tokens."""
-    return x.flatten(2).transpose(1, 2)
+    return rearrange(x, "b c d h w -> b (d h w) c")
 
 
 class PatchEmbedding(nn.Module):

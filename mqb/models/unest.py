@@ -41,6 +41,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange
 from monai.networks.blocks import Convolution, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from monai.networks.blocks.dynunet_block import get_conv_layer
 from monai.networks.layers import DropPath
@@ -148,19 +149,16 @@ class ConvPool(nn.Module):
 
 
 def blockify(x: torch.Tensor, block_size: int) -> torch.Tensor:
-    """(B, D, H, W, C) -> (B, T, N, C): T blocks in (d, h, w) raster order, N = block_size³ tokens each."""
-    b, d, h, w, c = x.shape
+    """(B, D, H, W, C) -> (B, T, N, C): T blocks in (d, h, w) raster order, N = block_size³ tokens each
+    (``rearrange(x, "b (d s1) (h s2) (w s3) c -> b (d h w) (s1 s2 s3) c")``)."""
     s = block_size
-    x = x.reshape(b, d // s, s, h // s, s, w // s, s, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(b, (d // s) * (h // s) * (w // s), s**3, c)
+    return rearrange(x, "b (d s1) (h s2) (w s3) c -> b (d h w) (s1 s2 s3) c", s1=s, s2=s, s3=s)
 
 
 def deblockify(x: torch.Tensor, block_size: int, grid: int) -> torch.Tensor:
     """Inverse of :func:`blockify` for a cubic grid of ``grid``³ blocks: (B, T, N, C) -> (B, D, H, W, C)."""
-    b, _, _, c = x.shape
     s = block_size
-    x = x.reshape(b, grid, grid, grid, s, s, s, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
-    return x.reshape(b, grid * s, grid * s, grid * s, c)
+    return rearrange(x, "b (d h w) (s1 s2 s3) c -> b (d s1) (h s2) (w s3) c", d=grid, h=grid, w=grid, s1=s, s2=s, s3=s)
 
 
 class NestLevel(nn.Module):
