@@ -15,16 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mqb.checkpoints import save_weights
 from mqb.config import CONF_DIR, register_configs
-from mqb.devices import apply_fp32_precision, device_info
-from mqb.lit import quiet_lightning
-from mqb.lit.trainer import SegmentationTrainer
-from mqb.results import git_commit
 
 
 def fit(
@@ -41,6 +35,14 @@ def fit(
     default_root_dir: str | None = None,
 ) -> dict[str, Any]:
     """Train ``model_cfg.net`` on ``dataset_cfg``'s train split and save safetensors weights to ``output``."""
+    import lightning as L  # imported here: --help and --cfg come without torch
+
+    from mqb.checkpoints import save_weights
+    from mqb.devices import apply_fp32_precision, device_info
+    from mqb.lit import quiet_lightning
+    from mqb.lit.trainer import SegmentationTrainer
+    from mqb.results import git_commit
+
     L.seed_everything(int(train_cfg.seed), workers=True, verbose=False)
     numerics = apply_fp32_precision(fp32_precision)
     datamodule = instantiate(dataset_cfg)

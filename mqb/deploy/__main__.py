@@ -1,13 +1,18 @@
-"""``python -m mqb.deploy``: export a calibrated mqb model to INT8 ONNX, run it on real runtimes, profile it.
+"""``python -m mqb.deploy`` (``mqb-deploy``): export a calibrated mqb model to INT8 ONNX, run it on real runtimes,
+profile it.
 
     python -m mqb.deploy export  model=unet precision=w8a8                        # FP32 + INT8 QDQ ONNX, layer plan
     python -m mqb.deploy export  model=nnunet deploy.strict=true                  # refuse layers with no INT8 form
     python -m mqb.deploy profile model=nnunet "dataset.roi_size=[96,96,96]"       # latency, memory, size, layers
     python -m mqb.deploy profile model=nnunet deploy=openvino deploy.profile.repeats=10
     python -m mqb.deploy compare model=unet model.checkpoint=/path/w.safetensors  # Dice: fake-quant vs runtimes
+    mqb-deploy -m export model=unet,segresnet                                     # one export per model
+    mqb-deploy --help                                                             # groups, choices, deploy keys
 
-Overrides are the usual ``mqb.eval`` ones (model, dataset, precision, granularity, method, calibration,
-``model.checkpoint``, ``dataset.roi_size`` = the exported patch shape ...) plus the ``deploy`` group
+A Hydra app over ``conf/deploy_app.yaml``: the ``mqb.eval`` config with ``deploy.command`` (the first word sets it;
+schema :class:`mqb.tool_config.DeployToolConfig`). Overrides are the usual ``mqb.eval`` ones (model, dataset,
+precision, granularity, method, calibration, ``model.checkpoint``, ``dataset.roi_size`` = the exported patch
+shape ...) plus the ``deploy`` group
 (``conf/deploy/``: ``cpu`` (default), ``onnxruntime``, ``openvino``, ``tensorrt``) and its keys (schema:
 ``mqb.config.DeployConfig``):
 
@@ -45,7 +50,6 @@ the export settings (scheme, narrow_range, share_quantization, opset).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import subprocess
@@ -53,30 +57,22 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mqb.analysis.tables import deploy_markdown
-from mqb.config import DEPLOY_RUNTIMES, DEPLOY_SCHEMES
-from mqb.deploy.agreement import logit_agreement, prediction_dice
-from mqb.deploy.export import ExportResult, export_onnx
-from mqb.deploy.isa import OVERFLOW_FIX, int8_isa, overflow_fix_active, recipe_for_cpu
-from mqb.deploy.profile import interleaved_latency, isolated_memory, sliding_window, throughput, volume_latency
-from mqb.deploy.report import openvino_nodes, ort_nodes, runtime_report
-from mqb.deploy.runtimes import (
-    OpenVINORuntime,
-    OrtRuntime,
-    RuntimeUnavailable,
-    TensorRTRuntime,
-    cpu_features,
-    runtime_versions,
-    tensorrt_available,
-)
+from mqb.cli import run_tool_task, tool_config, tool_main
+from mqb.config import CONF_DIR, DEPLOY_RUNTIMES
+from mqb.tool_config import DEPLOY, DEPLOY_COMMANDS, node_problems, register_tool_configs
 
-COMMANDS = ("export", "profile", "compare")
+if TYPE_CHECKING:  # imported when a command runs: --help, --cfg and errors come without torch
+    import numpy as np
+    import torch
+
+    from mqb.deploy.export import ExportResult
+
+COMMANDS = DEPLOY_COMMANDS
 RUNTIME_FAMILIES = DEPLOY_RUNTIMES
 
 
@@ -103,33 +99,25 @@ class Prepared:
 
 
 def validate(cfg: DictConfig, command: str) -> None:
-    """Refuse a bad ``deploy`` setting before any work: ``ValueError`` naming the key, the value and the valid ones."""
-    deploy = cfg.deploy
-    if deploy.overflow_fix not in OVERFLOW_FIX:
-        raise ValueError(
-            f"deploy.overflow_fix={deploy.overflow_fix!r} is invalid; valid: {', '.join(OVERFLOW_FIX)}"
-        )
-    if deploy.scheme not in DEPLOY_SCHEMES:
-        raise ValueError(
-            f"deploy.scheme={deploy.scheme!r} is not a deployment scheme; valid: {', '.join(DEPLOY_SCHEMES)}"
-        )
-    bad = [r for r in deploy.runtimes if r not in DEPLOY_RUNTIMES]
-    if bad:
-        raise ValueError(
-            f"deploy.runtimes: unknown runtime {', '.join(map(repr, bad))}; valid: {', '.join(DEPLOY_RUNTIMES)}"
-        )
-    if command != "export" and not deploy.runtimes:
+    """Refuse a bad ``deploy`` setting before any work: ``ValueError`` naming the key, the value and the valid ones
+    (:func:`mqb.tool_config.node_problems`: scheme, runtimes, overflow_fix, profile counts)."""
+    problems = node_problems(cfg, "deploy")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if command not in COMMANDS:
+        raise ValueError(f"deploy.command={command!r} is not valid; valid: {', '.join(COMMANDS)}")
+    if command != "export" and not cfg.deploy.runtimes:
         raise ValueError(f"deploy.runtimes is empty: {command} needs one of {', '.join(DEPLOY_RUNTIMES)}")
-    for key, least in (("warmup", 0), ("repeats", 1), ("volume_repeats", 1), ("cases", 1)):
-        if deploy.profile[key] < least:
-            raise ValueError(f"deploy.profile.{key}={deploy.profile[key]}: must be >= {least}")
 
 
 def prepare(cfg: DictConfig, out: Path) -> Prepared:
     """Build, load, quantize and calibrate as ``mqb.eval`` does; export FP32 and INT8 ONNX into ``out`` with the
     ``deploy`` settings."""
+    import torch
     from hydra.utils import instantiate
 
+    from mqb.deploy.export import export_onnx
+    from mqb.deploy.isa import int8_isa, recipe_for_cpu
     from mqb.lit.evaluator import calibration_forward
     from mqb.pipeline import build_evaluator, build_methods, build_recipe, load_model
     from mqb.quant import ptq
@@ -204,6 +192,14 @@ def _openvino_exact(families: list[str]) -> dict[str, bool]:
 def build_runtimes(p: Prepared, families: list[str]) -> dict[str, Any]:
     """name -> runtime (or the reason it is unavailable), FP32 and INT8 for each runtime family (no profiling
     hooks: these are the timed ones)."""
+    from mqb.deploy.runtimes import (
+        OpenVINORuntime,
+        OrtRuntime,
+        RuntimeUnavailable,
+        TensorRTRuntime,
+        tensorrt_available,
+    )
+
     shape = tuple(p.example.shape)
     built: dict[str, Any] = {}
 
@@ -246,6 +242,8 @@ def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, settin
                 overlap: float) -> dict[str, Any]:  # fmt: skip
     """Patch latency (all runtimes interleaved round by round), throughput, isolated memory, whole-volume latency;
     speedups against the FP32 entry of the same runtime family. ``settings``: ``cfg.deploy.profile``."""
+    from mqb.deploy.profile import interleaved_latency, isolated_memory, throughput, volume_latency
+
     live = {name: r for name, r in runtimes.items() if not isinstance(r, str)}
     profiles: dict[str, Any] = {}
     print(f"timing {', '.join(live)} on {tuple(patch.shape)} ...", flush=True)
@@ -284,6 +282,9 @@ def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, settin
 def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out: Path) -> dict[str, Any]:
     """Per-layer runtime precision of every INT8 runtime, from its own profiling (separate profiled instances:
     ORT's profiling JSON, OpenVINO's runtime model with ``PERF_COUNT``)."""
+    from mqb.deploy.report import openvino_nodes, ort_nodes, runtime_report
+    from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime
+
     reports = {}
     for name, runtime in runtimes.items():
         if isinstance(runtime, str) or "int8" not in name:
@@ -306,6 +307,10 @@ def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out:
 
 def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: int, overlap: float) -> dict:
     """Dice of argmax predictions: mqb fake-quant vs INT8 runtimes, torch FP32 vs FP32 runtimes, per test volume."""
+    import numpy as np
+
+    from mqb.deploy.agreement import logit_agreement, prediction_dice
+    from mqb.deploy.profile import sliding_window
     from mqb.deploy.runtimes import TorchRuntime
 
     fake_quant = TorchRuntime(p.quant_net, "mqb fake-quant")
@@ -349,6 +354,12 @@ def _config_dict(cfg: DictConfig) -> dict[str, Any]:
 
 
 def run(command: str, cfg: DictConfig) -> dict[str, Any]:
+    """Export (and profile or compare) the model ``cfg`` describes; writes and returns the deploy record."""
+    import numpy as np
+
+    from mqb.analysis.tables import deploy_markdown
+    from mqb.deploy.isa import overflow_fix_active
+    from mqb.deploy.runtimes import cpu_features, runtime_versions
     from mqb.results import config_id, host_info, stable_hash, write_json_atomic
 
     validate(cfg, command)
@@ -411,36 +422,30 @@ def run(command: str, cfg: DictConfig) -> dict[str, Any]:
     return record
 
 
+def run_task(cfg: DictConfig) -> None:
+    """The Hydra task: one command on one config. Module-level and undecorated so launchers pickle it by
+    reference. Bad input (a float precision, a runtime that cannot run) ends a single run with exit 2."""
+    from mqb.deploy.runtimes import RuntimeUnavailable
+
+    def work() -> None:
+        _, options = tool_config(cfg, DEPLOY)
+        run(str(options.command), cfg)
+
+    run_tool_task(DEPLOY, work, user_errors=(ValueError, RuntimeUnavailable))
+
+
+_hydra_main = hydra.main(config_path=str(CONF_DIR), config_name=DEPLOY.config_name, version_base="1.3")(run_task)
+
+
 def main(argv: list[str] | None = None) -> int:
-    doc = __doc__ or ""
-    parser = argparse.ArgumentParser(prog="python -m mqb.deploy", description=doc.split("\n\n")[0], epilog=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument(
-        "overrides", nargs="*", help="mqb.eval overrides (model=..., precision=...) and deploy=... / deploy.<key>=..."
-    )
-    args = parser.parse_args(argv)
-    from mqb.cli import check_group_choices, user_error
+    """``mqb-deploy`` / ``python -m mqb.deploy``: the exit status (2 for a user error)."""
+    return tool_main(DEPLOY, _hydra_main, argv)
 
-    # a wrong group choice or key: which one, and the valid ones
-    problems = check_group_choices(args.overrides, prog="mqb.deploy: error")
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        return 2
-    try:
-        from mqb.config import compose_eval
 
-        cfg = compose_eval(args.overrides)
-        run(args.command, cfg)
-        return 0
-    except Exception as err:  # noqa: BLE001
-        problem = user_error(err)
-        if problem is None and not isinstance(err, (ValueError, RuntimeUnavailable)):
-            raise
-        print(f"mqb.deploy: error: {problem or err}", file=sys.stderr)
-        return 2
-
+register_tool_configs()
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module, not this __main__ copy: launchers (submitit) pickle the task function by reference.
+    from mqb.deploy.__main__ import main as _main
+
+    sys.exit(_main())

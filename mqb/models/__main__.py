@@ -1,7 +1,10 @@
-"""``python -m mqb.models``: the model zoo as a table (parameter counts and layer census computed, not typed).
+"""``python -m mqb.models`` (``mqb-models``): the model zoo as a table (parameter counts and layer census computed,
+not typed).
 
 python -m mqb.models                    # every conf/model choice, BTCV setting (1 input channel, 14 classes)
 python -m mqb.models unet meshnet_18cls --classes 18
+
+Torch and the networks are imported when the table is built, not before: ``--help`` and errors come fast.
 """
 
 from __future__ import annotations
@@ -10,14 +13,7 @@ import argparse
 import sys
 from collections import Counter
 
-import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from rich.console import Console
-from rich.table import Table
-
 from mqb.config import CONF_DIR, register_configs
-from mqb.quant import quantizable_layers
 
 #: The released brainchop models have a fixed number of classes.
 MESHNET_CLASSES = {"meshnet_gwm": 3, "meshnet_18cls": 18, "meshnet_30chan_18cls": 18, "meshnet_50cls": 50,
@@ -26,6 +22,12 @@ MESHNET_CLASSES = {"meshnet_gwm": 3, "meshnet_18cls": 18, "meshnet_30chan_18cls"
 
 def census(name: str, classes: int, roi: int = 96) -> dict[str, object]:
     """Parameter count and quantizable-layer census of one ``conf/model`` choice."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from mqb.quant import quantizable_layers
+
     names = ",".join(f"c{i}" for i in range(classes))
     overrides = [f"model={name}", f"dataset.num_classes={classes}", f"dataset.class_names=[{names}]",
                  f"dataset.roi_size=[{roi},{roi},{roi}]"]  # fmt: skip
@@ -50,7 +52,7 @@ def census(name: str, classes: int, roi: int = 96) -> dict[str, object]:
 def main(argv: list[str] | None = None) -> int:
     register_configs()
     choices = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
-    parser = argparse.ArgumentParser(prog="python -m mqb.models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mqb.models", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("models", nargs="*", default=choices, help=f"model configs (default all: {', '.join(choices)})")
     parser.add_argument("--classes", type=int, default=14, help="output classes (default 14, the BTCV setting)")
     args = parser.parse_args(argv)
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"mqb.models: unknown model(s) {unknown}; valid: {', '.join(choices)}", file=sys.stderr)
         return 2
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=f"mqb model zoo ({args.classes} classes, 1 input channel)")
     for col in ("config", "architecture", "parameters", "quantizable layers"):
         table.add_column(col)

@@ -143,8 +143,10 @@ def test_greedy_mixed_precision_finds_the_fewest_layers_in_log_steps():
 
 @pytest.mark.slow
 def test_sensitivity_cli_incremental_and_per_layer(tmp_path):
+    """``incremental`` as the README writes it (first word, ``--groups``; the default CSV logger, which needs
+    Hydra's run folder), ``per_layer`` in the Hydra form (``sensitivity.*`` keys)."""
     common = [
-        "precision=w4a4", "model.checkpoint=null", "logger=none", "trainer.progress=false",
+        "precision=w4a4", "model.checkpoint=null", "trainer.progress=false",
         "dataset.source.num_cases=6", "dataset.source.shape=[40,40,32]", "dataset.roi_size=[32,32,32]",
         "dataset.splits={test: 1, calib: 1, val: 1}",
         f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
@@ -157,8 +159,10 @@ def test_sensitivity_cli_incremental_and_per_layer(tmp_path):
     md = next(study_dir.glob("incremental-unet-w4a4-*.md")).read_text()
     assert "+ conv3x3x3 in float" in md and "+ conv_transpose in float" in md
     assert next(study_dir.glob("incremental-*.png")).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    proc = subprocess.run([*run, "per_layer", *common, "--layers", "conv_transpose", "--max-layers", "2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+    (hydra_run,) = (tmp_path / "out" / "runs").glob("*_sensitivity_incremental_unet_w4a4")  # the logger's folder
+    assert (hydra_run / ".hydra" / "config.yaml").is_file()
+    per_layer = ["sensitivity.mode=per_layer", "sensitivity.layers=[conv_transpose]", "sensitivity.max_layers=2"]
+    proc = subprocess.run([*run, *common, *per_layer], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exclude 2nd layer" in next(study_dir.glob("per_layer-*.md")).read_text()
     bad = subprocess.run([*run, "per_layer", *common, "--layers", "conv9x9x9"], cwd=ROOT, capture_output=True,

@@ -115,10 +115,15 @@ def test_isolated_memory_of_a_runtime(tmp_path) -> None:
         prof.isolated_memory({"kind": "onnxruntime", "path": str(tmp_path / "missing.onnx")}, (1, 1, 4, 4, 4))
 
 
-def test_cli_rejects_a_float_precision() -> None:
+def test_cli_rejects_a_float_precision(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Through the Hydra app, in this process: the task refuses it with exit 2 and one line (the Hydra run folder in
+    tmp_path; Hydra's logging left as it is)."""
     from mqb.deploy.__main__ import main
 
-    assert main(["export", "precision=fp32", "deploy.out=/nonexistent/never-written"]) == 2
+    argv = ["export", "precision=fp32", "deploy.out=/nonexistent/never-written", f"hydra.run.dir={tmp_path / 'run'}",
+            "hydra/job_logging=none", "hydra/hydra_logging=none"]  # fmt: skip
+    assert main(argv) == 2
+    assert "mqb.deploy: error: precision=fp32 is a float precision" in capsys.readouterr().err
 
 
 @pytest.mark.slow
