@@ -88,6 +88,9 @@ class CalibrationConfig:
     #: also quantize each such tensor where it is produced (mqb.quant.output), so float readers (a residual Add)
     #: read the INT8 value too, as NNCF / TensorRT place quantizers; needs shared_ranges' trace (implies it)
     tensor_quantizers: bool = False
+    #: calibrate and evaluate K times, on calibration volumes drawn with seeds seed, seed+1, ...: the record's
+    #: metrics are the first draw's, ``stats.calibration`` the spread of mean DSC / NSD over the K draws
+    draws: int = 1
 
 
 @dataclass
@@ -192,6 +195,30 @@ class JobConfig:
     seed: int = 0
 
 
+#: ``quant.kernel`` values (``mqb.quant.fake_quant.KERNELS``, repeated here so composing a config imports no torch).
+QUANT_KERNELS = ("auto", "eager", "compiled")
+
+
+@dataclass
+class QuantSettings:
+    """How fake quantization runs (``quant.*``); never what it computes, so not part of a record's id.
+
+    ``kernel``: ``auto`` (compiled where it is faster: CUDA, and large FP8/MX/NVFP4/dynamic tensors on the CPU),
+    ``eager`` (ATen operations one after another) or ``compiled`` (one ``torch.compile``-fused kernel per tensor,
+    falling back to eager with a warning where compilation fails); every choice gives the same result to the bit
+    (``mqb.quant.set_kernel``). Checked with :func:`check_quant_settings`.
+    """
+
+    kernel: str = "auto"
+
+
+def check_quant_settings(quant: Any) -> None:
+    """``ValueError`` naming ``quant.kernel`` and its valid values for anything else."""
+    kernel = getattr(quant, "kernel", None)
+    if kernel not in QUANT_KERNELS:
+        raise ValueError(f"quant.kernel={kernel!r} is invalid; valid: {', '.join(repr(k) for k in QUANT_KERNELS)}")
+
+
 @dataclass
 class EvalConfig(JobConfig):
     precision: PrecisionConfig = MISSING
@@ -200,6 +227,7 @@ class EvalConfig(JobConfig):
     calibration: CalibrationConfig = MISSING
     eval: EvalSettings = field(default_factory=EvalSettings)
     deploy: DeployConfig = field(default_factory=DeployConfig)  # python -m mqb.deploy only; not in config_id
+    quant: QuantSettings = field(default_factory=QuantSettings)  # how fake quantization runs; not in config_id
     results_dir: str = "${paths.output_dir}/results"
     resume: bool = True
     auto_train: bool = False

@@ -153,6 +153,10 @@ def _check_settings(cfg: DictConfig) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"calibration.num_volumes={n!r} is invalid; valid: a positive number of calibration "
                              "volumes (1 or more)")  # fmt: skip
+        k = calibration.get("draws", 1)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"calibration.draws={k!r} is invalid; valid: the number of calibration draws (1 or "
+                             "more; each calibrates and evaluates the config once more)")  # fmt: skip
     for role in ("weight", "activation"):
         spec = cfg.precision.get(role)
         if spec is None or spec.get("format") not in FORMAT_BITS:
@@ -503,6 +507,64 @@ def run_dirs(cfg: DictConfig) -> tuple[Path, str]:
     return run_dir, Path(HydraConfig.get().sweep.dir).name if is_multirun() else run_dir.name
 
 
+@dataclasses.dataclass
+class QuantizedRun:
+    """One evaluation of the quantized (or low-precision) network: its metrics, the quantization callback (``None``
+    for a float precision), where it ran and how long it took."""
+
+    metrics: dict[str, Any]
+    callback: QuantizationCallback | None
+    ran_on: dict[str, Any]
+    timings: dict[str, float]
+
+
+def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, baseline: Baseline,
+                  recipe: QuantRecipe | None, logger: Any, run_dir: Path, seed: int) -> QuantizedRun:  # fmt: skip
+    """Post-training quantization of ``net`` in place (:class:`QuantizationCallback`: ``mqb.quant.ptq`` on the
+    calibration volumes drawn with ``seed``; none for a float precision) and the evaluation on the test split,
+    scored against the labels or the FP32 predictions."""
+    evaluator = build_evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=baseline.predictions)
+    callback = None
+    if recipe is not None:
+        n = cfg.calibration.num_volumes
+        calib = dm.calibration_indices(n, seed)
+        calib_files = [dm.splits["calib"][i].get("fingerprint") for i in calib]  # contents, not only paths
+        range_key = stable_hash({"baseline": baseline.key, "calibration": calib, "files": calib_files, "v": 1}, 24)
+        callback = QuantizationCallback(
+            recipe,
+            lambda: dm.calib_dataloader(n, seed),
+            calibration_forward(evaluator),
+            progress=cfg.trainer.progress,
+            range_cache=Path(cfg.paths.cache_dir) / "calibration" / f"{range_key}.pt",
+            methods=build_methods(cfg),
+        )
+    start = time.perf_counter()
+    trainer = build_trainer(cfg, logger, run_dir, [callback] if callback is not None else [])
+    trainer.test(evaluator, datamodule=dm, verbose=False)
+    timings = {"eval_seconds": time.perf_counter() - start, "data_seconds": evaluator.data_seconds}
+    if callback is not None:
+        timings["calibration_seconds"] = callback.calibration_seconds
+        timings["eval_seconds"] -= callback.calibration_seconds
+    return QuantizedRun(evaluator.results, callback, device_info(trainer.strategy.root_device), timings)
+
+
+def calibration_draws(cfg: DictConfig, dm: SegmentationDataModule, baseline: Baseline, recipe: QuantRecipe,
+                      run_dir: Path, first: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """``calibration.draws=K``: the config quantized and evaluated again with calibration volumes drawn with seeds
+    ``calibration.seed + 1 ... + K-1`` (the record's metrics are those of the first draw, ``calibration.seed``), and
+    the spread of mean DSC / NSD over the K draws (:func:`mqb.analysis.stats.calibration_spread`): how much the
+    result depends on which volumes calibrated it."""
+    from mqb.analysis.stats import calibration_spread
+
+    seed, k = int(cfg.calibration.seed), int(cfg.calibration.draws)
+    per_draw = [{"seed": seed, "dsc": first.get("dsc"), "nsd": first.get("nsd")}]
+    for s in range(seed + 1, seed + k):
+        net, _ = load_model(cfg)
+        run = quantized_run(cfg, net, dm, baseline, recipe, None, run_dir, s)
+        per_draw.append({"seed": s, "dsc": run.metrics.get("dsc"), "nsd": run.metrics.get("nsd")})
+    return {"draws": per_draw, **{m: calibration_spread([d[m] for d in per_draw]) for m in ("dsc", "nsd")}}
+
+
 # -- one config -------------------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run one config end to end and return its record (:mod:`mqb.jobs` writes it): the FP32 baseline (cached),
@@ -524,39 +586,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     timings, ran_on = dict(baseline.timings), baseline.ran_on
 
     logger = build_logger(cfg, run_dir, sweep)
-    calib = dm.calibration_indices(cfg.calibration.num_volumes, cfg.calibration.seed) if recipe is not None else []
-    quant_cb = None
+    seed = int(cfg.calibration.seed)
+    calib = dm.calibration_indices(cfg.calibration.num_volumes, seed) if recipe is not None else []
+    quant_cb, draws = None, None
     if recipe is None and cfg.precision.compute_dtype == "float32":
         metrics = baseline.metrics
         timings["eval_seconds"] = 0.0
         if logger is not None:
             logger.log_metrics({f"test/{k}": v for k, v in metrics.items() if k in ("dsc", "nsd", "hd95") and v})
     else:
-        dtype = cfg.precision.compute_dtype
-        evaluator = build_evaluator(cfg, net, dm, dtype, reference_predictions=baseline.predictions)
-        callbacks: list[L.Callback] = []
-        if recipe is not None:
-            calib_files = [dm.splits["calib"][i].get("fingerprint") for i in calib]  # contents, not only paths
-            range_key = stable_hash({"baseline": baseline.key, "calibration": calib, "files": calib_files, "v": 1}, 24)
-            quant_cb = QuantizationCallback(
-                recipe,
-                lambda: dm.calib_dataloader(cfg.calibration.num_volumes, cfg.calibration.seed),
-                calibration_forward(evaluator),
-                progress=cfg.trainer.progress,
-                range_cache=Path(cfg.paths.cache_dir) / "calibration" / f"{range_key}.pt",
-                methods=build_methods(cfg),
-            )
-            callbacks.append(quant_cb)
-        start = time.perf_counter()
-        trainer = build_trainer(cfg, logger, run_dir, callbacks)
-        trainer.test(evaluator, datamodule=dm, verbose=False)
-        ran_on = device_info(trainer.strategy.root_device)
-        metrics = evaluator.results
-        timings["eval_seconds"] = time.perf_counter() - start
-        timings["data_seconds"] = evaluator.data_seconds
-        if quant_cb is not None:
-            timings["calibration_seconds"] = quant_cb.calibration_seconds
-            timings["eval_seconds"] -= quant_cb.calibration_seconds
+        run = quantized_run(cfg, net, dm, baseline, recipe, logger, run_dir, seed)
+        metrics, quant_cb, ran_on = run.metrics, run.callback, run.ran_on
+        timings.update(run.timings)
+        if recipe is not None and int(cfg.calibration.get("draws", 1)) > 1:
+            draws = calibration_draws(cfg, dm, baseline, recipe, run_dir, metrics)
     assert metrics is not None
     base = baseline.metrics
     timings["total_seconds"] = time.perf_counter() - t0
@@ -582,7 +625,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         },
         # is the drop real? paired per-case differences vs the FP32 baseline: bootstrap CI, paired test
         # (mqb.analysis.stats; Holm across a sweep's configs is applied in its summary)
-        "stats": drop_stats(cfg, base, metrics, dm) if metrics is not base else None,
+        "stats": {**(drop_stats(cfg, base, metrics, dm) or {}), **({"calibration": draws} if draws else {})} or None
+        if metrics is not base else None,
         "realizability": realizability_record(quant_cb.summary if quant_cb is not None else None),
         "methods": [r.as_dict() for r in quant_cb.method_reports] if quant_cb is not None else [],
         "timings": {k: round(v, 3) for k, v in timings.items()},

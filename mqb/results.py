@@ -31,7 +31,8 @@ VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trai
 #: Keys at any depth that only say where things are cached or how fast data loads.
 NESTED_VOLATILE_KEYS = ("cache_dir", "num_workers")
 #: Options added after records existed, dropped from the id while at their default so earlier records keep theirs.
-DEFAULT_OPTIONS = (("calibration", "shared_ranges", False), ("calibration", "tensor_quantizers", False))
+DEFAULT_OPTIONS = (("calibration", "shared_ranges", False), ("calibration", "tensor_quantizers", False),
+                   ("calibration", "draws", 1))
 #: Groups that do not matter when nothing is quantized (fp32/fp16/bf16).
 QUANT_ONLY_KEYS = ("granularity", "method", "calibration")
 

@@ -74,3 +74,29 @@ def test_fp32_baseline_leaves_the_network_unchanged_and_is_cached(tiny):
 def test_delta_pct_is_the_relative_drop(base, value, higher, expected):
     got = delta_pct(base, value, higher_is_better=higher)
     assert got == pytest.approx(expected) if expected is not None else got is None
+
+
+def test_calibration_draws_record_the_spread_over_seeded_calibration_sets(tiny):
+    """calibration.draws=3: the record's metrics are the first draw's (the same as draws=1, same id), and
+    stats.calibration holds each draw's mean DSC and their spread, computed here by hand."""
+    import statistics
+
+    from mqb.analysis.tables import calibration_note, summary_rows
+
+    overrides = ("precision=w4a4", "granularity=per_tensor", "dataset.splits={test: 2, calib: 3, val: 0}",
+                 "calibration.num_volumes=1")  # fmt: skip
+    one = evaluate(tiny(*overrides))
+    three = evaluate(tiny(*overrides, "calibration.draws=3"))
+    assert one["id"] != three["id"] and one["id"] == config_id(tiny(*overrides, "calibration.draws=1"))
+    assert three["metrics"]["dsc"] == one["metrics"]["dsc"]  # draw 0 is calibration.seed, as without draws
+    spread = three["stats"]["calibration"]
+    dscs = [d["dsc"] for d in spread["draws"]]
+    assert [d["seed"] for d in spread["draws"]] == [0, 1, 2] and dscs[0] == one["metrics"]["dsc"]
+    assert spread["dsc"]["n_draws"] == 3
+    assert spread["dsc"]["std"] == pytest.approx(statistics.stdev(dscs), abs=1e-12)
+    assert spread["dsc"]["range"] == pytest.approx(max(dscs) - min(dscs), abs=1e-12)
+    assert "calibration" not in (one["stats"] or {})
+    assert summary_rows([three])[0]["dsc_calibration_std"] == spread["dsc"]["std"]
+    assert "over 3 calibration draws" in calibration_note(three) and calibration_note(one) == ""
+    with pytest.raises(ValueError, match="calibration.draws=0 is invalid"):
+        evaluate(tiny(*overrides, "calibration.draws=0"))

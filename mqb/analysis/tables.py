@@ -29,7 +29,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 #: Columns of ``summary.csv`` (and the W&B sweep table).
 COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc_delta_pct", "dsc_drop_ci_low",
            "dsc_drop_ci_high", "dsc_p_holm", "dsc_significant", "dsc_cases", "nsd", "nsd_delta_pct", "nsd_drop_ci_low",
-           "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "nsd_cases", "hd95", "untrained", "id")  # fmt: skip
+           "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "nsd_cases", "hd95", "untrained", "id",
+           "calibration_draws", "dsc_calibration_std", "nsd_calibration_std")  # fmt: skip
 
 #: The legend printed under a table whose cells carry intervals.
 DELTA_LEGEND = "↓Δ% [95% CI]: drop from FP32 over the test cases; * significant after Holm across the sweep"
@@ -67,6 +68,15 @@ def drop_ci(record: dict[str, Any], metric: str) -> dict[str, Any] | None:
         return None
     return {"low": entry.get("drop_pct_ci_low"), "high": entry.get("drop_pct_ci_high"), "p": entry.get("p"),
             "p_holm": entry.get("p_holm"), "significant": entry.get("significant"), "n": entry.get("n")}  # fmt: skip
+
+
+def calibration_note(record: dict[str, Any]) -> str:
+    """``DSC ±0.004 over 3 calibration draws`` (sample standard deviation of the mean DSC) where the record was
+    computed with ``calibration.draws`` > 1, else ``""``."""
+    spread = ((record.get("stats") or {}).get("calibration") or {}).get("dsc") or {}
+    if spread.get("std") is None:
+        return ""
+    return f"DSC ±{spread['std']:.3f} over {spread['n_draws']} calibration draws"
 
 
 def reference_first(record: dict[str, Any]) -> tuple:
@@ -113,7 +123,8 @@ def results_table(records: list[dict[str, Any]], title: str = "mqb results") -> 
         hd = f"{m['hd95']:.1f}" if m.get("hd95") is not None else "-"
         reference = r["precision"] == "fp32"
         cells = (metric_with_delta(m[k], d[k], drop_ci(r, k), reference=reference) for k in ("dsc", "nsd"))
-        table.add_row(*labels, *cells, hd, "[red]UNTRAINED" if r.get("untrained") else "")
+        table.add_row(*labels, *cells, hd, " ".join(filter(None, ["[red]UNTRAINED" if r.get("untrained") else "",
+                                                                  calibration_note(r)])))
     return table
 
 
@@ -141,7 +152,10 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"model": r["model"], "dataset": r["dataset"], "precision": r["precision"],
                "granularity": r["granularity"], "method": r["method"], "hd95": m.get("hd95"),
                "untrained": r.get("untrained"), "id": r["id"]}  # fmt: skip
+        spread = (r.get("stats") or {}).get("calibration") or {}
+        row["calibration_draws"] = (spread.get("dsc") or {}).get("n_draws")
         for metric in ("dsc", "nsd"):
+            row[f"{metric}_calibration_std"] = (spread.get(metric) or {}).get("std")
             ci = drop_ci(r, metric) or {}
             row.update({metric: m.get(metric), f"{metric}_delta_pct": d.get(metric),
                         f"{metric}_drop_ci_low": ci.get("low"), f"{metric}_drop_ci_high": ci.get("high"),
@@ -177,6 +191,9 @@ def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]
         note = "UNTRAINED" if r["untrained"] else ""
         if len(baselines.get((r["model"], r["dataset"]), ())) > 1:
             note = (note + "; " if note else "") + "other FP32 baselines in this table (other test cases or settings)"
+        if r["dsc_calibration_std"] is not None:
+            spread = f"DSC ±{r['dsc_calibration_std']:.3f} over {r['calibration_draws']} calibration draws"
+            note = (note + "; " if note else "") + spread
         cells.append([r["model"], r["dataset"], r["precision"], r["granularity"], r["method"],
                       _summary_cell(r, "dsc"), _summary_cell(r, "nsd"), note])  # fmt: skip
     header = ["Architecture", "Dataset", "Precision", "Quant-Granularity", "Method", "DSC (↓Δ% [95% CI])",

@@ -158,7 +158,8 @@ def test_csv_raw_numbers_in_table_order(results):
     assert list(rows[0]) == ["model", "dataset", "precision", "granularity", "method", "dsc", "dsc_delta_pct",
                              "dsc_drop_ci_low", "dsc_drop_ci_high", "dsc_p_holm", "dsc_significant", "dsc_cases",
                              "nsd", "nsd_delta_pct", "nsd_drop_ci_low", "nsd_drop_ci_high", "nsd_p_holm",
-                             "nsd_significant", "nsd_cases", "hd95", "untrained", "id"]  # fmt: skip
+                             "nsd_significant", "nsd_cases", "hd95", "untrained", "id", "calibration_draws",
+                             "dsc_calibration_std", "nsd_calibration_std"]  # fmt: skip
     assert [(r["model"], r["precision"], r["granularity"]) for r in rows[:7]] == [
         ("swin_unetr", "fp32", "-"),
         ("swin_unetr", "w8a8", "per_channel"),
