@@ -27,7 +27,7 @@ import mqb
 
 #: Top-level keys that do not change what is computed (outputs, logging, resuming; ``deploy``: read by
 #: ``python -m mqb.deploy`` only).
-VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer", "deploy")
+VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer", "deploy", "quant")
 #: Keys at any depth that only say where things are cached or how fast data loads.
 NESTED_VOLATILE_KEYS = ("cache_dir", "num_workers")
 #: Options added after records existed, dropped from the id while at their default so earlier records keep theirs.
