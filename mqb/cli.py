@@ -43,35 +43,12 @@ def is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def find_mqb_plugins() -> None:
-    """Let Hydra find mqb's plugins (``hydra_plugins/mqb_sweeps``: ``hydra/sweeper=mqb_grid``,
-    ``hydra/launcher=mqb_pool``) wherever mqb runs. Hydra lists the folders of the ``hydra_plugins`` namespace
-    package; an editable install (``pip install -e``) maps ``hydra_plugins.mqb_sweeps`` through an import hook that
-    cannot be listed, so a console script (``mqb-eval``: its folder, not the repository, is first on the path) or
-    ``python -m mqb.eval`` from another folder failed with "Could not find 'hydra/sweeper/mqb_grid'". Append the
-    folder holding ``hydra_plugins/`` to ``sys.path`` when the namespace does not list it (a wheel: it does)."""
-    import importlib.util
-
-    try:
-        import hydra_plugins
-
-        spec = importlib.util.find_spec("hydra_plugins.mqb_sweeps")
-    except ImportError:
-        return
-    if spec is None or not spec.submodule_search_locations:
-        return
-    folder = Path(next(iter(spec.submodule_search_locations))).parent
-    if str(folder) not in list(hydra_plugins.__path__) and str(folder.parent) not in sys.path:
-        sys.path.append(str(folder.parent))
-
-
 def with_launchers(argv: list[str]) -> list[str]:
     """``argv`` with mqb's cluster profiles (``launchers/``, ``+cluster=<name>``) on Hydra's search path, and
     Hydra's options (``--cfg job``, ``-m`` ...) moved before the overrides: Hydra's argument parser takes one run
     of overrides, so ``model=unet --cfg job precision=w4a4`` would fail with "unrecognized arguments". The search
     path is left out when the user sets ``hydra.searchpath`` himself. Also makes mqb's Hydra plugins findable
-    (:func:`find_mqb_plugins`)."""
-    find_mqb_plugins()
+    (:func:`mqb.config.find_mqb_plugins`, called by :func:`mqb.config.register_configs`)."""
     options, overrides = split_hydra_args(argv[1:])
     if not any(a.lstrip("+").startswith("hydra.searchpath") for a in overrides):
         overrides.insert(0, f"hydra.searchpath=[file://{LAUNCHERS_DIR}]")

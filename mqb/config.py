@@ -6,6 +6,7 @@ fails at composition time, before any work, with Hydra's message naming the key.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -238,8 +239,31 @@ class TrainConfig(JobConfig):
     output: str = "${paths.checkpoints}/${dataset.name}/${model.name}.safetensors"
 
 
+def find_mqb_plugins() -> None:
+    """Let Hydra find mqb's plugins (``hydra_plugins/mqb_sweeps``: ``hydra/sweeper=mqb_grid``,
+    ``hydra/launcher=mqb_pool``) wherever mqb runs. Hydra lists the folders of the ``hydra_plugins`` namespace
+    package; an editable install (``pip install -e``) maps ``hydra_plugins.mqb_sweeps`` through an import hook that
+    cannot be listed, so a console script (``mqb-eval``: its folder, not the repository, is first on the path) or
+    ``python -m mqb.eval`` from another folder failed with "Could not find 'hydra/sweeper/mqb_grid'". Append the
+    folder holding ``hydra_plugins/`` to ``sys.path`` when the namespace does not list it (a wheel: it does)."""
+    import importlib.util
+
+    try:
+        import hydra_plugins
+
+        spec = importlib.util.find_spec("hydra_plugins.mqb_sweeps")
+    except ImportError:
+        return
+    if spec is None or not spec.submodule_search_locations:
+        return
+    folder = Path(next(iter(spec.submodule_search_locations))).parent
+    if str(folder) not in list(hydra_plugins.__path__) and str(folder.parent) not in sys.path:
+        sys.path.append(str(folder.parent))
+
+
 def register_configs() -> None:
-    """Register the schemas (idempotent)."""
+    """Register the schemas (idempotent), and make mqb's Hydra plugins findable (:func:`find_mqb_plugins`)."""
+    find_mqb_plugins()
     cs = ConfigStore.instance()
     cs.store(name="eval_schema", node=EvalConfig)
     cs.store(name="train_schema", node=TrainConfig)

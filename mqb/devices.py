@@ -13,6 +13,8 @@ there, so only the new ones are used where they exist (the legacy flags on older
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -47,6 +49,25 @@ def apply_fp32_precision(setting: str) -> dict[str, Any]:
         torch.backends.cuda.matmul.allow_tf32 = setting == "tf32"
         torch.backends.cudnn.allow_tf32 = setting == "tf32"
     return fp32_precision_state(setting)
+
+
+@contextmanager
+def float32_arithmetic(setting: str = "ieee") -> Iterator[dict[str, Any]]:
+    """:func:`apply_fp32_precision` for a block, the previous switches restored after it (through the same API:
+    PyTorch refuses reading the legacy ``allow_tf32`` flags once the ``fp32_precision`` ones were set)."""
+    switches = _switches()
+    if len(switches) == 3:
+        saved = [getattr(o, a) for o, a in switches]
+    else:
+        saved = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
+    try:
+        yield apply_fp32_precision(setting)
+    finally:
+        if len(switches) == 3:
+            for (owner, attr), value in zip(switches, saved, strict=True):
+                setattr(owner, attr, value)
+        else:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def fp32_precision_state(setting: str | None = None) -> dict[str, Any]:

@@ -489,7 +489,9 @@ def fp32_baseline(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataMod
             save_tensors_atomic(predictions_file, predictions)
     if is_rank_zero():
         write_json_atomic(metrics_file, evaluator.results)
-    timings = {"baseline_seconds": time.perf_counter() - start, "baseline_data_seconds": evaluator.data_seconds}
+    timings = {"baseline_seconds": time.perf_counter() - start, "baseline_data_seconds": evaluator.data_seconds,
+               "baseline_forward_seconds": evaluator.forward_seconds,
+               "baseline_metric_seconds": evaluator.metric_seconds}
     return Baseline(key, evaluator.results, predictions, False, device_info(trainer.strategy.root_device), timings)
 
 
@@ -541,7 +543,8 @@ def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataMod
     start = time.perf_counter()
     trainer = build_trainer(cfg, logger, run_dir, [callback] if callback is not None else [])
     trainer.test(evaluator, datamodule=dm, verbose=False)
-    timings = {"eval_seconds": time.perf_counter() - start, "data_seconds": evaluator.data_seconds}
+    timings = {"eval_seconds": time.perf_counter() - start, "data_seconds": evaluator.data_seconds,
+               "forward_seconds": evaluator.forward_seconds, "metric_seconds": evaluator.metric_seconds}
     if callback is not None:
         timings["calibration_seconds"] = callback.calibration_seconds
         timings["eval_seconds"] -= callback.calibration_seconds

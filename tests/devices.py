@@ -87,10 +87,9 @@ def stray_tensors(model: nn.Module, device: str | torch.device) -> list[str]:
 
 @contextmanager
 def exact_float32() -> Iterator[None]:
-    """Full float32 convolutions and matmuls on CUDA (TF32 would make CUDA results differ from the CPU's)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    """Full float32 convolutions and matmuls on CUDA (TF32 would make CUDA results differ from the CPU's), through
+    the switches mqb itself uses (:func:`mqb.devices.float32_arithmetic`)."""
+    from mqb.devices import float32_arithmetic
+
+    with float32_arithmetic("ieee"):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -1,5 +1,7 @@
 """DSC / NSD / HD95 against DeepMind's ``surface-distance`` (the reference of published NSD numbers) on real
-masks at isotropic and anisotropic spacing, and the empty-structure policy on hand-built masks."""
+masks at isotropic and anisotropic spacing, for both distance transforms (scipy's on the CPU, the torch one that
+runs on the data's device), against MONAI's surface distances (what mqb computed before), and the
+empty-structure policy on hand-built masks."""
 
 from functools import cache
 from pathlib import Path
@@ -11,7 +13,16 @@ import surface_distance  # DeepMind's reference implementation (dev dependency `
 import torch
 from scipy import ndimage
 
-from mqb.metrics import DEFINITIONS, aggregate, case_metrics, metric_definitions, spacing_from_affine, surface_metrics
+from mqb import metrics
+from mqb.metrics import (
+    DEFINITIONS,
+    aggregate,
+    case_metrics,
+    metric_definitions,
+    spacing_from_affine,
+    squared_distance_to_surface,
+    surface_metrics,
+)
 from tests.devices import device_params
 
 SPACING = (1.0, 1.0, 3.0)
@@ -86,8 +97,9 @@ NATIVE = {"ct": (3.0, 3.0, 3.0)}  # aseg pairs: 1 mm
 @pytest.mark.parametrize("anisotropic", [False, True], ids=["native_isotropic", "anisotropic_1.5x1.5x3"])
 @pytest.mark.parametrize("pair", sorted(PAIRS))
 def test_nsd_and_hd95_equal_deepmind_surface_distance(pair, anisotropic):
-    """Both metrics equal the reference to 1e-4 on real masks; the spacing is the native one (1 mm for the
-    aseg, 3 mm for the CT labels) or declared 1.5 x 1.5 x 3 mm, where voxel counting is furthest off."""
+    """Both metrics equal the reference to 1e-4 on real masks, with either distance transform (scipy's, the CPU
+    default, and the torch one that runs on the data's device); the spacing is the native one (1 mm for the aseg,
+    3 mm for the CT labels) or declared 1.5 x 1.5 x 3 mm, where voxel counting is furthest off."""
     gt, pred = _pair(pair)
     assert gt.any() and pred.any() and (gt != pred).any()
     spacing = (1.5, 1.5, 3.0) if anisotropic else NATIVE.get(pair.split("_")[0], (1.0, 1.0, 1.0))
@@ -95,16 +107,18 @@ def test_nsd_and_hd95_equal_deepmind_surface_distance(pair, anisotropic):
     nsd_ref, hd95_ref = _reference(gt, pred, spacing, tolerances)
     assert 0 < min(nsd_ref) < 1 and hd95_ref > 0
     p, g = torch.tensor(pred.astype(np.int64)), torch.tensor(gt.astype(np.int64))
-    for tolerance, nsd in zip(tolerances, nsd_ref, strict=True):
-        m = case_metrics(p, g, 2, spacing, [tolerance])
-        assert m["nsd"][0] == pytest.approx(nsd, abs=ATOL)
-        assert m["hd95"][0] == pytest.approx(hd95_ref, abs=ATOL)
-        assert m["dsc"][0] == pytest.approx(2 * (gt & pred).sum() / (gt.sum() + pred.sum()))
+    for distances in ("scipy", "torch"):
+        for tolerance, nsd in zip(tolerances, nsd_ref, strict=True):
+            m = case_metrics(p, g, 2, spacing, [tolerance], distances=distances)
+            assert m["nsd"][0] == pytest.approx(nsd, abs=ATOL), distances
+            assert m["hd95"][0] == pytest.approx(hd95_ref, abs=ATOL), distances
+            assert m["dsc"][0] == pytest.approx(2 * (gt & pred).sum() / (gt.sum() + pred.sum()))
 
 
-def test_multiclass_case_matches_reference_per_class():
-    """A whole label map (subcortical aseg classes, cut so one structure touches the volume border) against a
-    shifted, partly relabelled prediction: each class equals the reference on its own binary masks."""
+@cache
+def _multiclass_case() -> tuple[np.ndarray, np.ndarray]:
+    """A whole label map (subcortical aseg classes, cut so one structure touches the volume border) and a
+    shifted, partly relabelled prediction; class 7 is absent in both, 8 only predicted, 9 only in the labels."""
     labels = {10: 1, 11: 2, 12: 3, 13: 4, 17: 5, 18: 6}
     aseg = _labels(ASEG)
     gt = np.zeros_like(aseg)
@@ -115,13 +129,115 @@ def test_multiclass_case_matches_reference_per_class():
     assert (gt[:, :, 0] > 0).any()
     pred = np.roll(gt, (1, -1, 0), (0, 1, 2))
     pred[ndimage.binary_dilation(gt == 5) & (pred == 0)] = 5
-    spacing, tolerances = (1.2, 0.9, 2.5), [1.0, 2.0, 1.5, 2.0, 3.0, 1.0]
-    m = case_metrics(torch.tensor(pred), torch.tensor(gt), 8, spacing, tolerances + [2.0])
+    pred[1:4, 1:4, 1:3] = 8  # a false structure
+    gt[-4:-1, -4:-1, -3:-1] = 9  # a missed one
+    return pred, gt
+
+
+MULTICLASS_SPACING, MULTICLASS_TOLERANCES = (1.2, 0.9, 2.5), [1.0, 2.0, 1.5, 2.0, 3.0, 1.0, 2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("distances", ["auto", "torch"])
+@pytest.mark.parametrize("device", device_params())
+def test_multiclass_case_matches_reference_per_class(device, distances):
+    """Each class of a real multi-class case equals the reference on its own binary masks, computed on the
+    device (``auto``: scipy on the CPU, torch on CUDA), with the empty-structure policy for the one-sided
+    classes."""
+    pred, gt = _multiclass_case()
+    spacing, tolerances = MULTICLASS_SPACING, MULTICLASS_TOLERANCES
+    m = case_metrics(torch.tensor(pred).to(device), torch.tensor(gt).to(device), 10, spacing, tolerances,
+                     distances=distances)  # fmt: skip
     for c in range(1, 7):
         (nsd_ref,), hd95_ref = _reference(gt == c, pred == c, spacing, [tolerances[c - 1]])
         assert m["nsd"][c - 1] == pytest.approx(nsd_ref, abs=ATOL), c
         assert m["hd95"][c - 1] == pytest.approx(hd95_ref, abs=ATOL), c
-    assert np.isnan(m["nsd"][6]) and np.isnan(m["hd95"][6])  # class 7 absent in both
+        g, p = gt == c, pred == c
+        assert m["dsc"][c - 1] == pytest.approx(2 * (g & p).sum() / (g.sum() + p.sum()))
+    assert np.isnan(m["nsd"][6]) and np.isnan(m["hd95"][6]) and np.isnan(m["dsc"][6])  # class 7 absent in both
+    diagonal = float(np.linalg.norm(np.array(gt.shape) * np.array(spacing)))
+    for c in (8, 9):  # one-sided: DSC 0, NSD 0, HD95 the volume diagonal
+        assert (m["dsc"][c - 1], m["nsd"][c - 1]) == (0.0, 0.0) and m["hd95"][c - 1] == pytest.approx(diagonal)
+
+
+def _monai_surface_metrics(pred: np.ndarray, gt: np.ndarray, spacing, tolerance: float) -> tuple[float, float]:
+    """NSD and HD95 as mqb computed them before the device-side distances: MONAI's subvoxel surfels and surface
+    distances (``get_edge_surface_distance(use_subvoxels=True)``), weighted and ranked as the package does."""
+    import warnings
+
+    from monai.metrics.utils import get_edge_surface_distance
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (e_pred, e_gt), (d_pred_gt, d_gt_pred), (a_pred, a_gt) = get_edge_surface_distance(
+            torch.tensor(pred), torch.tensor(gt), spacing=list(spacing), use_subvoxels=True, symmetric=True
+        )
+    a_pred, a_gt = a_pred[e_pred].double().numpy(), a_gt[e_gt].double().numpy()
+    d_pred_gt, d_gt_pred = d_pred_gt.double().numpy(), d_gt_pred.double().numpy()
+    nsd = (a_gt[d_gt_pred <= tolerance].sum() + a_pred[d_pred_gt <= tolerance].sum()) / (a_gt.sum() + a_pred.sum())
+
+    def p95(d: np.ndarray, a: np.ndarray) -> float:
+        order = np.lexsort((a, d))
+        fraction = np.cumsum(a[order]) / a.sum()
+        return float(d[order][min(int(np.searchsorted(fraction, 0.95)), len(d) - 1)])
+
+    return float(nsd), max(p95(d_gt_pred, a_gt), p95(d_pred_gt, a_pred))
+
+
+def _noisy_pair() -> tuple[np.ndarray, np.ndarray]:
+    """An untrained network's kind of prediction: a real structure against speckle around it."""
+    gt = _structure(ASEG, 17)
+    rng = np.random.default_rng(0)
+    pred = (rng.random(gt.shape) < 0.15) | (ndimage.binary_erosion(gt) & (rng.random(gt.shape) < 0.8))
+    return pred, gt
+
+
+def test_equal_to_the_former_monai_values():
+    """The values mqb recorded before (MONAI's surfels and distances) to 1e-4, with either distance transform: the
+    FP32 baselines cached under the same pipeline version stay comparable. Real structures (anisotropic spacing)
+    and a speckled prediction (isotropic)."""
+    pred, gt = _multiclass_case()
+    cases = [(pred == c, gt == c, MULTICLASS_SPACING, 1.0) for c in (1, 3, 5)]
+    cases += [(*_noisy_pair(), (1.0, 1.0, 1.0), 2.0), (*_pair("ct_kidney_vs_mirrored_twin"), (1.5, 1.5, 3.0), 1.5)]
+    for p, g, spacing, tolerance in cases:
+        p, g = np.ascontiguousarray(p), np.ascontiguousarray(g)  # (mirrored masks: negative strides)
+        nsd_ref, hd95_ref = _monai_surface_metrics(p, g, spacing, tolerance)
+        assert 0 < nsd_ref < 1
+        for distances in ("scipy", "torch"):
+            nsd, hd95 = surface_metrics(torch.tensor(p), torch.tensor(g), spacing, tolerance, distances=distances)
+            assert nsd == pytest.approx(nsd_ref, abs=ATOL) and hd95 == pytest.approx(hd95_ref, abs=ATOL), distances
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_torch_distance_transform_equals_scipy(device):
+    """The torch distance transform against scipy's exact one on a sparse anisotropic grid, in small chunks (every
+    chunk boundary case), at every grid point; an empty surface is infinitely far."""
+    rng = np.random.default_rng(1)
+    surface = rng.random((13, 17, 11)) < 0.01
+    spacing = (0.7, 1.3, 2.9)
+    points = np.argwhere(np.ones_like(surface))
+    reference = ndimage.distance_transform_edt(~surface, sampling=spacing)[tuple(points.T)]
+    for chunk in (1, 50, None):
+        squared = squared_distance_to_surface(torch.tensor(surface).to(device), spacing,
+                                              torch.tensor(points).to(device), chunk=chunk)  # fmt: skip
+        assert squared.device.type == device
+        np.testing.assert_allclose(squared.sqrt().cpu().numpy(), reference, rtol=1e-12, atol=0)
+    empty = squared_distance_to_surface(torch.zeros(4, 5, 6, dtype=torch.bool, device=device), spacing,
+                                        torch.tensor([[1, 2, 3]], device=device))  # fmt: skip
+    assert torch.isinf(empty).all()
+
+
+def test_threads_change_nothing(monkeypatch):
+    """The per-class surface metrics run on several threads on the CPU: the same values as one by one."""
+    pred, gt = _multiclass_case()
+    args = (torch.tensor(pred), torch.tensor(gt), 10, MULTICLASS_SPACING, MULTICLASS_TOLERANCES)
+    monkeypatch.setattr(metrics, "_workers", lambda device, tasks: 1)
+    serial = case_metrics(*args)
+    monkeypatch.setattr(metrics, "_workers", lambda device, tasks: min(tasks, 4))
+    threaded = case_metrics(*args)
+    for name in serial:
+        np.testing.assert_array_equal(serial[name], threaded[name])
+    with pytest.raises(ValueError, match="distances='edt' is invalid; valid: auto, scipy, torch"):
+        surface_metrics(torch.tensor(pred == 1), torch.tensor(gt == 1), (1.0, 1.0, 1.0), 1.0, distances="edt")
 
 
 def test_surface_metrics_at_the_volume_border():

@@ -30,6 +30,10 @@ class SegmentationEvaluator(L.LightningModule):
         reference_predictions: for volumes without labels, the FP32 label maps to compare against (agreement
             metrics); a volume with neither is compared with its own prediction (the FP32 reference run).
         keep_predictions: keep each case's argmax label map in ``predictions`` (uint8, CPU).
+
+    After testing, ``results`` (:func:`mqb.metrics.aggregate` plus definitions and per-case values) and where the
+    test loop's time went, in seconds: ``forward_seconds`` (sliding windows, finite check, argmax),
+    ``metric_seconds`` (DSC / NSD / HD95 on the prediction's device) and ``data_seconds`` (loading batches).
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class SegmentationEvaluator(L.LightningModule):
         self.case_ids: list[str] = []
         self.results: dict[str, object] | None = None
         self.data_seconds = 0.0
+        self.forward_seconds = 0.0
+        self.metric_seconds = 0.0
         self.reference_predictions = reference_predictions
         self.keep_predictions = keep_predictions
         self.predictions: dict[str, torch.Tensor] = {}
@@ -87,7 +93,7 @@ class SegmentationEvaluator(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.case_results, self.case_ids, self.results = [], [], None
         self.case_spacing: list[tuple[float, float, float]] = []
-        self.data_seconds = 0.0
+        self.data_seconds = self.forward_seconds = self.metric_seconds = 0.0
         self._last_batch_end = time.perf_counter()
 
     def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -101,17 +107,19 @@ class SegmentationEvaluator(L.LightningModule):
         image = batch["image"]
         cases = batch.get("case", [f"volume{batch_idx}_{i}" for i in range(image.shape[0])])
         check_finite_input(image, cases)
+        start = time.perf_counter()
         logits = self(image)
-        if not bool(torch.isfinite(logits).all()):
+        if not all_finite(logits):
             raise NonFiniteError(
                 f"case {', '.join(map(str, cases))}: the network's output has "
                 f"{int((~torch.isfinite(logits)).sum())} non-finite values (of {logits.numel()}); "
                 f"first non-finite output: {first_non_finite_layer(self.net, image, self.sliding_window)} "
                 f"(compute dtype {str(self.compute_dtype).removeprefix('torch.')}: float16 overflows above 65504)"
             )
-        prediction = logits.float().argmax(dim=1)
-        if hasattr(prediction, "as_tensor"):  # a MetaTensor: keep plain label maps
-            prediction = prediction.as_tensor()
+        prediction = label_map(logits)
+        del logits  # (B, classes, X, Y, Z): freed before the metrics run
+        self.forward_seconds += time.perf_counter() - start  # synchronized by the finite check above
+        start = time.perf_counter()
         affines = image.affine if hasattr(image, "affine") else torch.eye(4).expand(image.shape[0], 4, 4)
         for i in range(image.shape[0]):
             affine = affines[i] if affines.ndim == 3 else affines
@@ -119,6 +127,8 @@ class SegmentationEvaluator(L.LightningModule):
             case = str(cases[i])
             if "label" in batch:
                 reference = batch["label"][i, 0]
+                if hasattr(reference, "as_tensor"):  # a MetaTensor: every operation on it goes through its metadata
+                    reference = reference.as_tensor()
             elif self.reference_predictions is not None:
                 if case not in self.reference_predictions:
                     raise ValueError(f"case {case!r} has no label and no FP32 reference prediction")
@@ -132,6 +142,7 @@ class SegmentationEvaluator(L.LightningModule):
             self.case_results.append(metrics)
             self.case_ids.append(case)
             self.log("test/case_dsc", float(np.nanmean(metrics["dsc"])), batch_size=1, on_step=True, on_epoch=False)
+        self.metric_seconds += time.perf_counter() - start
 
     def _gather_cases(self) -> None:
         """Under DDP each process scored its share of the volumes: collect all, drop sampler padding repeats."""
@@ -172,10 +183,29 @@ class SegmentationEvaluator(L.LightningModule):
                 self.log(f"test/{metric}", float(value), batch_size=1, rank_zero_only=True)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite: a NaN or Inf element makes the sum non-finite, so a finite sum
+    (one reduction, no mask of the tensor's size) answers; only a non-finite sum (or one that overflowed) needs
+    the element-wise check."""
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
+def label_map(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax over classes (dim 1) as a plain tensor, ties to the first class. On the CPU through ``max``,
+    which returns the same indices as ``argmax`` (the first maximum) about 3x faster there."""
+    if hasattr(logits, "as_tensor"):  # a MetaTensor: keep plain label maps
+        logits = logits.as_tensor()
+    if logits.device.type == "cpu":
+        return logits.float().max(dim=1).indices
+    return logits.float().argmax(dim=1)
+
+
 def check_finite_input(image: torch.Tensor, cases: Any) -> None:
     """Refuse an image with NaN / Inf voxels, naming the case and the count (a NaN input is scored DSC 0 otherwise)."""
-    finite = torch.isfinite(image)
-    if not bool(finite.all()):
+    if not all_finite(image):
+        finite = torch.isfinite(image)
         bad = int((~finite).sum())
         names = ", ".join(map(str, cases)) if isinstance(cases, list | tuple) else str(cases)
         raise NonFiniteError(f"case {names}: the image has {bad} non-finite voxels (NaN/Inf) after loading; fix "

@@ -94,3 +94,50 @@ def test_non_finite_inputs_and_logits_are_errors_naming_the_case_and_the_layer()
     image[0, 0, 2, 2, 2] = float("nan")
     with pytest.raises(NonFiniteError, match=r"case c1: the image has 1 non-finite voxels"):
         ev.test_step({"image": image, "case": ["c1"]}, 0)
+
+
+def test_metatensor_labels_and_where_the_time_went():
+    """A MONAI MetaTensor label (what the data module yields) scores as the plain tensor does, and the evaluator
+    says where the test loop's time went (forwards, metrics)."""
+    from monai.data import MetaTensor
+
+    image = torch.zeros(1, 1, 16, 16, 16)
+    image[:, :, 4:10, 3:11, 5:9] = 1.0
+    label = torch.roll((image > 0.5).long(), 1, dims=4)  # one 3 mm slice: beyond the 2 mm tolerance
+    affine = torch.diag(torch.tensor([1.5, 1.5, 3.0, 1.0], dtype=torch.float64))
+    results = []
+    for wrap in (lambda t: t, lambda t: MetaTensor(t, affine=affine)):
+        evaluator = SegmentationEvaluator(Shift(0), ["bg", "fg"], (16, 16, 16))
+        batch = {"image": MetaTensor(image, affine=affine), "label": wrap(label), "case": ["vol"]}
+        results.append(_run(evaluator, batch))
+        assert evaluator.forward_seconds > 0 and evaluator.metric_seconds > 0
+    assert results[0]["per_case"]["vol"]["spacing_mm"] == [1.5, 1.5, 3.0]
+    expected = case_metrics((image[0, 0] > 0.5).long(), label[0, 0], 2, (1.5, 1.5, 3.0), [2.0])
+    for metric in ("dsc", "nsd", "hd95"):
+        assert results[0][metric] == results[1][metric] == pytest.approx(float(expected[metric][0]))
+    assert 0 < results[0]["nsd"] < 1
+
+
+@pytest.mark.parametrize("device", device_params())
+def test_finite_check_and_label_map(device):
+    """The sum-first finite check: a NaN or an Inf anywhere is caught, finite values whose sum overflows float32
+    are not refused; the label map is ``argmax`` (first maximum on ties), MetaTensor or not."""
+    from monai.data import MetaTensor
+
+    from mqb.lit.evaluator import all_finite, label_map
+
+    x = torch.randn(2, 3, 5, 6, 7, device=device)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2, 4, 5, 6] = bad
+        assert not all_finite(y)
+    opposite = torch.tensor([float("inf"), -float("inf")], device=device)  # the sum is NaN either way
+    assert not all_finite(opposite)
+    huge = torch.full((4,), 3e38, device=device)  # finite, its float32 sum overflows
+    assert not bool(torch.isfinite(huge.sum())) and all_finite(huge)
+    ties = torch.randint(0, 3, (2, 5, 6, 7, 8), generator=torch.Generator().manual_seed(0)).float().to(device)
+    for logits in (ties, MetaTensor(ties)):
+        out = label_map(logits)
+        assert type(out) is torch.Tensor and out.device.type == device
+        assert torch.equal(out, ties.argmax(dim=1))
