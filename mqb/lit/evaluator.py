@@ -168,6 +168,12 @@ class SegmentationEvaluator(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._gather_cases()
+        # one order of the cases whatever the process count (DDP gathers them sorted): the means below then add
+        # the same numbers in the same order, equal to the last bit on one device and on several
+        order = sorted(range(len(self.case_ids)), key=lambda i: str(self.case_ids[i]))
+        self.case_ids = [self.case_ids[i] for i in order]
+        self.case_results = [self.case_results[i] for i in order]
+        self.case_spacing = [self.case_spacing[i] for i in order]
         self.results = aggregate(self.case_results, self.class_names)
         self.results["definitions"] = metric_definitions(self.nsd_tolerance_mm)  # which NSD / HD95 these are
         self.results["per_case"] = {
