@@ -41,7 +41,7 @@ import mqb
 from mqb.analysis.tables import console
 from mqb.checkpoints import CheckpointError, file_sha256, load_weights
 from mqb.cli import is_multirun
-from mqb.config import CONF_DIR, compose_eval
+from mqb.config import CONF_DIR, check_quant_settings, compose_eval
 from mqb.data.module import SegmentationDataModule
 from mqb.devices import apply_fp32_precision, device_info
 from mqb.lit import quiet_lightning
@@ -147,6 +147,8 @@ def _check_settings(cfg: DictConfig) -> None:
             f"model.net._target_ is not set: model={cfg.model.name} needs your network class, e.g. "
             "model.net._target_=my_pkg.MyNet (importable), with its arguments as +model.net.<name>=<value>"
         )
+    if cfg.get("quant") is not None:
+        check_quant_settings(cfg.quant)  # quant.kernel: one of auto, eager, compiled
     calibration = cfg.get("calibration")
     if calibration is not None:
         n = calibration.get("num_volumes")
@@ -539,6 +541,7 @@ def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataMod
             progress=cfg.trainer.progress,
             range_cache=Path(cfg.paths.cache_dir) / "calibration" / f"{range_key}.pt",
             methods=build_methods(cfg),
+            kernel=str(cfg.get("quant", {}).get("kernel", "auto")),
         )
     start = time.perf_counter()
     trainer = build_trainer(cfg, logger, run_dir, [callback] if callback is not None else [])

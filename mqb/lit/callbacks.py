@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mqb.preemption import check, checked
-from mqb.quant import QuantRecipe, collect_input_ranges, ptq, summarize
+from mqb.quant import QuantRecipe, collect_input_ranges, ptq, set_kernel, summarize
 from mqb.quant.methods import MethodReport, PTQMethod
 from mqb.quant.summary import QuantSummary
 from mqb.results import save_tensors_atomic
@@ -88,9 +88,11 @@ class QuantizationCallback(PreemptionCallback):
         progress: bool = True,
         range_cache: str | os.PathLike[str] | None = None,
         methods: list[PTQMethod] | None = None,
+        kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.recipe = recipe
+        self.kernel = kernel  # quant.kernel: how the quantizers run (mqb.quant.set_kernel), never what they compute
         self.calibration_batches = calibration_batches
         self.forward = forward
         self.progress = progress
@@ -138,4 +140,5 @@ class QuantizationCallback(PreemptionCallback):
         # the sweep's cached float ranges stood in for this config's calibration pass
         self.calibration_cached = self.calibration_cached and report.calibration == "input_ranges"
         self.calibration_seconds = report.seconds
+        set_kernel(net, self.kernel)
         self.summary = summarize(net)

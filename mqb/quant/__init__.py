@@ -8,14 +8,16 @@ from mqb.quant.api import (
     calibrate,
     collect_input_ranges,
     dequantize,
+    held_bytes,
     needs_calibration,
     plan,
     quantizable_layers,
     quantize,
     quantized_layers,
+    set_kernel,
 )
 from mqb.quant.attention import QuantAttention, register_attention
-from mqb.quant.fake_quant import fake_quantize, quant_scale, quantize_dequantize
+from mqb.quant.fake_quant import KERNELS, fake_quantize, quant_scale, quantize_dequantize
 from mqb.quant.layers import LayerInfo, QuantLayer
 from mqb.quant.ptq import PTQReport, ptq
 from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer
@@ -28,6 +30,7 @@ from mqb.quant.summary import QuantSummary, summarize
 __all__ = [
     "FORMATS",
     "GRANULARITIES",
+    "KERNELS",
     "OBSERVERS",
     "PRECISIONS",
     "SCHEMES",
@@ -50,6 +53,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "get_precision",
+    "held_bytes",
     "needs_calibration",
     "plan",
     "ptq",
@@ -60,5 +64,6 @@ __all__ = [
     "quantized_layers",
     "realizability",
     "register_attention",
+    "set_kernel",
     "summarize",
 ]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mqb.quant.attention import QuantAttention, describe_attention, swap_in_attention, swap_out_attention
+from mqb.quant.fake_quant import check_kernel
 from mqb.quant.layers import LayerInfo, QuantLayer, describe_layer, swap_in, swap_out
 from mqb.quant.output import detach_for_readers
 from mqb.quant.quantizer import TensorQuantizer, module_device
@@ -95,6 +96,53 @@ def _swap_out(module: nn.Module) -> None:
         swap_out_attention(module)
     elif isinstance(module, QuantLayer):
         swap_out(module)
+
+
+def set_kernel(model: nn.Module, kernel: str) -> int:
+    """How every quantizer of ``model`` runs its fake quantization: ``auto``, ``eager`` or ``compiled`` (the
+    ``quant.kernel`` setting of ``mqb.eval``; :mod:`mqb.quant.fake_quant`). Every choice gives the same result to
+    the bit. Operand quantizers that a quantized attention block creates at its first forward inherit the block's
+    setting. Returns the number of quantizers and attention blocks set; ``ValueError`` for another value.
+    """
+    check_kernel(kernel)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (TensorQuantizer, QuantAttention)):
+            module.kernel = kernel
+            count += 1
+    return count
+
+
+def _storages(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict) and depth < 3:
+        for item in value.values():
+            yield from _storages(item, depth + 1)
+    elif isinstance(value, (list, tuple)) and depth < 3:
+        for item in value:
+            yield from _storages(item, depth + 1)
+
+
+def held_bytes(model: nn.Module) -> int:
+    """Bytes of tensor storage ``model`` holds: parameters, buffers and tensors kept in module attributes
+    (quantizer scales, a float weight kept for ``dequantize`` ...), each storage counted once.
+
+    What a quantized model costs beside its float parameters: ``held_bytes(quantized) / held_bytes(float)``.
+    """
+    seen: set[tuple[str, int]] = set()
+    total = 0
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name == "_modules":
+                continue
+            for tensor in _storages(value):
+                storage = tensor.untyped_storage()
+                key = (str(tensor.device), storage.data_ptr() or id(storage))
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
+    return total
 
 
 def needs_calibration(model: nn.Module) -> bool:

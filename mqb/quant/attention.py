@@ -123,6 +123,8 @@ class QuantAttention(nn.Module):
     mqb_info: LayerInfo
     operand_spec: QuantSpec
     operand_quantizers: nn.ModuleDict
+    #: the kernel of the operand quantizers, also of those made at the first forward (:func:`mqb.quant.set_kernel`)
+    kernel: str = "auto"
 
     def attach_quantizers(self, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
         if activation is None:
@@ -137,7 +139,7 @@ class QuantAttention(nn.Module):
 
     def detach_quantizers(self) -> None:
         self._modules.pop("operand_quantizers", None)
-        for attr in ("operand_spec", "_calibrating"):
+        for attr in ("operand_spec", "_calibrating", "kernel"):
             self.__dict__.pop(attr, None)
 
     @property
@@ -156,6 +158,7 @@ class QuantAttention(nn.Module):
         if quantizer is None:
             axis = -1 if self.operand_spec.granularity == "per_group" else None
             quantizer = TensorQuantizer(self.operand_spec, axis, f"{self.mqb_info.name}.{key}", device=x.device)
+            quantizer.kernel = self.kernel
             if self._calibrating:
                 quantizer.begin_calibration()
             self.operand_quantizers[key] = quantizer

@@ -60,11 +60,17 @@ def round_minifloat(v: torch.Tensor, fmt: MiniFloat) -> torch.Tensor:
     exponent. Values below the smallest normal use e_min, which yields the subnormal grid.
     """
     mag = v.abs()
-    _, exponent = torch.frexp(mag)  # mag = m * 2^exponent with m in [0.5, 1)
-    binade = torch.clamp(exponent - 1, min=fmt.min_normal_exponent)
-    step = torch.exp2((binade - fmt.mantissa_bits).to(v.dtype))
-    rounded = torch.round(mag / step) * step
-    return torch.copysign(torch.clamp(rounded, max=fmt.max_value), v)
+    if v.requires_grad and torch.is_grad_enabled():
+        _, exponent = torch.frexp(mag)  # mag = m * 2^exponent with m in [0.5, 1)
+        binade = torch.clamp(exponent - 1, min=fmt.min_normal_exponent)
+        step = torch.exp2((binade - fmt.mantissa_bits).to(v.dtype))
+        rounded = torch.round(mag / step) * step
+        return torch.copysign(torch.clamp(rounded, max=fmt.max_value), v)
+    # the same operations in the same order, in place: two full-size temporaries instead of about seven
+    exponent = torch.frexp(mag).exponent
+    step = exponent.sub_(1).clamp_(min=fmt.min_normal_exponent).sub_(fmt.mantissa_bits).to(v.dtype).exp2_()
+    del exponent
+    return mag.div_(step).round_().mul_(step).clamp_(max=fmt.max_value).copysign_(v)
 
 
 def e8m0_block_scale(block_amax: torch.Tensor, element_emax: int) -> torch.Tensor:
@@ -87,13 +93,13 @@ def quantize_mx_blocks(blocks: torch.Tensor, fmt: str) -> torch.Tensor:
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     if fmt == "mxfp8":
         scale = e8m0_block_scale(amax, E4M3.max_exponent)
-        return round_minifloat(blocks / scale, E4M3) * scale
+        return _rescale(round_minifloat(blocks / scale, E4M3), scale, blocks)
     if fmt == "mxfp4":
         scale = e8m0_block_scale(amax, E2M1.max_exponent)
-        return round_minifloat(blocks / scale, E2M1) * scale
+        return _rescale(round_minifloat(blocks / scale, E2M1), scale, blocks)
     if fmt == "mxint8":
         scale = e8m0_block_scale(amax, 0) * MXINT8_IMPLIED_SCALE
-        return round_int_symmetric(blocks / scale, 127) * scale
+        return _rescale(round_int_symmetric(blocks / scale, 127), scale, blocks)
     raise ValueError(f"format={fmt!r} is not an MX format; valid: 'mxint8', 'mxfp8', 'mxfp4'")
 
 
@@ -105,4 +111,11 @@ def quantize_nvfp4_blocks(blocks: torch.Tensor, tensor_amax: torch.Tensor) -> to
     block_amax = blocks.abs().amax(dim=-1, keepdim=True)
     block_scale = round_minifloat(block_amax / E2M1.max_value / global_scale, E4M3) * global_scale
     safe = torch.where(block_scale > 0, block_scale, torch.ones_like(block_scale))
-    return round_minifloat(blocks / safe, E2M1) * block_scale
+    return _rescale(round_minifloat(blocks / safe, E2M1), block_scale, blocks)
+
+
+def _rescale(codes: torch.Tensor, scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``codes * scale``, in place on the fresh ``codes`` unless ``source`` needs gradients."""
+    if source.requires_grad and torch.is_grad_enabled():
+        return codes * scale
+    return codes.mul_(scale)

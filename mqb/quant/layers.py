@@ -115,7 +115,9 @@ class QuantLayer(nn.Module):
       quantized layer, so it is off while the quantizers are, which keeps that mode the exact float model).
 
     The float weight is kept (``float_weight``) the first time a method rewrites it, and put back by
-    ``dequantize``, so a dequantized layer is exactly the original float layer again.
+    ``dequantize``, so a dequantized layer is exactly the original float layer again. That is the only second copy
+    of a weight: the fake-quantized weight exists only during the layer's forward (:class:`WeightQuantizer`), so an
+    RTN-quantized layer holds its float parameters and a few scales.
     """
 
     float_class: ClassVar[type[nn.Module]]

@@ -10,6 +10,15 @@ Static ranges are buffers (``amax`` or ``lo``/``hi``), so they travel in the sta
 set later (:meth:`TensorQuantizer.load_ranges` from a CPU range cache, a CPU state dict) land on the model's
 device. Ranges stay float32 when the model is cast to float16/bfloat16: half-precision inputs are quantized in
 float32 (:func:`mqb.quant.fake_quant.quantize_dequantize`), with the scales calibrated in float32.
+
+``kernel`` (``auto`` / ``eager`` / ``compiled``, set on a whole model with :func:`mqb.quant.set_kernel`) says how
+the quantize-dequantize runs (:mod:`mqb.quant.fake_quant`); every choice gives the same result to the bit.
+
+Memory: a weight is stored once, as the float parameter. :class:`WeightQuantizer` computes the fake-quantized
+weight at each forward (one fused kernel, or for static INT one multiply and three in-place passes over the weight)
+and the layer frees it after use; only the weight's range and its scales are kept between forwards. So a
+quantized model holds its float parameters plus a few scales, and ``dequantize`` gives back the float weights as
+they are (no copy to restore from).
 """
 
 from __future__ import annotations
@@ -20,7 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mqb.quant.fake_quant import fake_quant_symmetric, quantize_dequantize
+from mqb.quant.fake_quant import (
+    check_kernel,
+    choose_kernel,
+    fake_quant_scaled,
+    fake_quant_symmetric,
+    quantize_dequantize,
+    symmetric_scales,
+)
 from mqb.quant.granularity import normalize_axis
 from mqb.quant.observers import Observer, make_observer
 from mqb.quant.spec import QuantSpec
@@ -70,6 +86,9 @@ class TensorQuantizer(nn.Module):
         device: the device of the model the quantizer is attached to (``None``: unknown until the quantizer is
             moved with ``.to()`` or receives ranges); ranges loaded later are put there.
     """
+
+    #: how the fake quantization runs: ``auto``, ``eager`` or ``compiled`` (:mod:`mqb.quant.fake_quant`)
+    kernel: str = "auto"
 
     def __init__(
         self, spec: QuantSpec, axis: int | None = None, name: str = "", *, device: torch.device | str | None = None
@@ -187,11 +206,18 @@ class TensorQuantizer(nn.Module):
                 f"{self.name or 'quantizer'} uses static {self.spec.granularity} scales but was never calibrated: "
                 "call mqb.quant.calibrate(model, batches) first, or use a dynamic spec"
             )
-        return quantize_dequantize(x, self.spec, axis=self.axis, amax=self.amax, lo=self.lo, hi=self.hi)
+        return quantize_dequantize(
+            x, self.spec, axis=self.axis, amax=self.amax, lo=self.lo, hi=self.hi, kernel=self.kernel
+        )
+
+    def set_kernel(self, kernel: str) -> None:
+        """``auto``, ``eager`` or ``compiled``: how this quantizer's fake quantization runs (same result)."""
+        self.kernel = check_kernel(kernel)
 
     def extra_repr(self) -> str:
         axis = f", axis={self.axis}" if self.spec.granularity in ("per_channel", "per_group") else ""
-        return f"{self.spec.short()}{axis}, mode={self.mode}"
+        kernel = f", kernel={self.kernel}" if self.kernel != "auto" else ""
+        return f"{self.spec.short()}{axis}, mode={self.mode}{kernel}"
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         for key in _RANGE_BUFFERS:
@@ -203,34 +229,56 @@ class TensorQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t._version``, or -1 for an inference tensor (it keeps no version counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class WeightQuantizer(TensorQuantizer):
-    """A :class:`TensorQuantizer` for a parameter: ranges come from the weight itself, and the fake-quantized
-    weight is cached until the parameter changes (in place or by reassignment), so evaluation pays for weight
-    quantization once, not per forward.
+    """A :class:`TensorQuantizer` for a parameter: ranges come from the weight itself and are recomputed when the
+    parameter changes (in place or by reassignment), unless ``range_frozen``.
+
+    The fake-quantized weight is not kept: it is computed at each forward and freed after the layer, so the weight
+    is stored once (the float parameter). What is kept is the range and, for static symmetric specs, its scales
+    ``(S, 1/S)`` (``_cache``, dropped on a move or a new range).
     """
 
     def __init__(
         self, spec: QuantSpec, axis: int | None = None, name: str = "", *, device: torch.device | str | None = None
     ) -> None:
         super().__init__(spec, axis, name, device=device)
-        self._cache_key: tuple[int, int] | None = None
-        self._cache: torch.Tensor | None = None
+        #: (data pointer, version) of the weight the range was taken from
+        self._range_key: tuple[int, int] | None = None
+        #: (range key, S, 1/S) of a static symmetric spec
+        self._cache: tuple[tuple[int, int, int], torch.Tensor, torch.Tensor | None] | None = None
         #: keep the current range when the weight changes (GPTQ writes weights onto a grid it chose)
         self.range_frozen = False
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.mode != "quantize":
             return w
-        cacheable = not (torch.is_grad_enabled() and w.requires_grad)
         key = (w.data_ptr(), w._version)
-        if cacheable and self._cache is not None and self._cache_key == key:
-            return self._cache
-        if self.is_static and (not self.is_calibrated or (self._cache_key != key and not self.range_frozen)):
+        if self.is_static and (not self.is_calibrated or (self._range_key != key and not self.range_frozen)):
             self.set_range(w)
-        out = super().forward(w)
-        if cacheable:
-            self._cache, self._cache_key = out.detach(), key
-        return out
+        self._range_key = key
+        if self.is_static and self.spec.symmetric and choose_kernel(self.kernel, self.spec, w) == "eager":
+            # what quantize_dequantize computes, with the scales of this range computed once
+            scale, reciprocal = self._scales()
+            dtype = w.dtype
+            wf = w.float() if dtype in _REDUCED_FLOATS else w
+            return fake_quant_scaled(wf, self.spec, scale, reciprocal).to(dtype)
+        return super().forward(w)
+
+    def _scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        amax = self.amax
+        assert amax is not None
+        range_key = (id(amax), amax.data_ptr(), _version(amax))
+        if self._cache is None or self._cache[0] != range_key:
+            self._cache = (range_key, *symmetric_scales(amax, self.spec))
+        return self._cache[1], self._cache[2]
 
     def begin_calibration(self) -> None:
         """Weights are not observed during activation calibration; they pass through in float."""
@@ -240,8 +288,14 @@ class WeightQuantizer(TensorQuantizer):
         self.mode = "quantize"
 
     def clear_cache(self) -> None:
-        self._cache, self._cache_key = None, None
+        """Forget the range's source and scales: the next forward takes the range from the weight again (unless
+        ``range_frozen``)."""
+        self._cache, self._range_key = None, None
 
     def _on_apply(self) -> None:
-        # the cached weight is not a buffer: drop it rather than keep a copy on the old device / in the old dtype
+        # the scales are not buffers: drop them rather than keep them on the old device / in the old dtype
         self.clear_cache()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._cache = None  # the range buffers are overwritten in place
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
