@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.inferers import sliding_window_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's mqb and its Hydra plugins (hydra_plugins/), installed or not
@@ -109,14 +108,7 @@ def bare_forwards(net: torch.nn.Module, volumes: list[torch.Tensor], evaluator: 
     start = time.perf_counter()
     with torch.inference_mode():
         for image in volumes:
-            sliding_window_inference(
-                image.to(evaluator.compute_dtype),
-                roi_size=evaluator.roi_size,
-                sw_batch_size=evaluator.sw_batch_size,
-                predictor=net,
-                overlap=evaluator.overlap,
-                mode=evaluator.mode,
-            )
+            evaluator.sliding_window(image, net)  # MONAI's sliding_window_inference with the evaluator's settings
     sync(device)
     return time.perf_counter() - start
 

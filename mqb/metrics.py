@@ -136,9 +136,10 @@ def _area_table(spacing: tuple[float, float, float], device: torch.device) -> to
         from monai.metrics.utils import create_table_neighbour_code_to_surface_area
 
         return create_table_neighbour_code_to_surface_area(spacing)[0].to(device=device, dtype=torch.float64)
-    normals = _get_neighbour_code_to_normals_table(None).to(torch.float64)  # (256, 4, 3)
+    # a 256-entry table: computed on the CPU by design (the same float64 bits whatever the data's device), then moved
+    normals = _get_neighbour_code_to_normals_table(None).to(device="cpu", dtype=torch.float64)  # (256, 4, 3)
     s0, s1, s2 = spacing
-    faces = torch.tensor([s1 * s2, s0 * s2, s0 * s1], dtype=torch.float64)
+    faces = torch.tensor([s1 * s2, s0 * s2, s0 * s1], dtype=torch.float64, device="cpu")
     return torch.linalg.norm(normals * faces, dim=-1).sum(-1).to(device)
 
 

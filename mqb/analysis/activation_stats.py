@@ -564,7 +564,8 @@ def kurtosis_scatter_figure(
         peaks = []
         for row, (unit, kurt, mag, index) in enumerate(series):
             ax = axes[row][col]
-            k = kurt.double().reshape(-1).cpu() if kurt is not None else torch.zeros(0)
+            empty = torch.zeros(0, dtype=torch.float64, device="cpu")  # plotted with matplotlib: CPU by design
+            k = kurt.double().reshape(-1).cpu() if kurt is not None else empty
             m = mag.double().reshape(-1).cpu() if mag is not None else torch.zeros_like(k)
             m = m if m.numel() == k.numel() else torch.zeros_like(k)
             ok = ~torch.isnan(k)
