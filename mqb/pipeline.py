@@ -520,6 +520,7 @@ class QuantizedRun:
     callback: QuantizationCallback | None
     ran_on: dict[str, Any]
     timings: dict[str, float]
+    calibration: list[int]  # indices into the calibration split (empty for a float precision)
 
 
 def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, baseline: Baseline,
@@ -528,7 +529,7 @@ def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataMod
     calibration volumes drawn with ``seed``; none for a float precision) and the evaluation on the test split,
     scored against the labels or the FP32 predictions."""
     evaluator = build_evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=baseline.predictions)
-    callback = None
+    callback, calib = None, []
     if recipe is not None:
         n = cfg.calibration.num_volumes
         calib = dm.calibration_indices(n, seed)
@@ -551,7 +552,7 @@ def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataMod
     if callback is not None:
         timings["calibration_seconds"] = callback.calibration_seconds
         timings["eval_seconds"] -= callback.calibration_seconds
-    return QuantizedRun(evaluator.results, callback, device_info(trainer.strategy.root_device), timings)
+    return QuantizedRun(evaluator.results, callback, device_info(trainer.strategy.root_device), timings, calib)
 
 
 def calibration_draws(cfg: DictConfig, dm: SegmentationDataModule, baseline: Baseline, recipe: QuantRecipe,
@@ -593,8 +594,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
     logger = build_logger(cfg, run_dir, sweep)
     seed = int(cfg.calibration.seed)
-    calib = dm.calibration_indices(cfg.calibration.num_volumes, seed) if recipe is not None else []
-    quant_cb, draws = None, None
+    quant_cb, draws, calib = None, None, []
     if recipe is None and cfg.precision.compute_dtype == "float32":
         metrics = baseline.metrics
         timings["eval_seconds"] = 0.0
@@ -602,7 +602,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             logger.log_metrics({f"test/{k}": v for k, v in metrics.items() if k in ("dsc", "nsd", "hd95") and v})
     else:
         run = quantized_run(cfg, net, dm, baseline, recipe, logger, run_dir, seed)
-        metrics, quant_cb, ran_on = run.metrics, run.callback, run.ran_on
+        metrics, quant_cb, ran_on, calib = run.metrics, run.callback, run.ran_on, run.calibration
         timings.update(run.timings)
         if recipe is not None and int(cfg.calibration.get("draws", 1)) > 1:
             draws = calibration_draws(cfg, dm, baseline, recipe, run_dir, metrics)
