@@ -99,6 +99,9 @@ class EvalSettings:
     sw_batch_size: int = 2
     overlap: float = 0.25
     mode: str = "gaussian"
+    # write each test case's label map (and the FP32 baseline's) as NIfTI under <run_dir>/predictions, listed in
+    # the record's "predictions" section; mqb.report draws its qualitative overlays (Fig. 4) from them
+    save_predictions: bool = False
 
 
 @dataclass

@@ -30,6 +30,8 @@ import mqb
 VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer", "deploy", "quant")
 #: Keys at any depth that only say where things are cached or how fast data loads.
 NESTED_VOLATILE_KEYS = ("cache_dir", "num_workers")
+#: Options that only say what else to write (not what is computed): never part of the id.
+VOLATILE_OPTIONS = (("eval", "save_predictions"),)
 #: Options added after records existed, dropped from the id while at their default so earlier records keep theirs.
 DEFAULT_OPTIONS = (("calibration", "shared_ranges", False), ("calibration", "tensor_quantizers", False),
                    ("calibration", "draws", 1))
@@ -51,6 +53,9 @@ def config_id(cfg: DictConfig) -> str:
     for key in VOLATILE_KEYS:
         data.pop(key, None)
     _drop_nested(data, NESTED_VOLATILE_KEYS)
+    for group, key in VOLATILE_OPTIONS:
+        if isinstance(data.get(group), dict):
+            data[group].pop(key, None)
     for group, key, default in DEFAULT_OPTIONS:
         if isinstance(data.get(group), dict) and data[group].get(key, default) == default:
             data[group].pop(key, None)
