@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from wandb.proto import wandb_internal_pb2 as pb
 
+from mqb.loggers import CLASS_TABLE_COLUMNS
 from tests.test_eval_cli import TINY, records, run_cli
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log: 7-byte file header, 32 KiB blocks of chunked records
@@ -72,6 +73,16 @@ def test_offline_wandb_run_is_written_and_readable(tmp_path):
         for u in r.summary.update
     }
     assert "untrained" in summary_keys and record["untrained"] is True
+    # the per-class table carries each class's ↓Δ% and 95 % interval: those of the record's stats section
+    table = json.loads(next(run_files[0].parent.glob("files/media/table/per_class_*.table.json")).read_text())
+    rows = {row[0]: dict(zip(table["columns"], row, strict=True)) for row in table["data"]}
+    assert table["columns"] == list(CLASS_TABLE_COLUMNS) and list(rows)[-1] == "mean"
+    for metric in ("dsc", "nsd"):
+        stats = record["stats"][metric]
+        for name, entry in [*stats["per_class"].items(), ("mean", stats["mean"])]:
+            got = [rows[name][f"{metric}_{c}"] for c in ("delta_pct", "drop_ci_low", "drop_ci_high", "p")]
+            assert got == [entry[k] for k in ("drop_pct", "drop_pct_ci_low", "drop_pct_ci_high", "p")], (name, metric)
+        assert history[f"delta_pct_ci/{metric}_low"] == pytest.approx(stats["mean"]["drop_pct_ci_low"])
 
 
 @pytest.mark.slow

@@ -389,9 +389,9 @@ def overlay_figure(
                 ax.imshow(overlay_rgba(m, colors, alpha), origin="lower", interpolation="nearest")
                 if col != "label" and "label" in masks:
                     d = _slice_dice(np.take(masks["label"], s, axis=axis), np.take(masks[col], s, axis=axis))
-                    ax.text(0.02, 0.02, "DSC -" if d is None else f"DSC {d:.2f}", transform=ax.transAxes,
-                            fontsize="x-small", color="black", va="bottom",
-                            bbox={"facecolor": "white", "alpha": 0.8, "pad": 1.5, "linewidth": 0})  # fmt: skip
+                    # under the panel, not on it: the box would hide what it scores (e.g. a corner false positive)
+                    ax.text(0.5, -0.02, "DSC -" if d is None else f"DSC {d:.2f}", transform=ax.transAxes,
+                            fontsize="x-small", color="black", ha="center", va="top")  # fmt: skip
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -9,7 +9,8 @@ holds what :mod:`mqb.analysis.report` builds, laid out for reading:
   same label (``method.exclude=[conv1x1x1]``; ``Setting``), a note (UNTRAINED, FP32 from the baseline, no
   labels) and a link to its configuration;
 * the per-class tables (class x config, per metric) and the figures (DSC bars, per-class heat maps, any extra
-  figure passed in);
+  figure passed in, e.g. the qualitative overlays of :mod:`mqb.analysis.overlays`, with their captions), and a
+  banner with any warnings (e.g. prediction files that could not be read);
 * failed configs (error records) with their error text;
 * the machines and versions the records were computed with (host, platform, Python, torch, mqb, device, git
   commit) and the configurations (the settings all rows share, and each row's own).
@@ -212,13 +213,16 @@ def per_class_section(report: Report) -> str:
     return '<h2 id="per-class">Per-class results</h2>\n' + "\n".join(parts)
 
 
-def figures_section(images: Mapping[str, Figure | bytes], dpi: int = 110) -> str:
+def figures_section(images: Mapping[str, Figure | bytes], dpi: int = 110,
+                    captions: Mapping[str, str] | None = None) -> str:  # fmt: skip
+    """The figures as embedded PNGs, each captioned with its file name and, where given, ``captions[name]``."""
     if not images:
         return ""
     parts = ['<h2 id="figures">Figures</h2>']
     for name, fig in images.items():
+        text = escape(name) + (f"<br>{escape(captions[name])}" if captions and captions.get(name) else "")
         parts.append(f'<figure><img src="{png_data_uri(fig, dpi)}" alt="{escape(name, quote=True)}">'
-                     f"<figcaption>{escape(name)}</figcaption></figure>")  # fmt: skip
+                     f"<figcaption>{text}</figcaption></figure>")  # fmt: skip
     return "\n".join(parts)
 
 
@@ -302,10 +306,13 @@ def render_html(
     images: Mapping[str, Figure | bytes] | None = None,
     extra_images: Mapping[str, Figure | bytes] | None = None,
     generated: datetime | None = None,
+    captions: Mapping[str, str] | None = None,
+    warnings: Sequence[str] = (),
 ) -> str:
     """The whole page. ``images``: name -> figure or PNG bytes (default: :func:`mqb.analysis.report.figures` of
-    the report); ``extra_images`` are added after them (e.g. a FLOP composition or overlays); ``source``: the
-    results directory, shown in the title."""
+    the report); ``extra_images`` are added after them (e.g. a FLOP composition or the overlays of
+    :func:`mqb.analysis.overlays.overlay_figures`), ``captions[name]`` under a figure; ``warnings`` (e.g. prediction
+    files that could not be read) as a banner; ``source``: the results directory, shown in the title."""
     images = dict(figures(report.rows, report.per_class.get("dsc")) if images is None else images)
     images.update(extra_images or {})
     selection = report.selection
@@ -326,6 +333,9 @@ def render_html(
     if any(group_key(r)[3] for r in report.rows):
         banners.append(f'<div class="warn">Rows marked {NO_LABELS} were scored against the FP32 network\'s '
                        "predictions (no labels).</div>")  # fmt: skip
+    if warnings:
+        banners.append(f'<div class="warn" id="warnings">{len(warnings)} warning(s):<ul>'
+                       + "".join(f"<li>{escape(w)}</li>" for w in warnings) + "</ul></div>")  # fmt: skip
     if any(r["from_baseline"] for r in report.rows):
         banners.append(f'<div class="warn">Rows marked {FROM_BASELINE}: FP32 values from the baseline stored in '
                        "the quantized records (no fp32 record in this folder).</div>")  # fmt: skip
@@ -333,7 +343,7 @@ def render_html(
                    ("figures", "Figures"), ("failures", "Failed configs"), ("machines", "Machines"),
                    ("configs", "Configurations")))  # fmt: skip
     body = [f"<h1>{escape(title)}</h1>", f'<p class="meta">{escape(summary)}</p>', f"<nav>{nav}</nav>", *banners,
-            headline_section(report), per_class_section(report), figures_section(images),
+            headline_section(report), per_class_section(report), figures_section(images, captions=captions),
             failures_section(selection.errors), machines_section(selection.successes + selection.errors),
             configurations_section(report)]  # fmt: skip
     return "\n".join([
@@ -357,10 +367,12 @@ def write_html(
     source: str = "",
     images: Mapping[str, Figure | bytes] | None = None,
     extra_images: Mapping[str, Figure | bytes] | None = None,
+    captions: Mapping[str, str] | None = None,
+    warnings: Sequence[str] = (),
 ) -> Path:
     """Write :func:`render_html` to ``out/report.html`` atomically; returns the path."""
     path = Path(out) / HTML_FILE
-    text = render_html(report, source, images, extra_images)
+    text = render_html(report, source, images, extra_images, captions=captions, warnings=warnings)
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return path

@@ -10,6 +10,7 @@ Each step is a function of the previous one's output (only :func:`write_report` 
     rows    ──per_class_entries──▶ per config x class (+ mean): value, ↓Δ%, bootstrap CI, p, Holm (mqb.analysis.stats)
             ──per_class_tables──▶ one class x config Table per group ──to_markdown / to_latex──▶ per_class_<metric>.*
             ──per_class_csv──▶ long-format CSV (one line per config x class)
+    record + its FP32 baseline ──record_entries──▶ the same entries for one run (the W&B per-class table)
     rows    ──dsc_bar_figure / per_class_delta_figure──▶ matplotlib Figures (no pyplot, no display needed)
 
 The writers take a :class:`Table`, not records: a table of another record kind (e.g. the layer-sensitivity
@@ -530,6 +531,31 @@ def per_class_entries(
                 e["significant"] = None if adjusted[i] is None else bool(adjusted[i] < alpha)
         out += group_entries
     return out
+
+
+def record_entries(
+    record: dict[str, Any], baseline: dict[str, Any], metric: str = "dsc", n_resamples: int = 10_000,
+    seed: int | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """:func:`per_class_entries` of one quantized ``record`` against its FP32 ``baseline`` metrics (the results
+    dict of the FP32 run: ``dsc``, ``per_class``, ``per_case`` ..., as ``mqb.pipeline`` holds it), per class and
+    ``mean``: from the record's ``stats`` section where it has one, else computed from both sides' per-case values
+    (seeded with the record's ``config.seed`` unless ``seed`` is given), else from class means. A group of one
+    config: ``p_holm`` equals ``p`` (Holm across a sweep's configs is :func:`mqb.analysis.tables.summary_rows`'
+    business). ``[]`` for an FP32 record or without a baseline."""
+    if record.get("precision") == "fp32" or not isinstance(baseline, dict) or not isinstance(record.get("metrics"),
+                                                                                                 dict):  # fmt: skip
+        return []
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    if seed is None:
+        seed = config["seed"] if isinstance(config.get("seed"), int) else 0
+    fp32 = {"id": "", "status": "success", "created": "", "model": record.get("model"),
+            "dataset": record.get("dataset"), "precision": "fp32", "granularity": "-", "method": "-",
+            "untrained": record.get("untrained"), "reference": record.get("reference", "labels"),
+            "baseline": record.get("baseline") or {}, "config": config, "metrics": baseline,
+            "delta_pct": {}}  # fmt: skip
+    quant = {**record, "status": "success", "delta_pct": record.get("delta_pct") or {}}
+    return per_class_entries(table_rows([fp32, quant]), metric, n_resamples=n_resamples, seed=seed)
 
 
 def _pct_with_ci(e: dict[str, Any]) -> str:

@@ -32,6 +32,17 @@ COLUMNS = ("model", "dataset", "precision", "granularity", "method", "dsc", "dsc
            "nsd_drop_ci_high", "nsd_p_holm", "nsd_significant", "nsd_cases", "hd95", "untrained", "id",
            "calibration_draws", "dsc_calibration_std", "nsd_calibration_std")  # fmt: skip
 
+#: Columns of the W&B sweep table (``mqb.loggers.log_sweep_table``): :data:`COLUMNS` plus, per metric, the
+#: uncorrected p-value of the paired test (``<metric>_p``, next to the Holm-adjusted one) and the test used
+#: (``<metric>_test``: ``permutation-exact``, ``wilcoxon`` ...).
+SWEEP_TABLE_COLUMNS = tuple(
+    name
+    for col in COLUMNS
+    for name in (f"{col[: -len('_holm')]}" if col.endswith("_p_holm") else None, col,
+                 f"{col[: -len('_significant')]}_test" if col.endswith("_significant") else None)
+    if name is not None
+)  # fmt: skip
+
 #: The legend printed under a table whose cells carry intervals.
 DELTA_LEGEND = "↓Δ% [95% CI]: drop from FP32 over the test cases; * significant after Holm across the sweep"
 
@@ -67,7 +78,8 @@ def drop_ci(record: dict[str, Any], metric: str) -> dict[str, Any] | None:
     if not isinstance(entry, dict):
         return None
     return {"low": entry.get("drop_pct_ci_low"), "high": entry.get("drop_pct_ci_high"), "p": entry.get("p"),
-            "p_holm": entry.get("p_holm"), "significant": entry.get("significant"), "n": entry.get("n")}  # fmt: skip
+            "p_holm": entry.get("p_holm"), "significant": entry.get("significant"), "n": entry.get("n"),
+            "test": entry.get("test")}  # fmt: skip
 
 
 def calibration_note(record: dict[str, Any]) -> str:
@@ -142,7 +154,8 @@ def status_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Flat rows (one per successful config, in the given order) in the paper's table format, with the drop's 95 %
-    interval and its Holm-adjusted p across these configs."""
+    interval, the paired test's p-value (``<metric>_p``) and test, and its Holm-adjusted p across these configs
+    (the keys of :data:`SWEEP_TABLE_COLUMNS`; ``summary.csv`` keeps :data:`COLUMNS`)."""
     from mqb.analysis.stats import with_holm
 
     ok = [r for r in records if r.get("status") == "success" and isinstance(r.get("metrics"), dict)]
@@ -160,7 +173,8 @@ def summary_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row.update({metric: m.get(metric), f"{metric}_delta_pct": d.get(metric),
                         f"{metric}_drop_ci_low": ci.get("low"), f"{metric}_drop_ci_high": ci.get("high"),
                         f"{metric}_p_holm": ci.get("p_holm"), f"{metric}_cases": ci.get("n"),
-                        f"{metric}_significant": ci.get("significant")})  # fmt: skip
+                        f"{metric}_significant": ci.get("significant"), f"{metric}_p": ci.get("p"),
+                        f"{metric}_test": ci.get("test")})  # fmt: skip
         rows.append(row)
     return rows
 
@@ -178,7 +192,7 @@ def write_summary(records: list[dict[str, Any]], out: Path) -> tuple[Path, Path]
     out.parent.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")  # the W&B-only columns left out
         writer.writeheader()
         writer.writerows(rows)
 
