@@ -119,7 +119,7 @@ def measure(
     variants = {"fp32": build(name).to(device)}
     for label in formats:
         precision, scheme = FORMATS[label]
-        model = quantize(build(name).to(device), QuantRecipe.from_precision(precision, granularity=scheme))
+        model = quantize(build(name).to(device), QuantRecipe.from_precision(precision, scheme=scheme))
         calibrate(model, calib)
         set_kernel(model, kernel)
         variants[label] = model

@@ -38,9 +38,19 @@ def user_error(err: BaseException) -> BaseException | None:
     return None
 
 
+def hydra_job() -> Any:
+    """Hydra's config (``HydraConfig``) of the job this process runs, or ``None`` outside a Hydra job: also when an
+    earlier Hydra app of this process (a notebook, a test) left its config behind without a job's output folder."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return None if OmegaConf.is_missing(hydra_cfg.runtime, "output_dir") else hydra_cfg
+
+
 def is_multirun() -> bool:
     """Whether this process runs a job of a Hydra ``-m`` sweep."""
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    job = hydra_job()
+    return job is not None and job.mode == RunMode.MULTIRUN
 
 
 def with_launchers(argv: list[str]) -> list[str]:

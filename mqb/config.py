@@ -14,11 +14,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from mqb.samples import shipped_data_dir
+from mqb.results import RENAMED_OPTIONS
+from mqb.samples import shipped_data_dir, shipped_folder
 
 #: The config folder (``conf/``: one folder per group) and the cluster profiles (``launchers/``, ``+cluster=<name>``).
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-LAUNCHERS_DIR = CONF_DIR.parent / "launchers"
+#: The Hydra configs and the cluster profiles: the checkout's ``conf/`` and ``launchers/``, or their copies in a wheel
+#: (``mqb/_conf``, ``mqb/_launchers``).
+CONF_DIR = shipped_folder("conf")
+LAUNCHERS_DIR = shipped_folder("launchers")
 
 #: Config groups of mqb.eval (each a folder under conf/).
 EVAL_GROUPS = (
@@ -48,12 +51,17 @@ class PrecisionConfig:
 
 @dataclass
 class GranularityConfig:
+    """The ``granularity`` group: which layer-level *scheme* (``mqb.quant.QuantRecipe.scheme``) runs; each layer's
+    tensor granularities follow from it (``mqb.quant.schemes``)."""
+
     name: str = MISSING
     scheme: str = MISSING
 
 
 @dataclass
 class LayerRuleConfig:
+    """A per-layer override (``mqb.quant.LayerRule``); ``granularity`` names a scheme, as the group does."""
+
     select: str = MISSING
     precision: str | None = None
     granularity: str | None = None
@@ -74,6 +82,13 @@ class MethodConfig:
     rules: list[LayerRuleConfig] = field(default_factory=list)
     layers: list[str] = field(default_factory=lambda: ["all"])
     steps: list[Any] = field(default_factory=list)
+    #: a step before the post-calibration ``steps``: quantizers reading one tensor (directly or through torch.cat)
+    #: share its largest range (mqb.quant.methods.SharedInputRanges; what INT8 runtimes execute with one quantize
+    #: per tensor)
+    shared_ranges: bool = False
+    #: also quantize each such tensor where it is produced (an output quantizer, mqb.quant.output), so float readers
+    #: (a residual Add) read the INT8 value too, as NNCF / TensorRT place quantizers; implies shared_ranges
+    output_quantizers: bool = False
 
 
 @dataclass
@@ -83,11 +98,9 @@ class CalibrationConfig:
     percentile: float = 99.99
     num_volumes: int = 4
     seed: int = 0
-    #: quantizers reading one tensor (directly or through torch.cat) share its largest range
-    #: (mqb.quant.methods.SharedInputRanges; what INT8 runtimes execute with one quantize per tensor)
+    #: deprecated spellings of method.shared_ranges / method.output_quantizers (same effect, same record id;
+    #: DEPRECATED_KEYS)
     shared_ranges: bool = False
-    #: also quantize each such tensor where it is produced (mqb.quant.output), so float readers (a residual Add)
-    #: read the INT8 value too, as NNCF / TensorRT place quantizers; needs shared_ranges' trace (implies it)
     tensor_quantizers: bool = False
     #: calibrate and evaluate K times, on calibration volumes drawn with seeds seed, seed+1, ...: the record's
     #: metrics are the first draw's, ``stats.calibration`` the spread of mean DSC / NSD over the K draws
@@ -242,6 +255,27 @@ class TrainConfig(JobConfig):
     output: str = "${paths.checkpoints}/${dataset.name}/${model.name}.safetensors"
 
 
+#: Config keys with a new name: old key -> new key. The old spelling still works (one warning); a record's id is
+#: the same for both (:func:`mqb.results.config_id` hashes the old spelling).
+DEPRECATED_KEYS: dict[str, str] = {old: new for new, old in RENAMED_OPTIONS.items()}
+
+
+def renamed_option(cfg: Any, new_key: str) -> bool:
+    """The value of boolean option ``new_key`` (``method.output_quantizers``), true also where the user wrote its
+    deprecated spelling (:data:`DEPRECATED_KEYS`), which gets a one-line warning."""
+    from omegaconf import OmegaConf
+
+    value = bool(OmegaConf.select(cfg, new_key, default=False))
+    for old_key, key in DEPRECATED_KEYS.items():
+        if key == new_key and OmegaConf.select(cfg, old_key, default=False):
+            import warnings
+
+            warnings.warn(f"{old_key} is deprecated: write {new_key} (same effect, same record id)", FutureWarning,
+                          stacklevel=2)  # fmt: skip
+            value = True
+    return value
+
+
 def find_mqb_plugins() -> None:
     """Let Hydra find mqb's plugins (``hydra_plugins/mqb_sweeps``: ``hydra/sweeper=mqb_grid``,
     ``hydra/launcher=mqb_pool``) wherever mqb runs. Hydra lists the folders of the ``hydra_plugins`` namespace
@@ -280,3 +314,21 @@ def compose_eval(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose("eval", overrides=list(overrides))
+
+
+def write_precision_configs(folder: Path = CONF_DIR / "precision") -> list[Path]:
+    """Write the ``precision`` config group from its one source, :data:`mqb.quant.spec.PRESETS` (one file per
+    preset, :func:`mqb.quant.spec.precision_config_yaml`); returns the files. ``python -m mqb.config`` runs it."""
+    from mqb.quant.spec import PRESETS, precision_config_yaml
+
+    written = []
+    for preset in PRESETS.values():
+        path = folder / f"{preset.name}.yaml"
+        path.write_text(precision_config_yaml(preset))
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":  # python -m mqb.config: rewrite conf/precision/ from mqb.quant.spec.PRESETS
+    for written_path in write_precision_configs():
+        print(written_path)

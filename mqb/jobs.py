@@ -15,14 +15,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from mqb import preemption
 from mqb.analysis.stats import with_holm
 from mqb.analysis.tables import DELTA_LEGEND, console, reference_first, results_table, write_summary
-from mqb.cli import is_multirun, user_error
+from mqb.cli import hydra_job, is_multirun, user_error
 from mqb.results import (
     Claim,
     ResultsDirError,
@@ -46,8 +45,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     results_dir = Path(cfg.results_dir)
     cid = config_id(cfg)
     success, failure = results_dir / f"{cid}.json", results_dir / f"{cid}.error.json"
-    if HydraConfig.initialized() and is_rank_zero():  # lets the sweep summary find skipped configs too
-        job_dir = Path(HydraConfig.get().runtime.output_dir)
+    if (job := hydra_job()) is not None and is_rank_zero():  # lets the sweep summary find skipped configs too
+        job_dir = Path(job.runtime.output_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "record_id.txt").write_text(cid)
     if is_rank_zero():
@@ -130,7 +129,7 @@ def evaluate_and_record(cfg: DictConfig, cid: str, success: Path, failure: Path)
             "method": method_label(cfg),
             "error": f"{type(user_error(err) or err).__name__}: {user_error(err) or err}",
             "traceback": traceback.format_exc(),
-            "sweep": Path(HydraConfig.get().sweep.dir).name if is_multirun() else None,
+            "sweep": Path(hydra_job().sweep.dir).name if is_multirun() else None,
             "config": OmegaConf.to_container(cfg, resolve=False),
         }
         if is_rank_zero():

@@ -27,21 +27,21 @@ import dataclasses
 import json
 import time
 import typing
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import mqb
 from mqb.analysis.tables import console
 from mqb.checkpoints import CheckpointError, file_sha256, load_weights
-from mqb.cli import is_multirun
-from mqb.config import CONF_DIR, check_quant_settings, compose_eval
+from mqb.cli import hydra_job, is_multirun
+from mqb.config import CONF_DIR, check_quant_settings, compose_eval, renamed_option
 from mqb.data.module import SegmentationDataModule
 from mqb.devices import apply_fp32_precision, device_info
 from mqb.lit import quiet_lightning
@@ -50,6 +50,7 @@ from mqb.lit.evaluator import SegmentationEvaluator, calibration_forward
 from mqb.loggers import build_logger, log_record
 from mqb.quant import LayerRule, QuantRecipe
 from mqb.quant import plan as quant_plan
+from mqb.quant.formats import FORMATS
 from mqb.quant.methods import PTQMethod, SharedInputRanges
 from mqb.quant.recipe import DEFAULT_INCLUDE
 from mqb.quant.spec import FORMAT_BITS
@@ -71,7 +72,8 @@ __all__ = [
 ]  # fmt: skip
 
 #: Bumped whenever evaluation results change for the same inputs, invalidating cached baselines.
-PIPELINE_VERSION = 3  # 3: NSD / HD95 as DeepMind surface-distance (surfel-area weighted); model code in the key
+PIPELINE_VERSION = 4  # 3: NSD / HD95 as DeepMind surface-distance (surfel-area weighted); model code in the key
+# 4: resampled datasets (dataset.pixdim) scored on each case's native grid by default (dataset.score_on=native)
 
 
 # -- configuration -> objects -----------------------------------------------------------------------------
@@ -87,11 +89,11 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
     if activation is not None:
         activation = activation.replace(observer=cfg.calibration.observer, percentile=cfg.calibration.percentile)
     method = cfg.method
-    rules = tuple(LayerRule(r.select, r.precision, r.granularity) for r in method.rules)
+    rules = tuple(LayerRule(r.select, r.precision, scheme=r.granularity) for r in method.rules)
     return QuantRecipe(
         weight=weight,
         activation=activation,
-        granularity=cfg.granularity.scheme,
+        scheme=cfg.granularity.scheme,
         include=tuple(method.include),
         exclude=tuple(method.exclude),
         attention=bool(method.attention),
@@ -99,18 +101,12 @@ def build_recipe(cfg: DictConfig) -> QuantRecipe | None:
     )
 
 
-#: Names of the element formats and float compute dtypes in precision labels (as the presets are named).
-
-
-#: Names of the element formats and float compute dtypes in precision labels (as the presets are named).
-_FORMAT_NAMES = {"fp8_e4m3": "fp8"}
-
-
+#: Names of the float compute dtypes in precision labels (as the presets are named; formats: ``Format.label``).
 _DTYPE_NAMES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
 
 def _task_overrides() -> list[str]:
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return list(job.overrides.task) if (job := hydra_job()) is not None else []
 
 
 def _preset_precision(name: str) -> dict[str, Any] | None:
@@ -210,11 +206,11 @@ def precision_label(cfg: DictConfig) -> str:
         def part(spec: Any, prefix: str) -> str:
             if spec is None:
                 return f"{prefix}16"
-            element = str(spec.bits) if spec.format == "int" else _FORMAT_NAMES.get(spec.format, spec.format)
+            element = str(spec.bits) if spec.format == "int" else FORMATS[spec.format].label
             return f"{prefix}{element}"
 
         if weight is not None and activation is not None and weight.format == activation.format != "int":
-            derived = _FORMAT_NAMES.get(weight.format, weight.format)
+            derived = FORMATS[weight.format].label
         else:
             derived = part(weight, "w") + part(activation, "a")
         extras = []
@@ -240,28 +236,31 @@ def precision_label(cfg: DictConfig) -> str:
 
 
 def method_label(cfg: DictConfig) -> str:
-    """The method's name, plus the layer kinds quantized beyond the default ones and the calibration options
-    that change the quantized model: ``rtn+norm+shared_ranges+tensor_quantizers`` for ``experiment=int8_deploy``
-    (so tables tell such runs apart)."""
+    """The method's name, plus the layer kinds quantized beyond the default ones and the shared-range step:
+    ``rtn+norm+shared_ranges+tensor_quantizers`` for ``experiment=int8_deploy`` (so tables tell such runs apart;
+    ``tensor_quantizers`` is the label's word for ``method.output_quantizers``, kept so labels of earlier records
+    match)."""
     extra = [str(s) for s in cfg.method.get("include") or () if str(s) not in DEFAULT_INCLUDE]
-    for option in ("shared_ranges", "tensor_quantizers"):
-        if cfg.get("calibration") is not None and cfg.calibration.get(option):
-            extra.append(option)
+    with warnings.catch_warnings():  # build_methods warns about a deprecated spelling once
+        warnings.simplefilter("ignore", FutureWarning)
+        options = {"shared_ranges": "method.shared_ranges", "tensor_quantizers": "method.output_quantizers"}
+        extra += [label for label, key in options.items() if renamed_option(cfg, key)]
     return "+".join([str(cfg.method.get("name")), *extra])
 
 
 def build_methods(cfg: DictConfig) -> list[PTQMethod]:
-    """The PTQ methods of ``cfg.method.steps`` (empty for round-to-nearest), in order, preceded by
-    :class:`~mqb.quant.methods.SharedInputRanges` when ``calibration.shared_ranges`` or
-    ``calibration.tensor_quantizers`` is on (it runs right after calibration, before post-calibration methods
-    such as bias correction measure anything)."""
+    """The PTQ methods of ``cfg.method.steps`` (empty for round-to-nearest), in order, preceded by the
+    :class:`~mqb.quant.methods.SharedInputRanges` step when ``method.shared_ranges`` or ``method.output_quantizers``
+    is on (it runs right after calibration, before post-calibration methods such as bias correction measure
+    anything). The deprecated spellings ``calibration.shared_ranges`` / ``calibration.tensor_quantizers`` still work
+    (one warning each)."""
     methods = [instantiate(step) for step in cfg.method.get("steps") or []]
     wrong = [type(m).__name__ for m in methods if not isinstance(m, PTQMethod)]
     if wrong:
         raise ValueError(f"method.steps must build mqb.quant.methods.PTQMethod objects, got {wrong}")
-    tensor_quantizers = bool(cfg.calibration.get("tensor_quantizers"))
-    if cfg.calibration.get("shared_ranges") or tensor_quantizers:
-        methods.insert(0, SharedInputRanges(quantize_tensors=tensor_quantizers))
+    output_quantizers = renamed_option(cfg, "method.output_quantizers")
+    if renamed_option(cfg, "method.shared_ranges") or output_quantizers:
+        methods.insert(0, SharedInputRanges(output_quantizers=output_quantizers))
     return methods
 
 
@@ -313,6 +312,9 @@ def build_trainer(cfg: DictConfig, logger: Any, run_dir: Path, callbacks: list[L
 def build_evaluator(
     cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, dtype: str, **kwargs: Any
 ) -> SegmentationEvaluator:
+    """The evaluator of a config on ``dm``: its window, sliding-window settings, NSD tolerances, and the grid the
+    metrics are computed on (``dataset.score_on``: the native grid, through ``dm.native_grid()``, where the data
+    is resampled)."""
     return SegmentationEvaluator(
         net,
         class_names=dm.class_names,
@@ -322,6 +324,8 @@ def build_evaluator(
         mode=cfg.eval.mode,
         nsd_tolerance_mm=dm.nsd_tolerance_mm,
         compute_dtype=dtype,
+        native_grid=dm.native_grid(),
+        grid=dm.grid_definition,
         **kwargs,
     )
 
@@ -408,7 +412,8 @@ def baseline_key(cfg: DictConfig, checkpoint_sha: str | None, test_files: list[s
                if cfg.model.get("inference") else {}),
             "checkpoint": checkpoint_sha,
             "dataset": dataset,
-            "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+            "eval": {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+                     if k != "save_predictions"},  # what is written, not what is computed  # fmt: skip
             "mqb": mqb.__version__,
             "pipeline": PIPELINE_VERSION,
             # TF32 changes the FP32 numbers; at the default (ieee) the key is the one earlier baselines had
@@ -457,35 +462,43 @@ class Baseline:
 
     key: str
     metrics: dict[str, Any]
-    predictions: list[torch.Tensor] | None
+    predictions: dict[str, torch.Tensor] | None  # case -> uint8 label map on the grid the metrics are on
     cached: bool
     ran_on: dict[str, Any]
     timings: dict[str, float]
 
 
 def fp32_baseline(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, checkpoint_sha: str | None,
-                  run_dir: Path) -> Baseline:  # fmt: skip
+                  run_dir: Path, keep_predictions: bool = False) -> Baseline:  # fmt: skip
     """The FP32 evaluation of ``net`` on the test split, from ``paths.cache_dir/baselines/<baseline_key>.json``
-    when cached (configs of a sweep share it), else computed (on a copy: ``net`` is left as it is) and cached."""
+    when cached (configs of a sweep share it), else computed (on a copy: ``net`` is left as it is) and cached.
+
+    Its predictions (label maps on the grid the metrics are on) are kept, and cached beside the metrics, where the
+    test cases have no labels (the reference of every quantized run) or ``keep_predictions`` asks for them
+    (``eval.save_predictions``); a cached baseline without them is computed again. ``eval.save_predictions`` is not
+    part of the key: it says what is written, not what is computed."""
     key = baseline_key(cfg, checkpoint_sha, [c.get("fingerprint") for c in dm.splits["test"]])
     metrics_file = Path(cfg.paths.cache_dir) / "baselines" / f"{key}.json"
     predictions_file = metrics_file.with_suffix(".predictions.pt")
     labelled = dm.test_has_labels
+    needed = not labelled or keep_predictions
     predictions = None
-    if not labelled and predictions_file.is_file():
+    if needed and predictions_file.is_file():
         try:
             predictions = torch.load(predictions_file, weights_only=True)
         except Exception:  # noqa: BLE001  (unreadable cache: recompute the reference below)
             predictions = None
-    if metrics_file.is_file() and (labelled or predictions is not None):
+        if not isinstance(predictions, dict) or any(c["case"] not in predictions for c in dm.splits["test"]):
+            predictions = None
+    if metrics_file.is_file() and (not needed or predictions is not None):
         cached = json.loads(metrics_file.read_text())
         return Baseline(key, cached, predictions, True, {"type": "none (cached FP32 baseline)"},
                         {"baseline_seconds": 0.0})  # fmt: skip
     start = time.perf_counter()
-    evaluator = build_evaluator(cfg, copy.deepcopy(net), dm, "float32", keep_predictions=not labelled)
+    evaluator = build_evaluator(cfg, copy.deepcopy(net), dm, "float32", keep_predictions=needed)
     trainer = build_trainer(cfg, None, run_dir, [])
     trainer.test(evaluator, datamodule=dm, verbose=False)
-    if not labelled:  # no labels: the FP32 prediction is the reference of every quantized run
+    if needed:  # no labels: the FP32 prediction is the reference of every quantized run; or written as NIfTI
         predictions = evaluator.predictions
         if is_rank_zero():
             save_tensors_atomic(predictions_file, predictions)
@@ -507,8 +520,9 @@ def _warn_untrained(cfg: DictConfig) -> None:
 
 def run_dirs(cfg: DictConfig) -> tuple[Path, str]:
     """This run's output folder and the name of its sweep (the run folder's name outside a sweep)."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(cfg.paths.output_dir)
-    return run_dir, Path(HydraConfig.get().sweep.dir).name if is_multirun() else run_dir.name
+    job = hydra_job()
+    run_dir = Path(job.runtime.output_dir) if job is not None else Path(cfg.paths.output_dir)
+    return run_dir, Path(job.sweep.dir).name if is_multirun() else run_dir.name
 
 
 @dataclasses.dataclass
@@ -521,14 +535,19 @@ class QuantizedRun:
     ran_on: dict[str, Any]
     timings: dict[str, float]
     calibration: list[int]  # indices into the calibration split (empty for a float precision)
+    predictions: dict[str, torch.Tensor] | None = None  # case -> uint8 label map (keep_predictions)
 
 
 def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataModule, baseline: Baseline,
-                  recipe: QuantRecipe | None, logger: Any, run_dir: Path, seed: int) -> QuantizedRun:  # fmt: skip
+                  recipe: QuantRecipe | None, logger: Any, run_dir: Path, seed: int,
+                  keep_predictions: bool = False) -> QuantizedRun:  # fmt: skip
     """Post-training quantization of ``net`` in place (:class:`QuantizationCallback`: ``mqb.quant.ptq`` on the
     calibration volumes drawn with ``seed``; none for a float precision) and the evaluation on the test split,
-    scored against the labels or the FP32 predictions."""
-    evaluator = build_evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=baseline.predictions)
+    scored against the labels or the FP32 predictions (on the grid the metrics are on); ``keep_predictions``: the
+    run's label maps come back in ``predictions``."""
+    reference = baseline.predictions if not dm.test_has_labels else None
+    evaluator = build_evaluator(cfg, net, dm, cfg.precision.compute_dtype, reference_predictions=reference,
+                                keep_predictions=keep_predictions)  # fmt: skip
     callback, calib = None, []
     if recipe is not None:
         n = cfg.calibration.num_volumes
@@ -552,7 +571,8 @@ def quantized_run(cfg: DictConfig, net: torch.nn.Module, dm: SegmentationDataMod
     if callback is not None:
         timings["calibration_seconds"] = callback.calibration_seconds
         timings["eval_seconds"] -= callback.calibration_seconds
-    return QuantizedRun(evaluator.results, callback, device_info(trainer.strategy.root_device), timings, calib)
+    return QuantizedRun(evaluator.results, callback, device_info(trainer.strategy.root_device), timings, calib,
+                        evaluator.predictions if keep_predictions else None)  # fmt: skip
 
 
 def calibration_draws(cfg: DictConfig, dm: SegmentationDataModule, baseline: Baseline, recipe: QuantRecipe,
@@ -589,25 +609,32 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         _check_plan(cfg, recipe, net)  # before the baseline, calibration or any forward
     dm: SegmentationDataModule = instantiate(cfg.dataset)
     dm.prepare_data()
-    baseline = fp32_baseline(cfg, net, dm, checkpoint_sha, run_dir)
+    save_predictions = bool(cfg.eval.get("save_predictions", False))
+    baseline = fp32_baseline(cfg, net, dm, checkpoint_sha, run_dir, keep_predictions=save_predictions)
     timings, ran_on = dict(baseline.timings), baseline.ran_on
 
     logger = build_logger(cfg, run_dir, sweep)
     seed = int(cfg.calibration.seed)
-    quant_cb, draws, calib = None, None, []
+    quant_cb, draws, calib, predictions = None, None, [], None
     if recipe is None and cfg.precision.compute_dtype == "float32":
-        metrics = baseline.metrics
+        metrics, predictions = baseline.metrics, baseline.predictions  # FP32 is the baseline: its label maps
         timings["eval_seconds"] = 0.0
         if logger is not None:
             logger.log_metrics({f"test/{k}": v for k, v in metrics.items() if k in ("dsc", "nsd", "hd95") and v})
     else:
-        run = quantized_run(cfg, net, dm, baseline, recipe, logger, run_dir, seed)
-        metrics, quant_cb, ran_on, calib = run.metrics, run.callback, run.ran_on, run.calibration
+        run = quantized_run(cfg, net, dm, baseline, recipe, logger, run_dir, seed, keep_predictions=save_predictions)
+        metrics, quant_cb, ran_on, calib, predictions = run.metrics, run.callback, run.ran_on, run.calibration, \
+            run.predictions  # fmt: skip
         timings.update(run.timings)
         if recipe is not None and int(cfg.calibration.get("draws", 1)) > 1:
             draws = calibration_draws(cfg, dm, baseline, recipe, run_dir, metrics)
     assert metrics is not None
     base = baseline.metrics
+    saved = None
+    if save_predictions:  # after every computation succeeded: files only for a successful run
+        assert predictions is not None and baseline.predictions is not None
+        saved = dm.write_predictions(run_dir / "predictions", predictions, baseline.predictions,
+                                     fp32_only=metrics is base, write=is_rank_zero())  # fmt: skip
     timings["total_seconds"] = time.perf_counter() - t0
     record = {
         "id": config_id(cfg),
@@ -647,6 +674,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "sweep": sweep,
         "run_dir": str(run_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
+        **({"predictions": saved} if saved is not None else {}),
     }
     if logger is not None:
         log_record(logger, record, base)

@@ -35,6 +35,13 @@ VOLATILE_OPTIONS = (("eval", "save_predictions"),)
 #: Options added after records existed, dropped from the id while at their default so earlier records keep theirs.
 DEFAULT_OPTIONS = (("calibration", "shared_ranges", False), ("calibration", "tensor_quantizers", False),
                    ("calibration", "draws", 1))
+#: Options renamed after records existed: new key -> old key. The id hashes the old spelling (a true value moves
+#: there, a false one is dropped), so old and new spellings give one id and earlier records keep theirs; the old
+#: spelling still works as a deprecated alias (:data:`mqb.config.DEPRECATED_KEYS`).
+RENAMED_OPTIONS = {
+    "method.shared_ranges": "calibration.shared_ranges",
+    "method.output_quantizers": "calibration.tensor_quantizers",
+}
 #: Groups that do not matter when nothing is quantized (fp32/fp16/bf16).
 QUANT_ONLY_KEYS = ("granularity", "method", "calibration")
 
@@ -56,9 +63,19 @@ def config_id(cfg: DictConfig) -> str:
     for group, key in VOLATILE_OPTIONS:
         if isinstance(data.get(group), dict):
             data[group].pop(key, None)
+    for new, old in RENAMED_OPTIONS.items():
+        (new_group, new_key), (old_group, old_key) = new.split("."), old.split(".")
+        value = data[new_group].pop(new_key, False) if isinstance(data.get(new_group), dict) else False
+        if value and isinstance(data.get(old_group), dict):
+            data[old_group][old_key] = True
     for group, key, default in DEFAULT_OPTIONS:
         if isinstance(data.get(group), dict) and data[group].get(key, default) == default:
             data[group].pop(key, None)
+    dataset = data.get("dataset")
+    if isinstance(dataset, dict) and (dataset.get("pixdim") is None or dataset.get("score_on") == "resampled"):
+        # the grid scored on only differs from the grid the network saw where the data is resampled; scored on the
+        # resampled grid, a record's numbers are those the records before dataset.score_on existed had
+        dataset.pop("score_on", None)
     precision = data.get("precision") or {}
     if precision.get("weight") is None and precision.get("activation") is None:
         for key in QUANT_ONLY_KEYS:

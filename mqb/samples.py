@@ -43,6 +43,18 @@ def shipped_data_dir() -> Path:
     return wheel
 
 
+def shipped_folder(name: str) -> Path:
+    """A top-level folder of the project that the wheel carries inside the package as ``mqb/_<name>`` (``conf``:
+    the Hydra configs, ``launchers``: the cluster profiles): the installed copy in a wheel install, the checkout's
+    folder in a checkout / editable install (the same rule as :func:`shipped_data_dir`)."""
+    installed, checkout = _PACKAGE / f"_{name}", _PACKAGE.parent / name
+    if installed.is_dir():
+        return installed
+    if (_PACKAGE.parent / "pyproject.toml").is_file() and checkout.is_dir():
+        return checkout
+    return installed
+
+
 #: The dataset folders of the shipped set (``<paths.data_dir>/<folder>/...``).
 SAMPLE_FOLDERS = (
     "brainchop_t1_meshnet",

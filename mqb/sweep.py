@@ -21,9 +21,10 @@ from omegaconf import OmegaConf
 
 from mqb.analysis.tables import console, status_table, write_summary
 from mqb.results import BadRecord, load_records, lock_holder, read_records, warn_bad_record
+from mqb.samples import shipped_folder
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-LAUNCHERS_DIR = CONF_DIR.parent / "launchers"
+CONF_DIR = shipped_folder("conf")
+LAUNCHERS_DIR = shipped_folder("launchers")
 STATES = ("done", "failed", "running", "missing")
 
 def _job_overrides(job: Path) -> list[str]:

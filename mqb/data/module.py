@@ -4,16 +4,22 @@ A *source* lists cases (``{"case", "image", "label"}`` file records); the module
 seeded train / val / calibration / test sets and builds MONAI pipelines:
 
 * evaluation (test, calibration, val): LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) ->
-  [Spacingd] -> intensity preset -> EnsureTyped, cached on disk by ``PersistentDataset`` (the cache key hashes
-  the transform chain too, so changing preprocessing invalidates it);
+  [Spacingd] -> intensity preset -> [CenterSpatialCropd] -> EnsureTyped, cached on disk by ``PersistentDataset``
+  (the cache key hashes the transform chain too, so changing preprocessing invalidates it; cached items keep their
+  MetaTensor ``applied_operations``, so a cache hit can be inverted like a miss);
 * training: the same, then RandCropByPosNegLabeld patches, flips and intensity shifts.
+
+Where the volumes are resampled (``pixdim``) and ``score_on="native"`` (the default), the evaluation chain also keeps
+the label as loaded (``native_label``, the file's own grid) and :class:`NativeGrid` maps each predicted label map
+back to that grid with MONAI's ``Invertd`` (the inverse of the chain's spatial transforms, nearest neighbour), so
+DSC / NSD / HD95 are computed on each case's native grid at its native spacing.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,6 +38,12 @@ from mqb.data.sources import DatasetError, validate_cases
 from mqb.results import atomic_write, clean_temp_files
 
 SPLITS = ("train", "val", "calib", "test")
+#: ``dataset.score_on``: the grid the metrics are computed on when the volumes are resampled (``pixdim``).
+SCORE_ON = {
+    "native": "each case's own grid: the prediction is mapped back (MONAI Invertd, nearest neighbour) and scored "
+    "against the label as loaded, at the file's voxel spacing",
+    "resampled": "the resampled grid (dataset.pixdim): the prediction is scored against the resampled label",
+}
 
 
 class CaseSource(Protocol):
@@ -125,8 +137,15 @@ class MetaPersistentDataset(PersistentDataset):
     another file system than the cache), and an unreadable cached item (cut short, or not loadable) is computed
     again instead of failing every later run. Leftovers of killed writers are removed when the dataset is made."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, hash_transforms: Sequence[Any] | None = None, **kwargs: Any) -> None:
+        """``hash_transforms``: the chain to key the cache by, when the chain applied is one already used (a used
+        ``LoadImaged`` pickles differently from a new one, so its hash, and with it every cached file's name,
+        would change from one dataset of the process to the next)."""
         super().__init__(*args, **kwargs)
+        if hash_transforms is not None and kwargs.get("hash_transform") is not None:
+            applied, self.transform = self.transform, T.Compose(list(hash_transforms))
+            self.set_transform_hash(kwargs["hash_transform"])
+            self.transform = applied
         if self.cache_dir is not None:
             clean_temp_files(self.cache_dir)
 
@@ -175,6 +194,64 @@ class CheckLabelsd(T.MapTransform):
                     f"the class table 0..{self.num_classes - 1}"
                 )
         return data
+
+
+class NativeGrid:
+    """Maps what was predicted on the preprocessed grid back to the case's file grid: MONAI ``Invertd`` with the
+    evaluation chain, i.e. the inverse of its spatial transforms in reverse order (the crop's inverse pads, Spacingd's
+    resamples back to the file's affine and shape, Orientationd's restores the file's axis order).
+
+    Label maps are inverted with nearest neighbour: each native voxel gets the class predicted at the nearest
+    resampled voxel. This inverts the argmax label map, not the logits (nnU-Net resamples probabilities): one volume
+    instead of ``num_classes`` volumes on the native grid (117 classes on a 512 x 512 x 300 CT would be 37 GB of
+    float32), and a label map resampled to a grid at least as fine comes back to itself exactly, so a perfect
+    prediction scores DSC 1 on the native grid. Works on a cache hit: cached items keep ``applied_operations``.
+    """
+
+    def __init__(self, transform: T.Compose, crop: bool = False) -> None:
+        self.crop = crop
+        self._labels = T.Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)
+        self._images = T.Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=False)
+
+    def __call__(self, prediction: torch.Tensor, image: MetaTensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                              torch.Tensor]:  # fmt: skip
+        """``prediction``: an ``(X, Y, Z)`` label map on the grid of ``image``, the case's preprocessed image (a
+        ``(C, X, Y, Z)`` MetaTensor with its applied operations). Returns the label map on the native grid (int64,
+        on the prediction's device), the region of it the network saw (bool; ``None`` without a crop) and the
+        native affine (float64, 4 x 4)."""
+        # with a crop, classes are shifted by one so that the background the crop's inverse pads with (0) marks the
+        # part of the native grid the network never saw
+        shifted = MetaTensor(prediction.unsqueeze(0).float() + (1.0 if self.crop else 0.0))
+        inverted = self._labels({"pred": shifted, "image": image})["pred"]
+        labels = inverted[0].as_tensor().round().long().to(prediction.device)
+        region = None
+        if self.crop:
+            region = labels > 0
+            labels = (labels - 1).clamp_(min=0)
+        return labels, region, inverted.affine.to(torch.float64)
+
+    def image(self, image: MetaTensor) -> MetaTensor:
+        """The preprocessed image mapped back to the native grid (the chain's own interpolation, e.g. bilinear)."""
+        return self._images({"pred": MetaTensor(image.as_tensor().float()), "image": image})["pred"]
+
+
+def save_volume(volume: torch.Tensor, affine: torch.Tensor, path: str | Path, dtype: Any) -> Path:
+    """Write a 3-D volume as NIfTI with MONAI ``SaveImage`` (nibabel writer, ``affine`` as the volume's affine, no
+    resampling, voxels cast to ``dtype``), atomically: written under a temporary name beside ``path`` and renamed,
+    so a killed run leaves no half-written file."""
+    path = Path(path)
+    ext = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    if volume.ndim not in (3, 4):
+        raise ValueError(f"save_volume: {path.name} needs a 3-D volume (or channels first), got shape "
+                         f"{tuple(volume.shape)}")  # fmt: skip
+    writer = T.SaveImage(output_ext=ext, output_dtype=dtype, resample=False, separate_folder=False,
+                         print_log=False, writer="NibabelWriter")  # fmt: skip
+    volume = volume.detach().cpu()
+    data = MetaTensor(volume[None] if volume.ndim == 3 else volume,
+                      affine=torch.as_tensor(affine, dtype=torch.float64).cpu())  # fmt: skip
+    with atomic_write(path) as tmp:
+        writer(data, filename=str(tmp)[: -len(ext)])
+    return path
 
 
 def _content_digest(path: Path) -> str:
@@ -230,6 +307,11 @@ class SegmentationDataModule(L.LightningDataModule):
         crop: a centre crop ``[x, y, z]`` (voxels, after orientation and resampling) of every volume, labels
             included, or ``None``: a quick look at a large volume (``experiment=demo`` crops the brain to its deep
             structures). Axes smaller than the crop are kept whole.
+        score_on: the grid DSC / NSD / HD95 are computed on when ``pixdim`` resamples the volumes: ``native``
+            (default: the prediction mapped back to each case's file grid by :class:`NativeGrid` and scored against
+            the label as loaded, at the file's spacing, as nnU-Net reports) or ``resampled`` (the ``pixdim`` grid).
+            Without ``pixdim`` nothing is resampled and both are the same grid (nothing is inverted). With ``crop``
+            too, the native scoring covers the crop's region of the native grid (the label outside it is ignored).
     """
 
     def __init__(
@@ -256,6 +338,7 @@ class SegmentationDataModule(L.LightningDataModule):
         axcodes: str = "RAS",
         root: str | None = None,
         crop: Sequence[int] | None = None,
+        score_on: str = "native",
     ) -> None:
         super().__init__()
         if class_names is None:
@@ -293,7 +376,14 @@ class SegmentationDataModule(L.LightningDataModule):
         self.crop = tuple(int(c) for c in crop) if crop else None
         if self.crop is not None and (len(self.crop) != 3 or min(self.crop) < 1):
             raise ValueError(f"dataset {name!r}: crop={list(self.crop)} is invalid; valid: three positive sizes")
+        if score_on not in SCORE_ON:
+            raise ValueError(
+                f"dataset {name!r}: dataset.score_on={score_on!r} is invalid; valid: "
+                + "; ".join(f"{k} ({v})" for k, v in SCORE_ON.items())
+            )
+        self.score_on = score_on
         self._splits: dict[str, list[dict[str, str]]] | None = None
+        self._eval_chain: T.Compose | None = None
 
     # -- splits --------------------------------------------------------------------------------------------
     @property
@@ -340,14 +430,48 @@ class SegmentationDataModule(L.LightningDataModule):
         self.splits  # noqa: B018  (materialises the source's files once)
 
     # -- transforms ----------------------------------------------------------------------------------------
+    @property
+    def scores_on_native_grid(self) -> bool:
+        """Whether predictions are mapped back to the native grid to be scored (``pixdim`` resamples the volumes
+        and ``score_on`` is ``native``); without ``pixdim`` the grid scored on is the native one already."""
+        return self.pixdim is not None and self.score_on == "native"
+
+    @property
+    def grid_definition(self) -> str:
+        """Which grid the metrics are on, for the record (``results["definitions"]["grid"]``)."""
+        if self.pixdim is None:
+            return f"native: each case's own voxels at its file's spacing (reoriented to {self.axcodes}, nothing " \
+                "resampled" + (f"; centre crop {list(self.crop)})" if self.crop else ")")  # fmt: skip
+        if self.scores_on_native_grid:
+            return f"native: {SCORE_ON['native']} (inference on the {list(self.pixdim)} mm grid" + (
+                f", centre crop {list(self.crop)}: scored on its region of the native grid)" if self.crop else ")")
+        return f"resampled: {SCORE_ON['resampled']} ({list(self.pixdim)} mm)"
+
+    def native_grid(self) -> NativeGrid | None:
+        """The inversion of the evaluation chain's spatial transforms (:class:`NativeGrid`), or ``None`` where the
+        metrics are computed on the grid the network saw (:attr:`scores_on_native_grid`)."""
+        if not self.scores_on_native_grid:
+            return None
+        return NativeGrid(self.eval_transforms(), crop=self.crop is not None)
+
     def eval_transforms(self) -> T.Compose:
+        """The evaluation chain, one instance per module: MONAI checks that an inverted transform is the one that
+        ran (its ``id``), so :meth:`native_grid` inverts with the very chain the datasets applied."""
+        if self._eval_chain is None:
+            self._eval_chain = T.Compose(self._eval_chain_list(native_label=self.scores_on_native_grid))
+        return self._eval_chain
+
+    def _eval_chain_list(self, native_label: bool) -> list[Any]:
         keys = ["image", "label"]
         chain: list[Any] = [
             T.LoadImaged(keys=keys, image_only=True, allow_missing_keys=True),
             CheckLabelsd(self.num_classes),
             T.EnsureChannelFirstd(keys=keys, allow_missing_keys=True),
-            T.Orientationd(keys=keys, axcodes=self.axcodes, labels=None, allow_missing_keys=True),
         ]
+        if native_label:  # the label as loaded (file grid, no reorientation or resampling): the native reference
+            # (not "label_*": Spacingd takes keys named "label_..." for the label's metadata dictionaries)
+            chain.append(T.CopyItemsd(keys="label", names="native_label", allow_missing_keys=True))
+        chain.append(T.Orientationd(keys=keys, axcodes=self.axcodes, labels=None, allow_missing_keys=True))
         if self.pixdim:
             chain.append(
                 T.Spacingd(keys=keys, pixdim=self.pixdim, mode=("bilinear", "nearest"), allow_missing_keys=True)
@@ -356,10 +480,10 @@ class SegmentationDataModule(L.LightningDataModule):
             chain.append(self.intensity_transform())
         if self.crop:  # after the intensity window, which is computed on the whole volume as without the crop
             chain.append(T.CenterSpatialCropd(keys=keys, roi_size=self.crop, allow_missing_keys=True))
-        chain.append(
-            T.EnsureTyped(keys=keys, dtype=(torch.float32, torch.uint8), track_meta=True, allow_missing_keys=True)
-        )
-        return T.Compose(chain)
+        typed = [*keys, "native_label"] if native_label else keys
+        dtypes = (torch.float32, torch.uint8, torch.uint8)[: len(typed)]
+        chain.append(T.EnsureTyped(keys=typed, dtype=dtypes, track_meta=True, allow_missing_keys=True))
+        return chain
 
     def intensity_transform(self) -> T.MapTransform:
         """``{"a_min", "a_max", ...}``: fixed window (CT); ``{"lower", "upper", ...}``: percentile window (MRI);
@@ -379,7 +503,7 @@ class SegmentationDataModule(L.LightningDataModule):
         keys = ["image", "label"]
         return T.Compose(
             [
-                *self.eval_transforms().transforms,
+                *self._eval_chain_list(native_label=False),
                 T.SpatialPadd(keys=keys, spatial_size=self.roi_size),
                 T.RandCropByPosNegLabeld(
                     keys=keys,
@@ -395,6 +519,63 @@ class SegmentationDataModule(L.LightningDataModule):
             ]
         )
 
+    def scoring_grid_images(self) -> Iterator[tuple[dict[str, str], MetaTensor]]:
+        """Each test case's record and the image the network saw, on the grid its metrics are computed on
+        (mapped back to the native grid where :attr:`scores_on_native_grid`), as a ``(C, X, Y, Z)`` MetaTensor
+        whose ``affine`` is that grid's: what a prediction is written with (``eval.save_predictions``)."""
+        dataset = self._dataset("test", self.eval_transforms())
+        grid = self.native_grid()
+        for index, case in enumerate(self.splits["test"]):
+            image = dataset[index]["image"]
+            yield case, (grid.image(image) if grid is not None else image)
+
+    def write_predictions(self, folder: str | Path, predictions: dict[str, torch.Tensor],
+                          fp32: dict[str, torch.Tensor], fp32_only: bool = False,
+                          write: bool = True) -> dict[str, Any]:  # fmt: skip
+        """Write each test case's label maps as NIfTI (uint8, :func:`save_volume`) on the grid its metrics are on,
+        with that grid's affine: ``<folder>/<case>.nii.gz`` (``predictions``), ``<folder>/fp32/<case>.nii.gz``
+        (``fp32``, the FP32 baseline's); ``fp32_only`` (a float32 config, which is the baseline): the FP32 maps
+        only, which are then also the config's ``prediction``. Cases whose image file mqb generated itself (under
+        ``cache_dir``: synthetic data; or none on disk) also get the image the network saw,
+        ``<folder>/image/<case>.nii.gz``. ``write=False`` (a DDP process other than the first) writes nothing.
+        Returns the record's ``predictions`` section: ``{"dir", "cases": {case: {"prediction", "fp32", "image",
+        "label"}}}`` (absolute paths; ``label`` null for an unlabelled case)."""
+        folder = Path(folder).resolve()
+        cache = Path(self.cache_dir).resolve() if self.cache_dir else None
+        for sub in (folder, folder / "fp32", folder / "image"):  # what killed writers left behind (same run folder)
+            if write and sub.is_dir():
+                clean_temp_files(sub)
+        cases: dict[str, dict[str, str | None]] = {}
+        grids = self.scoring_grid_images() if write else ((case, None) for case in self.splits["test"])
+        for case, image in grids:
+            name = case["case"]
+            maps = {"fp32": (fp32, folder / "fp32" / f"{name}.nii.gz")}
+            if not fp32_only:
+                maps["prediction"] = (predictions, folder / f"{name}.nii.gz")
+            for role, (source, path) in maps.items():
+                if name not in source:
+                    raise ValueError(f"case {name!r}: no {role} label map to write to {path}")
+                if image is None:
+                    continue
+                if tuple(source[name].shape) != tuple(image.shape[1:]):
+                    raise ValueError(f"case {name!r}: the {role} label map has shape {tuple(source[name].shape)}, "
+                                     f"not that of the grid it was scored on {tuple(image.shape[1:])}")  # fmt: skip
+                save_volume(source[name], image.affine, path, np.uint8)
+            original = Path(case["image"]).resolve() if case.get("image") else None
+            generated = original is None or not original.is_file() or (
+                cache is not None and original.is_relative_to(cache))  # written by mqb (clear-cache deletes it)
+            image_path = folder / "image" / f"{name}.nii.gz" if generated else original
+            if generated and image is not None:
+                save_volume(image.as_tensor()[0] if image.shape[0] == 1 else image.as_tensor(), image.affine,
+                            image_path, np.float32)  # fmt: skip
+            cases[name] = {
+                "prediction": str(maps["fp32" if fp32_only else "prediction"][1]),
+                "fp32": str(maps["fp32"][1]),
+                "image": str(image_path),
+                "label": str(Path(case["label"]).resolve()) if case.get("label") else None,
+            }
+        return {"dir": str(folder), "cases": cases}
+
     def _dataset(self, split: str, transforms: T.Compose) -> Dataset:
         data = self.splits[split]
         if not data:
@@ -402,8 +583,11 @@ class SegmentationDataModule(L.LightningDataModule):
         if self.cache_dir is None:
             return Dataset(data, transforms)
         cache = Path(self.cache_dir) / "persistent" / self.name
+        # the evaluation chain is one object per module (NativeGrid inverts with it): keyed by the chain as built
+        fresh = self._eval_chain_list(self.scores_on_native_grid) if transforms is self._eval_chain else None
         # track_meta: cached items keep their MetaTensor affine (voxel spacing for NSD/HD95)
-        return MetaPersistentDataset(data, transforms, cache_dir=cache, hash_transform=pickle_hashing, track_meta=True)
+        return MetaPersistentDataset(data, transforms, cache_dir=cache, hash_transform=pickle_hashing, track_meta=True,
+                                     hash_transforms=fresh)  # fmt: skip
 
     def _eval_loader(self, split: str, indices: Sequence[int] | None = None) -> DataLoader:
         dataset = self._dataset(split, self.eval_transforms())

@@ -159,5 +159,5 @@ def overflow_fixed(recipe: Any) -> Any:
         p = rule.precision
         if isinstance(p, Precision):
             p = dataclasses.replace(p, name=f"{p.name}-w7", weight=fix_weight_spec(p.weight))
-        rules.append(LayerRule(rule.select, precision=p, granularity=rule.granularity))
+        rules.append(LayerRule(rule.select, precision=p, scheme=rule.scheme))
     return dataclasses.replace(recipe, weight=fix_weight_spec(recipe.weight), rules=tuple(rules))

@@ -9,9 +9,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from monai.data import decollate_batch
 from monai.inferers import sliding_window_inference
 
-from mqb.metrics import aggregate, case_metrics, metric_definitions, spacing_from_affine
+from mqb.lit.case_results import CaseResults
+from mqb.metrics import METRICS, aggregate, case_metrics, metric_definitions, spacing_from_affine
 from mqb.quant.ptq import NonFiniteError
 from mqb.quant.quantizer import module_device
 
@@ -29,7 +31,14 @@ class SegmentationEvaluator(L.LightningModule):
         compute_dtype: ``float32``, ``float16`` or ``bfloat16`` (network weights and inputs cast to it).
         reference_predictions: for volumes without labels, the FP32 label maps to compare against (agreement
             metrics); a volume with neither is compared with its own prediction (the FP32 reference run).
-        keep_predictions: keep each case's argmax label map in ``predictions`` (uint8, CPU).
+        keep_predictions: keep each case's argmax label map in ``predictions`` (uint8, CPU), on the grid it is scored
+            on (the native grid with ``native_grid``).
+        native_grid: map each prediction back to the case's native grid before scoring it
+            (:class:`mqb.data.module.NativeGrid`, from ``SegmentationDataModule.native_grid()``): the batches then
+            hold ``native_label``, the label as loaded, and the spacing is the native affine's. Label-free volumes
+            are scored against ``reference_predictions`` given on that grid (the FP32 run's, mapped back the same
+            way). ``None``: scored on the grid the network saw.
+        grid: which grid the metrics are on, for ``results["definitions"]["grid"]``.
 
     After testing, ``results`` (:func:`mqb.metrics.aggregate` plus definitions and per-case values) and where the
     test loop's time went, in seconds: ``forward_seconds`` (sliding windows, finite check, argmax),
@@ -48,6 +57,8 @@ class SegmentationEvaluator(L.LightningModule):
         compute_dtype: str = "float32",
         reference_predictions: dict[str, torch.Tensor] | None = None,
         keep_predictions: bool = False,
+        native_grid: Any = None,
+        grid: str | None = None,
     ) -> None:
         super().__init__()
         if compute_dtype not in DTYPES:
@@ -70,6 +81,10 @@ class SegmentationEvaluator(L.LightningModule):
         self.reference_predictions = reference_predictions
         self.keep_predictions = keep_predictions
         self.predictions: dict[str, torch.Tensor] = {}
+        # every scored case (and its label map with keep_predictions), gathered across DDP processes by torchmetrics
+        self.cases = CaseResults(METRICS, self.num_classes - 1, keep_predictions=keep_predictions)
+        self.native_grid = native_grid
+        self.grid = grid
 
     def sliding_window(self, image: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits for a whole volume (B, C_in, X, Y, Z) by Gaussian-weighted sliding windows."""
@@ -92,7 +107,8 @@ class SegmentationEvaluator(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self.case_results, self.case_ids, self.results = [], [], None
-        self.case_spacing: list[tuple[float, float, float]] = []
+        self.case_spacing: list[tuple[float, ...]] = []
+        self.cases.reset()
         self.data_seconds = self.forward_seconds = self.metric_seconds = 0.0
         self._last_batch_end = time.perf_counter()
 
@@ -121,61 +137,53 @@ class SegmentationEvaluator(L.LightningModule):
         self.forward_seconds += time.perf_counter() - start  # synchronized by the finite check above
         start = time.perf_counter()
         affines = image.affine if hasattr(image, "affine") else torch.eye(4).expand(image.shape[0], 4, 4)
+        native = self.native_grid is not None
+        if native and "label" in batch and "native_label" not in batch:
+            raise ValueError(f"case {', '.join(map(str, cases))}: scoring on the native grid needs the label as "
+                             "loaded (batch key 'native_label', added by SegmentationDataModule when "
+                             "dataset.score_on=native and dataset.pixdim is set)")  # fmt: skip
+        images = decollate_batch(image, detach=True) if native else None  # one MetaTensor per case, with its trace
         for i in range(image.shape[0]):
-            affine = affines[i] if affines.ndim == 3 else affines
+            affine, predicted, region = (affines[i] if affines.ndim == 3 else affines), prediction[i], None
+            if images is not None:  # back to the case's file grid (nearest neighbour), scored there
+                predicted, region, affine = self.native_grid(predicted, images[i])
             spacing = spacing_from_affine(affine)
             case = str(cases[i])
             if "label" in batch:
-                reference = batch["label"][i, 0]
+                reference = batch["native_label" if native else "label"][i, 0]
                 if hasattr(reference, "as_tensor"):  # a MetaTensor: every operation on it goes through its metadata
                     reference = reference.as_tensor()
+                if region is not None:  # a crop: the native label where the network saw the volume
+                    reference = reference * region.to(reference.dtype)
             elif self.reference_predictions is not None:
                 if case not in self.reference_predictions:
                     raise ValueError(f"case {case!r} has no label and no FP32 reference prediction")
-                reference = self.reference_predictions[case].to(prediction.device)
+                reference = self.reference_predictions[case].to(predicted.device)
+                if reference.shape != predicted.shape:
+                    raise ValueError(f"case {case!r}: the FP32 reference prediction has shape {tuple(reference.shape)}"
+                                     f" but this run's is {tuple(predicted.shape)} (not the same grid)")  # fmt: skip
             else:
-                reference = prediction[i]
-            if self.keep_predictions:
-                self.predictions[case] = prediction[i].to(torch.uint8).cpu()
-            metrics = case_metrics(prediction[i], reference, self.num_classes, spacing, self.nsd_tolerance_mm)
-            self.case_spacing.append(spacing)
-            self.case_results.append(metrics)
-            self.case_ids.append(case)
+                reference = predicted
+            metrics = case_metrics(predicted, reference, self.num_classes, spacing, self.nsd_tolerance_mm)
+            self.cases.update(case, metrics, spacing, predicted if self.keep_predictions else None)
             self.log("test/case_dsc", float(np.nanmean(metrics["dsc"])), batch_size=1, on_step=True, on_epoch=False)
         self.metric_seconds += time.perf_counter() - start
 
-    def _gather_cases(self) -> None:
-        """Under DDP each process scored its share of the volumes: collect all, drop sampler padding repeats."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        local = list(zip(self.case_ids, self.case_results, self.case_spacing, strict=True))
-        shards: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shards, local)
-        merged = {}
-        for shard in shards:
-            for case, result, spacing in shard:
-                merged.setdefault(case, (result, spacing))
-        order = sorted(merged)
-        self.case_ids = order
-        self.case_results = [merged[c][0] for c in order]
-        self.case_spacing = [merged[c][1] for c in order]
-        if self.keep_predictions:
-            pred_shards: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(pred_shards, self.predictions)
-            for shard in pred_shards:
-                for case, pred in shard.items():
-                    self.predictions.setdefault(case, pred)
-
     def on_test_epoch_end(self) -> None:
-        self._gather_cases()
-        # one order of the cases whatever the process count (DDP gathers them sorted): the means below then add
-        # the same numbers in the same order, equal to the last bit on one device and on several
-        order = sorted(range(len(self.case_ids)), key=lambda i: str(self.case_ids[i]))
-        self.case_ids = [self.case_ids[i] for i in order]
-        self.case_results = [self.case_results[i] for i in order]
-        self.case_spacing = [self.case_spacing[i] for i in order]
+        # Under DDP each process scored its share of the volumes: CaseResults.compute() gathers them all (torchmetrics'
+        # synchronisation), drops the sampler's padding repeats, and returns them in one order (sorted by case)
+        # whatever the process count, so the means below add the same numbers in the same order, equal to the last
+        # bit on one device and on several
+        cases = self.cases.compute()
+        self.case_ids = [c.case for c in cases]
+        self.case_results = [c.metrics for c in cases]
+        self.case_spacing = [c.spacing for c in cases]
+        if self.keep_predictions:
+            self.predictions = {c.case: c.prediction for c in cases}
         self.results = aggregate(self.case_results, self.class_names)
         self.results["definitions"] = metric_definitions(self.nsd_tolerance_mm)  # which NSD / HD95 these are
+        if self.grid is not None:  # which grid (native / resampled) the metrics and per-case spacings are on
+            self.results["definitions"]["grid"] = self.grid
         self.results["per_case"] = {
             case: {
                 "spacing_mm": list(spacing),

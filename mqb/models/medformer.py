@@ -27,7 +27,7 @@ patch-merging and B-MHA pre-norms the PyTorch default 1e-5 (as in the reference)
 
 Quantization: the activation-activation products (the B-MHA einsums, the fusion transformer's attention and
 the semantic-map pooling einsum: 61 products in the BTCV model) run inside modules registered with
-:func:`mqb.quant.attention.register_attention`, so ``QuantRecipe(attention=True)`` fake-quantizes them.
+:func:`mqb.quant.register_quant_module`, so ``QuantRecipe(attention=True)`` fake-quantizes them.
 
 Redesign (MedQuanBench sec. 4.3): ``replace_with_pointwise`` names (or globs) 1x3x3 convs that are rebuilt as
 1x1x1 convs with padding 0 (same channels, groups and bias), e.g. ``["inc.conv2.conv1.conv"]``.
@@ -43,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqb.quant.attention import QuantAttention, register_attention
+from mqb.quant.attention import QuantAttention
+from mqb.quant.registry import register_quant_module
 
 Triple = tuple[int, int, int]
 
@@ -678,21 +679,21 @@ class MedFormer(nn.Module):
         return out
 
 
-@register_attention
+@register_quant_module(BidirectionAttention)
 class QuantBidirectionAttention(QuantAttention, BidirectionAttention):
     """B-MHA attention with its three einsums (logits, feat <- map, map <- feat) fake-quantized."""
 
     float_class = BidirectionAttention
 
 
-@register_attention
+@register_quant_module(FusionAttention)
 class QuantFusionAttention(QuantAttention, FusionAttention):
     """Map-fusion self-attention with q·kᵀ and softmax·v fake-quantized."""
 
     float_class = FusionAttention
 
 
-@register_attention
+@register_quant_module(SemanticMapGeneration)
 class QuantSemanticMapGeneration(QuantAttention, SemanticMapGeneration):
     """Semantic-map pooling with its einsum (features · soft assignment) fake-quantized."""
 

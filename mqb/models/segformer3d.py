@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mqb.quant.attention import QuantAttention, register_attention
+from mqb.quant.attention import QuantAttention
+from mqb.quant.registry import register_quant_module
 
 AttentionScale = Literal["num_heads", "head_dim"]
 ATTENTION_SCALES: tuple[str, ...] = ("num_heads", "head_dim")
@@ -127,7 +128,7 @@ class EfficientSelfAttention(nn.Module):
         return f"heads={self.num_heads}, sr_ratio={self.sr_ratio}, attention_scale={self.attention_scale!r}"
 
 
-@register_attention
+@register_quant_module(EfficientSelfAttention)
 class QuantEfficientSelfAttention(QuantAttention, EfficientSelfAttention):
     """SegFormer3D efficient self-attention with quantized Q·Kᵀ and softmax·V operands."""
 

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mqb.quant.attention import QuantAttention, register_attention
+from mqb.quant.attention import QuantAttention
+from mqb.quant.registry import register_quant_module
 
 #: Native (module) parameter name -> reference (``nn.MultiheadAttention``) state-dict name.
 _PACKED_NAMES = {"in_proj.weight": "in_proj_weight", "in_proj.bias": "in_proj_bias"}
@@ -101,7 +102,7 @@ class MultiheadSelfAttention(nn.Module):
         return f"embed_dim={self.hidden_size}, num_heads={self.num_heads}, dropout={self.dropout}"
 
 
-@register_attention
+@register_quant_module(MultiheadSelfAttention)
 class QuantMultiheadSelfAttention(QuantAttention, MultiheadSelfAttention):
     """TransUNet3D self-attention with quantized Q·Kᵀ and softmax·V operands."""
 

@@ -32,7 +32,7 @@ The window is fixed: the positional embeddings have one entry per token of each 
 ``img_size``³ (use a sliding-window inferer with ``roi_size = img_size``, 96³ for the bundle, overlap 0.7).
 
 The attention products Q·Kᵀ and softmax·V are ``@`` calls inside :class:`NestAttention`; its quantized twin
-:class:`QuantNestAttention` (registered with :func:`mqb.quant.attention.register_attention`) fake-quantizes their
+:class:`QuantNestAttention` (registered with :func:`mqb.quant.register_quant_module`) fake-quantizes their
 operands, and qkv / proj are ordinary ``nn.Linear`` layers.
 """
 
@@ -47,7 +47,8 @@ from monai.networks.blocks.dynunet_block import get_conv_layer
 from monai.networks.layers import DropPath
 from torch import nn
 
-from mqb.quant.attention import QuantAttention, register_attention
+from mqb.quant.attention import QuantAttention
+from mqb.quant.registry import register_quant_module
 
 #: Number of NesT levels; the block grid halves per edge at each level (64 -> 8 -> 1 blocks).
 NUM_LEVELS = 3
@@ -86,7 +87,7 @@ class NestAttention(nn.Module):
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
 
-@register_attention
+@register_quant_module(NestAttention)
 class QuantNestAttention(QuantAttention, NestAttention):
     """UNesT block-local attention with quantized Q·Kᵀ and softmax·V operands."""
 

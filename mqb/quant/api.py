@@ -1,6 +1,6 @@
 """The public engine API: quantize, calibrate, dequantize, inspect.
 
-model = quantize(model, QuantRecipe.from_precision("w8a8", granularity="adaptive"))
+model = quantize(model, QuantRecipe.from_precision("w8a8", scheme="adaptive"))
 calibrate(model, calibration_batches)          # static activation ranges (min-max by default)
 dequantize(model, ["conv1x3x3"])              # back to float for a layer group (sensitivity studies)
 print(summarize(model))
@@ -16,20 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from mqb.quant.attention import QuantAttention, describe_attention, swap_in_attention, swap_out_attention
+import mqb.quant.attention  # noqa: F401  (registers the attention twins)
 from mqb.quant.fake_quant import check_kernel
-from mqb.quant.layers import LayerInfo, QuantLayer, describe_layer, swap_in, swap_out
+from mqb.quant.layers import LayerInfo
 from mqb.quant.output import detach_for_readers
 from mqb.quant.quantizer import TensorQuantizer, module_device
 from mqb.quant.recipe import LayerPlan, QuantRecipe
+from mqb.quant.registry import QuantModule, describe, quant_class, swap_in, swap_out
 from mqb.quant.selectors import VALID_SELECTORS, matches_any, validate_selector
-
-QuantModule = QuantLayer | QuantAttention
-
-
-def describe(name: str, module: nn.Module) -> LayerInfo | None:
-    """A :class:`LayerInfo` for any float layer mqb can quantize (conv, conv-transpose, linear, attention)."""
-    return describe_layer(name, module) or describe_attention(name, module)
 
 
 def used_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -52,7 +46,7 @@ def quantizable_layers(model: nn.Module) -> list[LayerInfo]:
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantModule]]:
     """(name, layer) for every quantized layer of ``model``."""
     for name, module in model.named_modules():
-        if isinstance(module, (QuantLayer, QuantAttention)):
+        if isinstance(module, QuantModule):
             yield name, module
 
 
@@ -79,23 +73,13 @@ def quantize(model: nn.Module, recipe: QuantRecipe, *, inplace: bool = True) -> 
     try:
         for layer_plan in plan(model, recipe):
             module = modules[layer_plan.info.name]
-            if layer_plan.info.kind == "attention":
-                swap_in_attention(module, layer_plan.info, layer_plan.activation)
-            else:
-                swap_in(module, layer_plan.info, layer_plan.weight, layer_plan.activation)
+            swap_in(module, layer_plan.info, layer_plan.weight, layer_plan.activation)
             done.append(module)
     except Exception:
         for module in done:  # leave nothing half-quantized
-            _swap_out(module)
+            swap_out(module)  # type: ignore[arg-type]
         raise
     return model
-
-
-def _swap_out(module: nn.Module) -> None:
-    if isinstance(module, QuantAttention):
-        swap_out_attention(module)
-    elif isinstance(module, QuantLayer):
-        swap_out(module)
 
 
 def set_kernel(model: nn.Module, kernel: str) -> int:
@@ -107,8 +91,10 @@ def set_kernel(model: nn.Module, kernel: str) -> int:
     check_kernel(kernel)
     count = 0
     for module in model.modules():
-        if isinstance(module, (TensorQuantizer, QuantAttention)):
+        if isinstance(module, TensorQuantizer):
             module.kernel = kernel
+            count += 1
+        elif isinstance(module, QuantModule) and module.set_kernel(kernel):
             count += 1
     return count
 
@@ -239,8 +225,7 @@ def calibrate(
         for q in quantizers:
             q.begin_calibration()
         for layer in layers:
-            if isinstance(layer, QuantAttention):
-                layer.set_calibrating(True)
+            layer.set_calibrating(True)
         seen = 0
         try:
             with torch.no_grad():
@@ -256,8 +241,7 @@ def calibrate(
                     q.end_calibration()
         finally:
             for layer in layers:
-                if isinstance(layer, QuantAttention):
-                    layer.set_calibrating(False)
+                layer.set_calibrating(False)
             for q in model.modules():
                 if isinstance(q, TensorQuantizer) and q.mode == "calibrate":
                     q._observer = None
@@ -294,7 +278,7 @@ def collect_input_ranges(
     hooks = [
         modules[info.name].register_forward_pre_hook(make_hook(info.name, -1 if info.kind == "linear" else 1))
         for info in quantizable_layers(model)
-        if info.kind != "attention"
+        if quant_class(modules[info.name]).takes_input_ranges  # type: ignore[union-attr]
     ]
     run_batches(model, batches, forward, hooks)
     if not stats:
@@ -325,7 +309,7 @@ def apply_input_ranges(model: nn.Module, ranges: dict[str, dict[str, torch.Tenso
         spec = layer.activation_spec
         if spec is None or spec.dynamic:
             continue
-        if isinstance(layer, QuantAttention) or spec.observer != "minmax":
+        if not layer.takes_input_ranges or spec.observer != "minmax":
             raise ValueError(f"{name}: static {spec.observer} ranges cannot come from per-channel min/max statistics")
         if name not in ranges:
             raise ValueError(f"{name}: no collected input range (was the model changed after collection?)")
@@ -364,6 +348,6 @@ def dequantize(model: nn.Module, layers: Iterable[str] | str = ("all",)) -> list
             )
         chosen.update(hit)
     for module in chosen.values():
-        _swap_out(module)
+        swap_out(module)
     detach_for_readers(model, chosen)  # a dequantized layer reads float again
     return list(chosen)

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from mqb.quant.layers import LayerInfo
 from mqb.quant.quantizer import TensorQuantizer
+from mqb.quant.registry import QuantModule, register_quant_module
 from mqb.quant.spec import QuantSpec
 
 _MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm}
@@ -115,16 +116,24 @@ class _OperandQuantMode(TorchFunctionMode):
         return torch.matmul(p, v)
 
 
-class QuantAttention(nn.Module):
-    """Mixin of quantized attention blocks: runs the float ``forward`` with operand quantization."""
+class QuantAttention(QuantModule):
+    """Mixin of quantized attention blocks: runs the float ``forward`` with operand quantization.
 
-    float_class: ClassVar[type[nn.Module]]
+    A model's own attention block gets a twin ``class QuantMine(QuantAttention, Mine)`` registered with
+    :func:`mqb.quant.register_quant_module` (``@register_quant_module(Mine)``).
+    """
+
     kind: ClassVar[str] = "attention"
-    mqb_info: LayerInfo
     operand_spec: QuantSpec
     operand_quantizers: nn.ModuleDict
     #: the kernel of the operand quantizers, also of those made at the first forward (:func:`mqb.quant.set_kernel`)
     kernel: str = "auto"
+
+    @classmethod
+    def describe_float(cls, name: str, module: nn.Module) -> LayerInfo:
+        hidden = int(getattr(module, "hidden_size", 0) or getattr(module, "dim", 0) or 0)
+        heads = int(getattr(module, "num_heads", 1) or 1)
+        return LayerInfo(name, "attention", type(module).__name__, (), hidden, hidden, heads)
 
     def attach_quantizers(self, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
         if activation is None:
@@ -143,15 +152,15 @@ class QuantAttention(nn.Module):
             self.__dict__.pop(attr, None)
 
     @property
-    def weight_spec(self) -> QuantSpec | None:
-        return None
-
-    @property
     def activation_spec(self) -> QuantSpec | None:
         return self.operand_spec
 
     def set_calibrating(self, flag: bool) -> None:
         self._calibrating = flag
+
+    def set_kernel(self, kernel: str) -> bool:
+        self.kernel = kernel  # for the operand quantizers made at the first forward; the others are set directly
+        return True
 
     def quantize_operand(self, key: str, x: torch.Tensor, contraction_axis: int) -> torch.Tensor:
         quantizer = self.operand_quantizers[key] if key in self.operand_quantizers else None
@@ -183,35 +192,14 @@ class QuantWindowAttention(QuantAttention, WindowAttention):
     float_class = WindowAttention
 
 
-#: Float attention class -> quantized twin; models with their own attention blocks add theirs here via
-#: :func:`register_attention`.
-QUANT_ATTENTION: dict[type[nn.Module], type[QuantAttention]] = {
-    cls.float_class: cls for cls in (QuantSABlock, QuantWindowAttention)
-}
+for _twin in (QuantSABlock, QuantWindowAttention):
+    register_quant_module(_twin.float_class, _twin)
 
 
 def register_attention(quant_cls: type[QuantAttention]) -> type[QuantAttention]:
-    """Class decorator registering a quantized attention twin (``float_class`` set on the class)."""
-    QUANT_ATTENTION[quant_cls.float_class] = quant_cls
+    """Class decorator registering a quantized attention twin (``float_class`` set on the class).
+
+    Kept for existing code; the one registration is :func:`mqb.quant.register_quant_module`.
+    """
+    register_quant_module(quant_cls.float_class, quant_cls)
     return quant_cls
-
-
-def describe_attention(name: str, module: nn.Module) -> LayerInfo | None:
-    if type(module) not in QUANT_ATTENTION:
-        return None
-    hidden = int(getattr(module, "hidden_size", 0) or getattr(module, "dim", 0) or 0)
-    heads = int(getattr(module, "num_heads", 1) or 1)
-    return LayerInfo(name, "attention", type(module).__name__, (), hidden, hidden, heads)
-
-
-def swap_in_attention(module: nn.Module, info: LayerInfo, activation: QuantSpec | None) -> None:
-    quant_cls = QUANT_ATTENTION[type(module)]
-    module.__class__ = quant_cls
-    module.mqb_info = info
-    module.attach_quantizers(None, activation)  # type: ignore[operator]
-
-
-def swap_out_attention(module: QuantAttention) -> None:
-    module.detach_quantizers()
-    del module.mqb_info
-    module.__class__ = module.float_class

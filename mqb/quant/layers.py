@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mqb.quant.granularity import GRANULARITIES, valid_granularities
 from mqb.quant.quantizer import TensorQuantizer, WeightQuantizer, module_device
+from mqb.quant.registry import QuantModule, quant_class, register_quant_module
 from mqb.quant.spec import QuantSpec
 
 LAYER_KINDS = ("conv", "conv_transpose", "linear", "attention", "norm")
@@ -81,29 +83,16 @@ class LayerInfo:
         return "-"
 
 
-VALID_WEIGHT_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-VALID_ACTIVATION_GRANULARITIES = {
-    "conv": ("per_tensor", "per_channel", "per_voxel", "per_group"),
-    "conv_transpose": ("per_tensor", "per_channel", "per_voxel", "per_group"),
-    "linear": ("per_tensor", "per_channel", "per_token", "per_group"),
-    "norm": ("per_tensor", "per_channel"),
-}
-
-
 def axis_for(kind: str, role: str, granularity: str) -> int | None:
-    """The axis a quantizer needs: channel axis for per-channel, reduction axis for per-group."""
-    if granularity not in ("per_channel", "per_group"):
-        return None
-    per_channel = granularity == "per_channel"
-    if role == "weight":
-        if kind == "conv_transpose":
-            return 1 if per_channel else 0
-        return 0 if per_channel else 1
-    return -1 if kind == "linear" else 1
+    """The axis a quantizer needs (channel axis for per-channel, reduction axis for per-group), from the granularity
+    registry (:data:`mqb.quant.granularity.GRANULARITIES`)."""
+    entry = GRANULARITIES.get(granularity)
+    return entry.axis(kind, role) if entry is not None and entry.axis is not None else None
 
 
-class QuantLayer(nn.Module):
-    """Mixin of the quantized twins. ``float_class`` is the class restored by ``dequantize``.
+class QuantLayer(QuantModule):
+    """Mixin of the quantized twins of weighted layers and norm inputs. ``float_class`` is the class restored by
+    ``dequantize``.
 
     Besides the two quantizers, a layer can carry the pieces that PTQ methods (:mod:`mqb.quant.methods`) add,
     all exact rewrites of the float layer ``y = op(x, W) + b``:
@@ -120,17 +109,15 @@ class QuantLayer(nn.Module):
     RTN-quantized layer holds its float parameters and a few scales.
     """
 
-    float_class: ClassVar[type[nn.Module]]
-    kind: ClassVar[str]
+    takes_input_ranges: ClassVar[bool] = True
     weight_quantizer: WeightQuantizer | None
     input_quantizer: TensorQuantizer | None
-    mqb_info: LayerInfo
 
     def attach_quantizers(self, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
         name = self.mqb_info.name
         for role, spec, valid in (
-            ("weight", weight, VALID_WEIGHT_GRANULARITIES),
-            ("activation", activation, VALID_ACTIVATION_GRANULARITIES[self.kind]),
+            ("weight", weight, valid_granularities("weight", self.kind)),
+            ("activation", activation, valid_granularities("input", self.kind)),
         ):
             if spec is not None and spec.granularity not in valid:
                 raise ValueError(
@@ -216,8 +203,16 @@ class QuantLayer(nn.Module):
         return y
 
 
+def _describe_conv(cls: type[QuantLayer], name: str, module: nn.Module) -> LayerInfo:
+    assert isinstance(module, nn.modules.conv._ConvNd)
+    kernel = tuple(int(k) for k in module.kernel_size)
+    return LayerInfo(name, cls.kind, type(module).__name__, kernel, module.in_channels, module.out_channels,
+                     module.groups)  # fmt: skip
+
+
 class _QuantConv(QuantLayer):
     kind = "conv"
+    describe_float = classmethod(_describe_conv)
 
     def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._conv_forward(x, weight, bias)  # type: ignore[attr-defined]
@@ -237,6 +232,7 @@ class QuantConv3d(_QuantConv, nn.Conv3d):
 
 class _QuantConvTranspose(QuantLayer):
     kind = "conv_transpose"
+    describe_float = classmethod(_describe_conv)
     _functional: ClassVar = None
     _spatial_dims: ClassVar[int] = 0
     _mqb_output_size: list[int] | None = None
@@ -279,6 +275,11 @@ class QuantLinear(QuantLayer, nn.Linear):
     float_class = nn.Linear
     kind = "linear"
 
+    @classmethod
+    def describe_float(cls, name: str, module: nn.Module) -> LayerInfo:
+        assert isinstance(module, nn.Linear)
+        return LayerInfo(name, "linear", type(module).__name__, (), module.in_features, module.out_features, 1)
+
     def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, weight, bias)
 
@@ -287,6 +288,14 @@ class _QuantNormInput(QuantLayer):
     """A normalization layer whose input is fake-quantized: ``y = norm(Q(x))``; no weight quantizer."""
 
     kind = "norm"
+
+    @classmethod
+    def describe_float(cls, name: str, module: nn.Module) -> LayerInfo:
+        if isinstance(module, nn.GroupNorm):
+            return LayerInfo(name, "norm", type(module).__name__, (), module.num_channels, module.num_channels,
+                             module.num_groups)  # fmt: skip
+        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
+        return LayerInfo(name, "norm", type(module).__name__, (), module.num_features, module.num_features, 1)
 
     def layer_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.float_class.forward(self, x)  # type: ignore[arg-type]
@@ -308,67 +317,24 @@ class QuantGroupNorm(_QuantNormInput, nn.GroupNorm):
     float_class = nn.GroupNorm
 
 
-#: Float layer class -> quantized twin. Matching is by exact type, so subclasses with their own forward are
-#: never silently replaced.
-QUANT_LAYERS: dict[type[nn.Module], type[QuantLayer]] = {
-    cls.float_class: cls
-    for cls in (
-        QuantConv1d,
-        QuantConv2d,
-        QuantConv3d,
-        QuantConvTranspose1d,
-        QuantConvTranspose2d,
-        QuantConvTranspose3d,
-        QuantLinear,
-        QuantInstanceNorm1d,
-        QuantInstanceNorm2d,
-        QuantInstanceNorm3d,
-        QuantGroupNorm,
-    )
-}
+for _twin in (
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose1d,
+    QuantConvTranspose2d,
+    QuantConvTranspose3d,
+    QuantLinear,
+    QuantInstanceNorm1d,
+    QuantInstanceNorm2d,
+    QuantInstanceNorm3d,
+    QuantGroupNorm,
+):
+    register_quant_module(_twin.float_class, _twin)
 
 
 def describe_layer(name: str, module: nn.Module) -> LayerInfo | None:
-    """A :class:`LayerInfo` for a quantizable float layer (conv, conv-transpose, linear, norm), else ``None``."""
-    quant_cls = QUANT_LAYERS.get(type(module))
-    if quant_cls is None:
-        return None
-    if quant_cls.kind == "norm":
-        if isinstance(module, nn.GroupNorm):
-            return LayerInfo(name, "norm", type(module).__name__, (), module.num_channels, module.num_channels,
-                             module.num_groups)  # fmt: skip
-        assert isinstance(module, nn.modules.instancenorm._InstanceNorm)
-        return LayerInfo(name, "norm", type(module).__name__, (), module.num_features, module.num_features, 1)
-    if quant_cls.kind == "linear":
-        assert isinstance(module, nn.Linear)
-        return LayerInfo(name, "linear", type(module).__name__, (), module.in_features, module.out_features, 1)
-    assert isinstance(module, nn.modules.conv._ConvNd)
-    return LayerInfo(
-        name,
-        quant_cls.kind,
-        type(module).__name__,
-        tuple(int(k) for k in module.kernel_size),
-        module.in_channels,
-        module.out_channels,
-        module.groups,
-    )
-
-
-def swap_in(module: nn.Module, info: LayerInfo, weight: QuantSpec | None, activation: QuantSpec | None) -> None:
-    """Turn a float layer into its quantized twin in place."""
-    float_cls = type(module)
-    module.__class__ = QUANT_LAYERS[float_cls]
-    module.mqb_info = info
-    try:
-        module.attach_quantizers(weight, activation)  # type: ignore[operator]
-    except Exception:
-        del module.mqb_info
-        module.__class__ = float_cls
-        raise
-
-
-def swap_out(module: QuantLayer) -> None:
-    """Restore the float class of a quantized layer in place (parameters untouched)."""
-    module.detach_quantizers()
-    del module.mqb_info
-    module.__class__ = module.float_class
+    """A :class:`LayerInfo` for a float layer with a :class:`QuantLayer` twin (conv, conv-transpose, linear, norm),
+    else ``None`` (attention blocks included: :func:`mqb.quant.registry.describe` describes every twin)."""
+    cls = quant_class(module)
+    return cls.describe_float(name, module) if cls is not None and issubclass(cls, QuantLayer) else None

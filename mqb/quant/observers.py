@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mqb.quant.spec import QuantSpec
+if TYPE_CHECKING:
+    from mqb.quant.spec import QuantSpec
 
 #: ``quant_fn(values, amax)`` returns the fake-quantized values for a clipping range ``amax``.
 QuantFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -184,17 +187,53 @@ class EntropyObserver(HistogramObserver):
         return {"amax": torch.minimum((best_i.float() + 0.5) * self.width, self.max_seen)}
 
 
-Observer = MinMaxObserver | PercentileObserver | MSEObserver | EntropyObserver
+class Observer(Protocol):
+    """What every observer provides: ``update(rows)`` per calibration tensor (one row per scale group) and
+    ``compute() -> {"amax": (G,)}`` (``lo`` / ``hi`` too for asymmetric specs)."""
+
+    def update(self, rows: torch.Tensor) -> None: ...
+
+    def compute(self) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class ObserverEntry:
+    """One calibration observer of the registry.
+
+    Attributes:
+        name: the ``QuantSpec.observer`` / ``calibration.observer`` value.
+        make: ``make(spec, quant_fn) -> observer``; ``quant_fn(values, amax)`` is the spec's element quantizer.
+        affine: it also gives ``lo`` / ``hi`` for asymmetric specs.
+        integer_grid: it needs a format whose elements are integers (:attr:`mqb.quant.formats.Format.integer_grid`),
+            ``why`` says why.
+    """
+
+    name: str
+    make: Callable[[QuantSpec, QuantFn], Observer]
+    affine: bool = False
+    integer_grid: bool = False
+    why: str = ""
+
+
+#: The observer registry: name -> :class:`ObserverEntry`. Filled by :func:`register_observer`.
+OBSERVERS: dict[str, ObserverEntry] = {}
+
+
+def register_observer(entry: ObserverEntry) -> ObserverEntry:
+    """Add ``entry`` to the observer registry (replacing one of the same name); returns it."""
+    OBSERVERS[entry.name] = entry
+    return entry
+
+
+register_observer(ObserverEntry("minmax", lambda spec, quant_fn: MinMaxObserver(), affine=True))
+register_observer(ObserverEntry("percentile", lambda spec, quant_fn: PercentileObserver(spec.percentile)))
+register_observer(ObserverEntry("mse", lambda spec, quant_fn: MSEObserver(quant_fn)))
+register_observer(ObserverEntry("entropy", lambda spec, quant_fn: EntropyObserver(levels=spec.qmax + 1),
+                                integer_grid=True, why="KL over integer levels"))  # fmt: skip
 
 
 def make_observer(spec: QuantSpec, quant_fn: QuantFn) -> Observer:
     """The observer named by ``spec.observer``; ``quant_fn`` is the element quantizer used by ``mse``."""
-    if spec.observer == "minmax":
-        return MinMaxObserver()
-    if spec.observer == "percentile":
-        return PercentileObserver(spec.percentile)
-    if spec.observer == "mse":
-        return MSEObserver(quant_fn)
-    if spec.observer == "entropy":
-        return EntropyObserver(levels=spec.qmax + 1)
-    raise ValueError(f"observer={spec.observer!r} is unknown")
+    if spec.observer not in OBSERVERS:
+        raise ValueError(f"observer={spec.observer!r} is unknown")
+    return OBSERVERS[spec.observer].make(spec, quant_fn)

@@ -1,10 +1,11 @@
-"""Tensor quantizers: a quantizer on a module's *output*, so every reader of that tensor reads the quantized value.
+"""Output quantizers (ModelOpt's ``output_quantizer``): a quantizer on a module's *output*, so every reader of that
+tensor reads the quantized value.
 
 mqb quantizes layer inputs; a float op that reads the same tensor (the identity shortcut of a residual unit, say)
 reads the float value. Deployment toolkits quantize the tensor once where it is produced (NNCF, TensorRT explicit
-quantization): the residual Add then reads INT8 too, and the producing layer can write INT8. A tensor quantizer
+quantization): the residual Add then reads INT8 too, and the producing layer can write INT8. An output quantizer
 reproduces that placement in simulation. It is attached by :class:`mqb.quant.methods.SharedInputRanges` with
-``quantize_tensors=True`` to a leaf module whose output feeds quantized layers, with their (shared) range, so the
+``output_quantizers=True`` to a leaf module whose output feeds quantized layers, with their (shared) range, so the
 readers' own input quantizers see values already on their grid and leave them unchanged
 (``Q(Q(x)) = Q(x)`` for one scale).
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mqb.quant.formats import BLOCK_SCALED_REASON, FORMATS
+from mqb.quant.granularity import GRANULARITIES
 from mqb.quant.layers import LayerInfo
 from mqb.quant.spec import QuantSpec
 
@@ -37,28 +39,14 @@ class Realizability:
 
 
 def _weight_issue(info: LayerInfo, spec: QuantSpec) -> str | None:
-    if spec.granularity in ("per_tensor", "per_channel", "per_group"):
+    if GRANULARITIES[spec.granularity].weight_realizable:
         return None
     return f"weight {spec.granularity} scales are neither per-output nor blocks along the reduction axis"
 
 
 def _activation_issue(info: LayerInfo, spec: QuantSpec) -> str | None:
-    gran = spec.granularity
-    if gran in ("per_tensor", "per_group"):
-        return None
-    if info.kind in ("linear", "attention"):
-        if gran == "per_token":
-            return None
-        return f"{gran} activation scales on a {info.kind} run along the reduction axis (not folded into weights)"
-    if gran == "per_channel":
-        if info.depthwise:
-            return None
-        return "per-input-channel activation scales are not folded into the weights (eq. 3)"
-    if gran == "per_voxel":
-        if all(k == 1 for k in info.kernel) and not info.depthwise:
-            return None
-        return f"per-voxel activations on a {info.describe_kernel()} kernel need per-kernel-offset dot products (eq. 4)"
-    return f"{gran} activations are not supported by any kernel"
+    issue = GRANULARITIES[spec.granularity].activation_issue
+    return f"{spec.granularity} activations are not supported by any kernel" if issue is None else issue(info)
 
 
 def realizability(info: LayerInfo, weight: QuantSpec | None, activation: QuantSpec | None) -> Realizability:
@@ -66,7 +54,7 @@ def realizability(info: LayerInfo, weight: QuantSpec | None, activation: QuantSp
     specs = [s for s in (weight, activation) if s is not None]
     if not specs:
         return Realizability("float", "not quantized")
-    if info.kind == "norm" and activation is not None and activation.format == "int":
+    if info.kind == "norm" and activation is not None and FORMATS[activation.format].kernel == "integer-kernel":
         if activation.granularity in ("per_tensor", "per_channel"):
             return Realizability("integer-kernel", f"INT{activation.bits} norm input (the producer writes integers)")
         return Realizability("simulation-only", f"{activation.granularity} scales on a norm input")
@@ -80,12 +68,14 @@ def realizability(info: LayerInfo, weight: QuantSpec | None, activation: QuantSp
     ]
     if issues:
         return Realizability("simulation-only", "; ".join(issues))
-    formats = {s.format for s in specs}
-    grouped = any(s.granularity == "per_group" for s in specs)
-    if grouped or formats & {"mxint8", "mxfp8", "mxfp4", "nvfp4"}:
-        return Realizability("block-scaled", "block scales along the reduction axis (Blackwell MX/NVFP4 tensor cores)")
-    if "fp8_e4m3" in formats:
-        return Realizability("fp8-kernel", "FP8 tensor cores (Ada/Hopper/Blackwell)")
+    # the least deployable kernel among the formats (the codec table's kind); scales per group along the reduction
+    # axis need block-scaled hardware whatever the element format
+    kinds = [(FORMATS[s.format].kernel, FORMATS[s.format].kernel_reason) for s in specs]
+    if any(GRANULARITIES[s.granularity].grouped for s in specs):
+        kinds.append(("block-scaled", BLOCK_SCALED_REASON))
+    kind, reason = max(kinds, key=lambda k: STATUSES.index(k[0]))
+    if kind != "integer-kernel":
+        return Realizability(kind, reason)
     bits = sorted({s.bits for s in specs})
     what = "weight-only " if activation is None else ""
     return Realizability(

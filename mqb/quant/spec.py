@@ -16,28 +16,26 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-#: Element formats. ``int`` is the paper's format; the others are simulated formats of newer GPUs.
-FORMATS: tuple[str, ...] = ("int", "fp8_e4m3", "mxint8", "mxfp8", "mxfp4", "nvfp4")
+from mqb.quant.formats import FORMATS, FormatView
+from mqb.quant.granularity import GRANULARITIES
+from mqb.quant.observers import OBSERVERS
 
-#: Formats whose scale is shared by a fixed-size block along the reduction axis (OCP MX, NVIDIA NVFP4).
-BLOCK_FORMATS: dict[str, int] = {"mxint8": 32, "mxfp8": 32, "mxfp4": 32, "nvfp4": 16}
+# FORMATS: the codec table (format name -> mqb.quant.formats.Format; ``int`` is the paper's format, the others are
+# simulated formats of newer GPUs). GRANULARITIES: which elements share one scale (paper Fig. 2, eqs. 3-4; name ->
+# mqb.quant.granularity.Granularity). OBSERVERS: the calibration observers for static scales (name ->
+# mqb.quant.observers.ObserverEntry). All are registries: a new entry is valid here at once.
 
-#: Element bit width implied by the non-integer formats.
-FORMAT_BITS: dict[str, int] = {"fp8_e4m3": 8, "mxint8": 8, "mxfp8": 8, "mxfp4": 4, "nvfp4": 4}
+#: Formats whose scale is shared by a fixed-size block along the reduction axis (OCP MX, NVIDIA NVFP4): a live view
+#: of the codec table.
+BLOCK_FORMATS: FormatView = FormatView("block")
 
-#: Granularities (paper Fig. 2, eqs. 3-4), i.e. which elements share one scale.
-GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_channel", "per_token", "per_voxel", "per_group")
-
-#: Granularities whose scales depend on the position in the input, so they are computed per input.
-DYNAMIC_ONLY_GRANULARITIES: frozenset[str] = frozenset({"per_token", "per_voxel", "per_group"})
-
-#: Calibration observers for static scales.
-OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "mse", "entropy")
+#: Element bit width implied by the non-integer formats: a live view of the codec table.
+FORMAT_BITS: FormatView = FormatView("bits")
 
 MIN_BITS, MAX_BITS = 2, 8
 
 
-def _choices(values: tuple[str, ...] | list[str]) -> str:
+def _choices(values: tuple[str, ...] | list[str] | dict[str, object]) -> str:
     return ", ".join(repr(v) for v in values)
 
 
@@ -69,8 +67,9 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"QuantSpec.format={self.format!r} is not a known format; valid: {_choices(FORMATS)}")
-        if self.format in FORMAT_BITS:
-            object.__setattr__(self, "bits", FORMAT_BITS[self.format])
+        codec = FORMATS[self.format]
+        if codec.bits is not None:
+            object.__setattr__(self, "bits", codec.bits)
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ValueError(
                 f"QuantSpec.bits={self.bits!r} is invalid; valid: an integer from {MIN_BITS} to {MAX_BITS}"
@@ -80,8 +79,8 @@ class QuantSpec:
                 f"QuantSpec.granularity={self.granularity!r} is not a known granularity; "
                 f"valid: {_choices(GRANULARITIES)}"
             )
-        if self.format in BLOCK_FORMATS:
-            block = BLOCK_FORMATS[self.format]
+        if codec.block is not None:
+            block = codec.block
             if self.granularity != "per_group":
                 object.__setattr__(self, "granularity", "per_group")
             if self.group_size not in (None, block):
@@ -90,7 +89,7 @@ class QuantSpec:
                     f"whose block size is fixed at {block}"
                 )
             object.__setattr__(self, "group_size", block)
-        if self.granularity == "per_group":
+        if GRANULARITIES[self.granularity].grouped:
             if self.group_size is None:
                 object.__setattr__(self, "group_size", 32)
             if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
@@ -104,24 +103,31 @@ class QuantSpec:
             raise ValueError(
                 f"QuantSpec.observer={self.observer!r} is not a known observer; valid: {_choices(OBSERVERS)}"
             )
+        observer = OBSERVERS[self.observer]
         if not self.symmetric:
-            if self.format != "int":
+            if not codec.affine:
+                affine = [name for name, f in FORMATS.items() if f.affine]
                 raise ValueError(
-                    f"QuantSpec.symmetric=False is only supported for format='int' (got format={self.format!r})"
+                    f"QuantSpec.symmetric=False is only supported for format={_choices(affine)} "
+                    f"(got format={self.format!r})"
                 )
-            if self.observer != "minmax":
+            if not observer.affine:
+                affine = [name for name, o in OBSERVERS.items() if o.affine]
                 raise ValueError(
-                    f"QuantSpec.observer={self.observer!r} needs symmetric=True; asymmetric specs use 'minmax'"
+                    f"QuantSpec.observer={self.observer!r} needs symmetric=True; "
+                    f"asymmetric specs use {_choices(affine)}"
                 )
-        if self.observer == "entropy" and self.format != "int":
+        if observer.integer_grid and not codec.integer_grid:
+            integer = [name for name, f in FORMATS.items() if f.integer_grid]
             raise ValueError(
-                f"QuantSpec.observer='entropy' needs format='int' (KL over integer levels); got {self.format!r}"
+                f"QuantSpec.observer={self.observer!r} needs format={_choices(integer)} ({observer.why}); "
+                f"got {self.format!r}"
             )
         if not 0.0 < float(self.percentile) <= 100.0:
             raise ValueError(f"QuantSpec.percentile={self.percentile!r} is invalid; valid: 0 < percentile <= 100")
         if self.dynamic is None:
-            object.__setattr__(self, "dynamic", self.granularity in DYNAMIC_ONLY_GRANULARITIES)
-        elif not self.dynamic and self.granularity in DYNAMIC_ONLY_GRANULARITIES:
+            object.__setattr__(self, "dynamic", GRANULARITIES[self.granularity].dynamic_only)
+        elif not self.dynamic and GRANULARITIES[self.granularity].dynamic_only:
             raise ValueError(
                 f"QuantSpec.dynamic=False is impossible with granularity={self.granularity!r}: its scales depend "
                 "on the position in each input, so they are computed per input (use dynamic=True or None)"
@@ -134,18 +140,19 @@ class QuantSpec:
 
     @property
     def is_block_format(self) -> bool:
-        return self.format in BLOCK_FORMATS
+        return FORMATS[self.format].block is not None
 
     def replace(self, **changes: object) -> QuantSpec:
         """A copy with some fields changed (re-validated)."""
         if "granularity" in changes and self.is_block_format:
             changes.pop("granularity")
-        if "granularity" in changes and changes["granularity"] != "per_group" and "group_size" not in changes:
+        new = GRANULARITIES.get(str(changes.get("granularity")))
+        if "granularity" in changes and not (new is not None and new.grouped) and "group_size" not in changes:
             changes["group_size"] = None
         if "granularity" in changes and "dynamic" not in changes:
             # a dynamic choice forced by the old granularity is not carried over; an explicit one is
-            forced = self.granularity in DYNAMIC_ONLY_GRANULARITIES
-            new_forced = changes["granularity"] in DYNAMIC_ONLY_GRANULARITIES
+            forced = GRANULARITIES[self.granularity].dynamic_only
+            new_forced = new is not None and new.dynamic_only
             changes["dynamic"] = None if forced or new_forced else self.dynamic
         return dataclasses.replace(self, **changes)
 
@@ -154,41 +161,66 @@ class QuantSpec:
         name = f"int{self.bits}" if self.format == "int" else self.format
         if not self.symmetric:
             name += " asym"
-        gran = f"g{self.group_size}" if self.granularity == "per_group" else self.granularity
+        gran = f"g{self.group_size}" if GRANULARITIES[self.granularity].grouped else self.granularity
         mode = "dynamic" if self.dynamic else f"static/{self.observer}"
         return f"{name} {gran} {mode}"
 
 
 @dataclass(frozen=True)
 class Precision:
-    """A named weight/activation precision pair such as W4A4. ``None`` means "left in floating point"."""
+    """A named weight/activation precision pair such as W4A4. ``None`` means "left in floating point".
+
+    ``compute_dtype``: the float dtype the network runs in (``float16`` / ``bfloat16`` for the float presets fp16 /
+    bf16); ``description``: one line for the preset's config file.
+    """
 
     name: str
     weight: QuantSpec | None
     activation: QuantSpec | None
+    compute_dtype: str = "float32"
+    description: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight is not None or self.activation is not None
 
 
 def _int(bits: int) -> QuantSpec:
     return QuantSpec(bits=bits)
 
 
-#: The precision presets. A16 means activations stay in 16/32-bit float (weight-only quantization).
-PRECISIONS: dict[str, Precision] = {
+def _same(fmt: str) -> tuple[QuantSpec, QuantSpec]:
+    return QuantSpec(format=fmt), QuantSpec(format=fmt)
+
+
+_WEIGHT_ONLY = "weight-only INT{}; activations stay in float"
+
+#: Every precision preset, the ONE source: ``mqb.quant.get_precision`` reads it and the ``precision`` config group
+#: (``conf/precision/<name>.yaml``) is written from it (:func:`precision_config_yaml`; ``python -m mqb.config``
+#: rewrites the files, ``tests/quant/test_registries.py`` checks they are what it writes). A16 means activations stay
+#: in 16/32-bit float (weight-only quantization).
+PRESETS: dict[str, Precision] = {
     p.name: p
     for p in (
+        Precision("fp32", None, None, "float32"),
+        Precision("fp16", None, None, "float16"),
+        Precision("bf16", None, None, "bfloat16"),
         Precision("w8a8", _int(8), _int(8)),
         Precision("w4a4", _int(4), _int(4)),
         Precision("w4a8", _int(4), _int(8)),
-        Precision("w8a16", _int(8), None),
-        Precision("w4a16", _int(4), None),
-        Precision("w2a16", _int(2), None),
-        Precision("fp8", QuantSpec(format="fp8_e4m3"), QuantSpec(format="fp8_e4m3")),
-        Precision("mxint8", QuantSpec(format="mxint8"), QuantSpec(format="mxint8")),
-        Precision("mxfp8", QuantSpec(format="mxfp8"), QuantSpec(format="mxfp8")),
-        Precision("mxfp4", QuantSpec(format="mxfp4"), QuantSpec(format="mxfp4")),
-        Precision("nvfp4", QuantSpec(format="nvfp4"), QuantSpec(format="nvfp4")),
+        Precision("w8a16", _int(8), None, description=_WEIGHT_ONLY.format(8)),
+        Precision("w4a16", _int(4), None, description=_WEIGHT_ONLY.format(4)),
+        Precision("w2a16", _int(2), None, description=_WEIGHT_ONLY.format(2)),
+        Precision("fp8", *_same("fp8_e4m3")),
+        Precision("mxint8", *_same("mxint8")),
+        Precision("mxfp8", *_same("mxfp8")),
+        Precision("mxfp4", *_same("mxfp4")),
+        Precision("nvfp4", *_same("nvfp4")),
     )
 }
+
+#: The quantized presets (those :class:`mqb.quant.QuantRecipe` can be built from).
+PRECISIONS: dict[str, Precision] = {name: p for name, p in PRESETS.items() if p.quantized}
 
 
 def get_precision(name: str) -> Precision:
@@ -197,3 +229,28 @@ def get_precision(name: str) -> Precision:
     if key not in PRECISIONS:
         raise ValueError(f"precision={name!r} is not a known preset; valid: {_choices(list(PRECISIONS))}")
     return PRECISIONS[key]
+
+
+def _spec_yaml(spec: QuantSpec | None) -> str:
+    """A preset's spec as its config node: the format, the bits of integer formats, what differs from the default."""
+    if spec is None:
+        return "null"
+    fields = [] if FORMATS[spec.format].bits is not None else [f"bits: {spec.bits}"]
+    fields.append(f"format: {spec.format}")
+    if not spec.symmetric:
+        fields.append("symmetric: false")
+    if spec.group_size is not None and not spec.is_block_format:
+        fields.append(f"group_size: {spec.group_size}")
+    return "{" + ", ".join(fields) + "}"
+
+
+def precision_config_yaml(p: Precision) -> str:
+    """The text of ``conf/precision/<name>.yaml`` for preset ``p`` (granularity and dynamic scales come from the
+    ``granularity`` group, so a preset leaves them out)."""
+    lines = ["# Written from mqb.quant.spec.PRESETS by `python -m mqb.config`: edit the table, not this file."]
+    if p.description:
+        lines.append(f"# {p.description}")
+    lines += [f"name: {p.name}", f"weight: {_spec_yaml(p.weight)}", f"activation: {_spec_yaml(p.activation)}"]
+    if not p.quantized:
+        lines.append(f"compute_dtype: {p.compute_dtype}")
+    return "\n".join(lines) + "\n"

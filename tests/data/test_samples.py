@@ -78,8 +78,9 @@ def test_pyproject_packages_every_mqb_package_and_the_samples():
 
     setuptools_cfg = _pyproject()["tool"]["setuptools"]
     on_disk = set(find_namespace_packages(where=str(REPO), include=["mqb", "mqb.*", "hydra_plugins.*"]))
-    assert set(setuptools_cfg["packages"]) == on_disk | {"mqb._samples"}, "update [tool.setuptools] packages"
-    assert setuptools_cfg["package-dir"] == {"mqb._samples": "data"}
+    mapped = {"mqb._samples": "data", "mqb._conf": "conf", "mqb._launchers": "launchers"}  # top-level folders
+    assert set(setuptools_cfg["packages"]) == on_disk | set(mapped), "update [tool.setuptools] packages"
+    assert setuptools_cfg["package-dir"] == mapped
     patterns = setuptools_cfg["package-data"]["mqb._samples"]
     assert {f"{folder}/**/*" for folder in SAMPLE_FOLDERS} <= set(patterns)
     ignore = (REPO / ".gitignore").read_text().splitlines()
@@ -123,7 +124,7 @@ def _build_wheel(tmp_path: Path) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         (src / name).write_bytes((REPO / name).read_bytes())
-    for name in ("mqb", "data", "hydra_plugins"):
+    for name in ("mqb", "data", "hydra_plugins", "conf", "launchers"):
         for path in (REPO / name).rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
                 target = src / path.relative_to(REPO)
@@ -149,6 +150,9 @@ def test_a_wheel_carries_the_samples_and_an_installed_mqb_finds_them(tmp_path):
     assert "mqb/data/tables/totalsegmentator_v2_total.json" in names
     assert "hydra_plugins/mqb_sweeps/pool_launcher.py" in names  # hydra/launcher=mqb_pool in an installed mqb
     assert not any(n.startswith(("data/", "mqb/_samples/__pycache__")) for n in names)
+    configs = sorted(str(p.relative_to(REPO / "conf")) for p in (REPO / "conf").rglob("*.yaml"))
+    assert {f"mqb/_conf/{name}" for name in configs} <= names  # the Hydra configs: mqb.eval runs in a wheel install
+    assert "mqb/_launchers/cluster/example_gpu.yaml" in names
 
     site = tmp_path / "site"
     subprocess.run(
@@ -170,6 +174,15 @@ def test_a_wheel_carries_the_samples_and_an_installed_mqb_finds_them(tmp_path):
     assert Path(out[0]).resolve().parent == installed.resolve()  # the wheel's mqb, not this checkout's
     assert Path(out[1]) == installed / "_samples" and out[2] == out[1]
     assert int(out[3]) == len(read_state_dict(DATA / MESHNET_18))
+    # the installed configs: a config composes and prints from the wheel's mqb (no checkout on the path)
+    job = subprocess.run(
+        [sys.executable, "-m", "mqb.eval", "--cfg", "job", "model=meshnet_18cls", "dataset=brain_aseg_sample",
+         "+cluster=cpu_small"],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert job.returncode == 0, job.stderr[-2000:]
+    job = job.stdout
+    assert "name: meshnet_18cls" in job and str(installed / "_samples") in job
     assert torch.equal(
         read_state_dict(installed / "_samples" / MESHNET_18)["model.0.weight"],
         read_state_dict(DATA / MESHNET_18)["model.0.weight"],

@@ -38,7 +38,7 @@ def test_w8a8_per_channel_within_one_percent(layer, shape):
     x = _uniform(*shape)
     with torch.no_grad():
         ref = model(x)
-    quantize(model, QuantRecipe.from_precision("w8a8", granularity="per_channel"))
+    quantize(model, QuantRecipe.from_precision("w8a8", scheme="per_channel"))
     calibrate(model, [_uniform(*shape, seed=1), x])
     with torch.no_grad():
         out = model(x)
@@ -56,7 +56,7 @@ def test_w4a4_granularity_ordering_on_spatial_outliers():
         model = nn.Sequential(nn.Conv3d(16, 16, 3, padding=1)).eval()
         with torch.no_grad():
             ref = model(x)
-        quantize(model, QuantRecipe.from_precision("w4a4", granularity=scheme))
+        quantize(model, QuantRecipe.from_precision("w4a4", scheme=scheme))
         calibrate(model, [x])
         with torch.no_grad():
             errors[scheme] = _rel(model(x), ref)
@@ -81,7 +81,7 @@ def test_dequantize_restores_float_exactly_and_keeps_keys():
     with torch.no_grad():
         ref = model(x)
     float_keys = set(model.state_dict())
-    quantize(model, QuantRecipe.from_precision("w4a4", granularity="adaptive"))
+    quantize(model, QuantRecipe.from_precision("w4a4", scheme="adaptive"))
     calibrate(model, [x])
     assert float_keys <= set(model.state_dict())  # parameters keep their names
     assert type(model[0]).__name__ == "QuantConv3d" and isinstance(model[0], nn.Conv3d)
@@ -98,16 +98,16 @@ def test_dequantize_restores_float_exactly_and_keeps_keys():
 
 def test_quantized_state_dict_round_trip():
     x = torch.randn(1, 2, 4, 6, 6)
-    a = quantize(_toy(), QuantRecipe.from_precision("w8a8", granularity="per_channel"))
+    a = quantize(_toy(), QuantRecipe.from_precision("w8a8", scheme="per_channel"))
     calibrate(a, [x])
-    b = quantize(_toy(), QuantRecipe.from_precision("w8a8", granularity="per_channel"))
+    b = quantize(_toy(), QuantRecipe.from_precision("w8a8", scheme="per_channel"))
     b.load_state_dict(a.state_dict())  # strict: calibrated ranges included
     with torch.no_grad():
         assert torch.equal(a(x), b(x))
 
 
 def test_conv_transpose_weights_are_per_output_channel_on_axis_1():
-    model = quantize(_toy(), QuantRecipe.from_precision("w4a16", granularity="per_channel"))
+    model = quantize(_toy(), QuantRecipe.from_precision("w4a16", scheme="per_channel"))
     layer = model[4]
     with torch.no_grad():
         wq = layer.weight_quantizer(layer.weight)
@@ -126,7 +126,7 @@ def test_weight_cache_follows_in_place_updates():
 
 
 def test_uncalibrated_static_activation_names_the_layer():
-    model = quantize(_toy(), QuantRecipe.from_precision("w8a8", granularity="per_tensor"))
+    model = quantize(_toy(), QuantRecipe.from_precision("w8a8", scheme="per_tensor"))
     with pytest.raises(RuntimeError, match=r"0\.input uses static per_tensor scales but was never calibrated"):
         model(torch.randn(1, 2, 4, 6, 6))
 
@@ -159,10 +159,10 @@ def test_inplace_false_leaves_the_original_alone():
 def test_selectors_include_exclude_and_rules():
     recipe = QuantRecipe.from_precision(
         "w4a4",
-        granularity="adaptive",
+        scheme="adaptive",
         include=("conv", "conv_transpose"),
         exclude=("conv_transpose2x2x2",),
-        rules=(LayerRule("conv1x3x3", precision="w8a8"), LayerRule("name:5", granularity="per_tensor")),
+        rules=(LayerRule("conv1x3x3", precision="w8a8"), LayerRule("name:5", scheme="per_tensor")),
     )
     model = quantize(_toy(), recipe)
     layers = dict(quantized_layers(model))
@@ -179,9 +179,9 @@ def test_selectors_include_exclude_and_rules():
 def test_collected_ranges_equal_calibration(scheme):
     batches = [torch.randn(1, 2, 4, 6, 6), torch.randn(1, 2, 4, 6, 6) * 3]
     ranges = collect_input_ranges(_toy(), batches)
-    a = quantize(_toy(), QuantRecipe.from_precision("w4a4", granularity=scheme))
+    a = quantize(_toy(), QuantRecipe.from_precision("w4a4", scheme=scheme))
     calibrate(a, batches)
-    b = quantize(_toy(), QuantRecipe.from_precision("w8a8", granularity=scheme))
+    b = quantize(_toy(), QuantRecipe.from_precision("w8a8", scheme=scheme))
     apply_input_ranges(b, ranges)
     for (name, la), (_, lb) in zip(quantized_layers(a), quantized_layers(b), strict=True):
         qa, qb = la.input_quantizer, lb.input_quantizer

@@ -47,7 +47,7 @@ def test_swinunetr_window_attention_static_per_tensor():
     torch.manual_seed(0)
     model = SwinUNETR(in_channels=1, out_channels=3, feature_size=12, depths=(1, 1, 1, 1)).eval()
     x = torch.randn(1, 1, 64, 64, 64)
-    quantize(model, QuantRecipe.from_precision("w8a8", granularity="per_tensor", attention=True))
+    quantize(model, QuantRecipe.from_precision("w8a8", scheme="per_tensor", attention=True))
     calibrate(model, [x])
     attn = [m for _, m in quantized_layers(model) if m.mqb_info.kind == "attention"]
     assert len(attn) == 4

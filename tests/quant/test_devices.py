@@ -93,7 +93,7 @@ Build = Callable[[nn.Module, list[torch.Tensor]], None]
 
 def _recipe(precision: str, granularity: str, **kwargs: object) -> Build:
     def build(model: nn.Module, batches: list[torch.Tensor]) -> None:
-        quantize(model, QuantRecipe.from_precision(precision, granularity=granularity, **kwargs))
+        quantize(model, QuantRecipe.from_precision(precision, scheme=granularity, **kwargs))
         calibrate(model, batches)
 
     return build
@@ -111,7 +111,7 @@ def _observer(observer: str) -> Build:
 def _methods(*methods: object, precision: str = "w4a4", granularity: str = "per_channel") -> Build:
     def build(model: nn.Module, batches: list[torch.Tensor]) -> None:
         ranges = collect_input_ranges(model, batches)
-        quantize(model, QuantRecipe.from_precision(precision, granularity=granularity))
+        quantize(model, QuantRecipe.from_precision(precision, scheme=granularity))
         apply_methods(model, methods, "transform", ranges=ranges)  # type: ignore[arg-type]
         calibrate(model, batches)
         apply_methods(model, methods, "post_calibration", batches=lambda: batches)  # type: ignore[arg-type]
@@ -122,7 +122,7 @@ def _methods(*methods: object, precision: str = "w4a4", granularity: str = "per_
 def _cached_ranges(model: nn.Module, batches: list[torch.Tensor]) -> None:
     """The range-cache path of mqb.eval: float input ranges collected first, applied to the quantized model."""
     ranges = collect_input_ranges(model, batches)
-    quantize(model, QuantRecipe.from_precision("w8a8", granularity="per_channel", include=WITH_NORMS))
+    quantize(model, QuantRecipe.from_precision("w8a8", scheme="per_channel", include=WITH_NORMS))
     apply_input_ranges(model, ranges)
 
 
@@ -150,7 +150,7 @@ CONV_CONFIGS: dict[str, Build] = {
     "bias_correction": _methods(BiasCorrection()),
     "gptq": _methods(GPTQ(max_rows=64)),
     "shared_ranges": _methods(SharedInputRanges(), granularity="deploy", precision="w8a8"),
-    "tensor_quantizers": _methods(SharedInputRanges(quantize_tensors=True), granularity="deploy", precision="w8a8"),
+    "tensor_quantizers": _methods(SharedInputRanges(output_quantizers=True), granularity="deploy", precision="w8a8"),
 }
 
 ATTN_CONFIGS: dict[str, Build] = {
@@ -245,7 +245,7 @@ def test_cpu_range_cache_lands_on_the_model_device():
     model = ConvNet().eval()
     ranges = collect_input_ranges(model, _conv_batches())
     model.to("meta")
-    quantize(model, QuantRecipe.from_precision("w8a8", granularity="per_channel", include=WITH_NORMS))
+    quantize(model, QuantRecipe.from_precision("w8a8", scheme="per_channel", include=WITH_NORMS))
     apply_input_ranges(model, ranges)
     assert model.norm.input_quantizer.amax.device.type == "meta"
     assert stray_tensors(model, "meta") == []
@@ -266,7 +266,7 @@ def test_state_dict_loads_onto_the_model_device():
     state = cpu_model.state_dict()
     torch.manual_seed(0)
     model = ConvNet().eval()
-    quantize(model, QuantRecipe.from_precision("w8a8", granularity="per_channel"))
+    quantize(model, QuantRecipe.from_precision("w8a8", scheme="per_channel"))
     model.to("meta")
     model.load_state_dict(state)
     assert model.stem.input_quantizer.amax.device.type == "meta"

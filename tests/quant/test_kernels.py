@@ -140,7 +140,7 @@ class TwoLayer(nn.Module):
 @pytest.mark.parametrize("precision,scheme", [("w8a8", "adaptive"), ("nvfp4", "per_group"), ("fp8", "per_channel")])
 def test_quantized_model_compiled_equals_eager(precision, scheme, device):
     torch.manual_seed(0)
-    model = quantize(TwoLayer().eval(), QuantRecipe.from_precision(precision, granularity=scheme)).to(device)
+    model = quantize(TwoLayer().eval(), QuantRecipe.from_precision(precision, scheme=scheme)).to(device)
     batches = [torch.randn(2, 3, 6, 6, 6, device=device)]
     calibrate(model, batches)
     for batch in (2, 1):
@@ -262,7 +262,7 @@ def test_set_kernel_reaches_every_quantizer_and_later_attention_operands():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv3d(2, 4, 1), nn.Flatten(2), SABlock(hidden_size=27, num_heads=3)).eval()
-    quantize(model, QuantRecipe.from_precision("w8a8", granularity="per_tensor", attention=True))
+    quantize(model, QuantRecipe.from_precision("w8a8", scheme="per_tensor", attention=True))
     assert set_kernel(model, "compiled") > 0
     with pytest.raises(ValueError, match="quant.kernel"):
         set_kernel(model, "turbo")

@@ -35,7 +35,7 @@ def data(n: int = 2, seed: int = 0) -> list[torch.Tensor]:
 
 def quantized(precision: str, scheme: str) -> nn.Module:
     torch.manual_seed(0)
-    model = quantize(Net().eval(), QuantRecipe.from_precision(precision, granularity=scheme))
+    model = quantize(Net().eval(), QuantRecipe.from_precision(precision, scheme=scheme))
     calibrate(model, data())
     return model
 

@@ -54,7 +54,7 @@ def _data(n: int = 2, seed: int = 0) -> list[torch.Tensor]:
 
 
 def _quantized(model: nn.Module, precision: str = "w4a4", scheme: str = "per_channel") -> nn.Module:
-    return quantize(model, QuantRecipe.from_precision(precision, granularity=scheme))
+    return quantize(model, QuantRecipe.from_precision(precision, scheme=scheme))
 
 
 METHODS = [
@@ -139,7 +139,7 @@ def test_smoothquant_helps_channel_outliers_at_w8a8_per_tensor():
         m = nn.Sequential(nn.Linear(64, 64)).eval()
         m[0].load_state_dict(layer.state_dict())
         ranges = collect_input_ranges(m, [x])
-        quantize(m, QuantRecipe.from_precision("w8a8", granularity="per_tensor"))
+        quantize(m, QuantRecipe.from_precision("w8a8", scheme="per_tensor"))
         apply_methods(m, methods, "transform", ranges=ranges)
         calibrate(m, [x])
         with torch.no_grad():
@@ -199,7 +199,7 @@ def test_svd_absorbs_a_low_rank_weight_outlier():
     def error(methods):
         m = nn.Sequential(nn.Conv3d(8, 8, 3, bias=False)).eval()
         m[0].load_state_dict(conv.state_dict())
-        quantize(m, QuantRecipe.from_precision("w4a16", granularity="per_channel"))
+        quantize(m, QuantRecipe.from_precision("w4a16", scheme="per_channel"))
         apply_methods(m, methods, "transform")
         with torch.no_grad():
             return ((m(x) - ref).norm() / ref.norm()).item()
@@ -277,7 +277,7 @@ def test_gptq_lowers_the_layer_reconstruction_error_and_stays_on_the_grid():
     def output_error(method):
         m = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1)).eval()
         m[0].load_state_dict(conv.state_dict())
-        quantize(m, QuantRecipe.from_precision("w4a16", granularity="per_channel"))
+        quantize(m, QuantRecipe.from_precision("w4a16", scheme="per_channel"))
         if method is not None:
             report = method.apply(m, batches=lambda: data)
             assert report.applied == ["0"]

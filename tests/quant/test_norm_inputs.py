@@ -41,12 +41,12 @@ def _fake_quant(x: torch.Tensor, amax: torch.Tensor) -> torch.Tensor:
 
 
 def test_norms_are_not_quantized_by_default() -> None:
-    net = quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy"))
+    net = quantize(_net(), QuantRecipe.from_precision("w8a8", scheme="deploy"))
     assert [n for n, _ in quantized_layers(net)] == ["0", "3", "6"]
 
 
 def test_norm_selector_quantizes_instance_and_group_norm_inputs_only() -> None:
-    net = quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy", include=WITH_NORMS))
+    net = quantize(_net(), QuantRecipe.from_precision("w8a8", scheme="deploy", include=WITH_NORMS))
     layers = dict(quantized_layers(net))
     assert sorted(layers) == ["0", "1", "3", "4", "6"]  # BatchNorm (folded at inference) is never offered
     for name in ("1", "4"):
@@ -60,7 +60,7 @@ def test_norm_selector_quantizes_instance_and_group_norm_inputs_only() -> None:
                                                       ("adaptive", True), ("per_group", False)])  # fmt: skip
 def test_norm_output_is_float_norm_of_fake_quantized_input(granularity: str, per_channel: bool) -> None:
     float_net = _net()
-    net = quantize(copy.deepcopy(float_net), QuantRecipe.from_precision("w8a8", granularity=granularity,
+    net = quantize(copy.deepcopy(float_net), QuantRecipe.from_precision("w8a8", scheme=granularity,
                                                                         include=("norm",)))  # fmt: skip
     calib = [_data(1), _data(2)]
     calibrate(net, calib)
@@ -85,7 +85,7 @@ def test_norm_output_is_float_norm_of_fake_quantized_input(granularity: str, per
 
 def test_dequantize_restores_the_float_norms() -> None:
     float_net = _net()
-    net = quantize(copy.deepcopy(float_net), QuantRecipe.from_precision("w8a8", granularity="deploy",
+    net = quantize(copy.deepcopy(float_net), QuantRecipe.from_precision("w8a8", scheme="deploy",
                                                                         include=WITH_NORMS))  # fmt: skip
     calibrate(net, [_data(1)])
     dequantize(net)
@@ -95,24 +95,22 @@ def test_dequantize_restores_the_float_norms() -> None:
 
 
 def test_methods_skip_norm_inputs_with_the_reason() -> None:
-    net = quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy", include=WITH_NORMS))
+    net = quantize(_net(), QuantRecipe.from_precision("w8a8", scheme="deploy", include=WITH_NORMS))
     _, report = SmoothQuant(layers=("all",)).partition(net, ranges={})
     assert "no weight" in report.skipped["1"] and "no weight" in report.skipped["4"]
 
 
 def test_norm_inputs_are_realizable_on_integer_kernels() -> None:
-    net = quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy", include=("norm",)))
+    net = quantize(_net(), QuantRecipe.from_precision("w8a8", scheme="deploy", include=("norm",)))
     for _, layer in quantized_layers(net):
         verdict = realizability(layer.mqb_info, layer.weight_spec, layer.activation_spec)
         assert verdict.status == "integer-kernel" and "norm input" in verdict.reason
 
 
 def test_summary_lists_norms_only_when_their_input_is_quantized() -> None:
-    plain = summarize(quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy")))
+    plain = summarize(quantize(_net(), QuantRecipe.from_precision("w8a8", scheme="deploy")))
     assert [r.info.name for r in plain.rows] == ["0", "3", "6"]
-    with_norms = summarize(
-        quantize(_net(), QuantRecipe.from_precision("w8a8", granularity="deploy", include=WITH_NORMS))
-    )
+    with_norms = summarize(quantize(_net(), QuantRecipe.from_precision("w8a8", scheme="deploy", include=WITH_NORMS)))
     assert [(r.info.name, r.info.kind) for r in with_norms.rows if r.info.kind == "norm"] == [
         ("1", "norm"),
         ("4", "norm"),

@@ -69,7 +69,7 @@ def test_entropy_clips_long_tail():
 def test_observers_plug_into_calibration(observer):
     model = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1))
     spec = QuantSpec(bits=8, observer=observer)
-    quantize(model, QuantRecipe(weight=spec, activation=spec, granularity="per_tensor"))
+    quantize(model, QuantRecipe(weight=spec, activation=spec, scheme="per_tensor"))
     x = torch.randn(2, 4, 6, 6, 6)
     calibrate(model, [x[:1], x[1:]])
     amax = model[0].input_quantizer.amax

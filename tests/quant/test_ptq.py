@@ -28,7 +28,7 @@ def _out(net: nn.Module) -> torch.Tensor:
 
 
 def test_ptq_is_the_manual_sequence_bit_for_bit() -> None:
-    data, recipe = _data(), QuantRecipe.from_precision("w8a8", granularity="per_tensor")
+    data, recipe = _data(), QuantRecipe.from_precision("w8a8", scheme="per_tensor")
     methods = [SmoothQuant(alpha=0.5), BiasCorrection()]
     manual = _net()
     ranges = collect_input_ranges(manual, data)
@@ -54,22 +54,22 @@ def test_float_input_ranges_stand_in_for_calibration_only_where_exact() -> None:
         calls.append(1)
         return collect_input_ranges(_net(), data)
 
-    minmax = QuantRecipe.from_precision("w8a8", granularity="per_channel")
+    minmax = QuantRecipe.from_precision("w8a8", scheme="per_channel")
     from_ranges, calibrated = _net(), _net()
     assert ptq(from_ranges, minmax, lambda: data, input_ranges=provider).calibration == "input_ranges"
     assert ptq(calibrated, minmax, lambda: data).calibration == "calibrated"
     assert calls == [1] and torch.equal(_out(from_ranges), _out(calibrated))
-    percentile = QuantRecipe(activation=minmax.activation.replace(observer="percentile"), granularity="per_channel")
+    percentile = QuantRecipe(activation=minmax.activation.replace(observer="percentile"), scheme="per_channel")
     assert ptq(_net(), percentile, lambda: data, input_ranges=provider).calibration == "calibrated"
     assert calls == [1]  # not needed, not loaded
-    dynamic = QuantRecipe.from_precision("w8a8", granularity="per_voxel")
+    dynamic = QuantRecipe.from_precision("w8a8", scheme="per_voxel")
     assert ptq(_net(), dynamic, lambda: data, input_ranges=provider).calibration == "not_needed"
 
 
 def test_the_model_is_quantized_in_place_and_a_copy_is_untouched() -> None:
     net = _net()
     before = copy.deepcopy(net)
-    ptq(net, QuantRecipe.from_precision("w4a4", granularity="adaptive"), _data)
+    ptq(net, QuantRecipe.from_precision("w4a4", scheme="adaptive"), _data)
     assert type(net[0]).__name__ != type(before[0]).__name__
     assert not torch.equal(_out(net), _out(before))
 
@@ -85,7 +85,7 @@ def test_every_module_keeps_its_train_eval_flag() -> None:
     ranges = collect_input_ranges(net, data)
     assert [m.training for m in net.modules()] == [False, False, True, False, False]
     reference = copy.deepcopy(net)
-    ptq(net, QuantRecipe.from_precision("w8a8", granularity="per_tensor"), lambda: data)
+    ptq(net, QuantRecipe.from_precision("w8a8", scheme="per_tensor"), lambda: data)
     flags = {name: m.training for name, m in net.named_modules()}
     assert [flags[n] for n in ("", "0", "1", "2", "3")] == [False, False, True, False, False]
     # the calibrated range of the last conv's input is what that conv sees with batch statistics
@@ -95,7 +95,7 @@ def test_every_module_keeps_its_train_eval_flag() -> None:
     assert float(net[3].input_quantizer.amax) == torch.tensor(seen).item()
     fresh = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4))  # training mode: eval for the pass
     before = fresh[1].running_mean.clone()
-    ptq(fresh, QuantRecipe.from_precision("w8a8", granularity="per_tensor"), lambda: data)
+    ptq(fresh, QuantRecipe.from_precision("w8a8", scheme="per_tensor"), lambda: data)
     assert fresh.training and fresh[1].training and torch.equal(fresh[1].running_mean, before)
 
 
@@ -106,4 +106,4 @@ def test_a_nan_in_the_calibration_data_is_refused_with_the_quantizer_named() -> 
     data[1] = data[1].clone()
     data[1][0, 0, 3, 3, 3] = float("nan")
     with pytest.raises(NonFiniteError, match=r"non-finite ranges in \d+ quantizers, first 0\.input_quantizer\.amax"):
-        ptq(_net(), QuantRecipe.from_precision("w8a8", granularity="per_tensor"), lambda: data)
+        ptq(_net(), QuantRecipe.from_precision("w8a8", scheme="per_tensor"), lambda: data)

@@ -49,12 +49,12 @@ def _status(model: nn.Module) -> dict[str, str]:
     ],
 )
 def test_realizability_per_layer(precision, scheme, expected):
-    model = quantize(_model(), QuantRecipe.from_precision(precision, granularity=scheme))
+    model = quantize(_model(), QuantRecipe.from_precision(precision, scheme=scheme))
     assert list(_status(model).values()) == expected
 
 
 def test_float_layers_are_listed_and_summary_reads_well():
-    model = quantize(_model(), QuantRecipe.from_precision("w4a4", granularity="adaptive", exclude=("linear",)))
+    model = quantize(_model(), QuantRecipe.from_precision("w4a4", scheme="adaptive", exclude=("linear",)))
     summary = summarize(model)
     assert _status(model)["5"] == "float"
     text = str(summary)

@@ -20,7 +20,7 @@ def _calib() -> list[torch.Tensor]:
 
 
 def _quantized(net: nn.Module, rules: tuple[LayerRule, ...] = ()) -> nn.Module:
-    quantize(net, QuantRecipe.from_precision("w8a8", granularity="deploy", rules=rules))
+    quantize(net, QuantRecipe.from_precision("w8a8", scheme="deploy", rules=rules))
     calibrate(net, _calib())
     return net
 
@@ -55,7 +55,7 @@ def test_group_gets_the_largest_range_of_its_readers() -> None:
 
 
 def test_quantizers_without_a_shareable_range_are_left_alone_and_listed() -> None:
-    net = _quantized(_float_net(), rules=(LayerRule("name:shortcut", granularity="per_channel"),))
+    net = _quantized(_float_net(), rules=(LayerRule("name:shortcut", scheme="per_channel"),))
     before = net.shortcut.input_quantizer.amax.clone()
     report = SharedInputRanges().apply(net, batches=_calib)
     assert "per_channel" in report.skipped["shortcut"] or "per-channel" in report.skipped["shortcut"]

@@ -48,7 +48,7 @@ def test_unknown_precision_and_scheme():
     with pytest.raises(ValueError, match="'w4a4'"):
         get_precision("w3a3")
     with pytest.raises(ValueError, match="granularity scheme 'per_pixel'.*'adaptive'"):
-        QuantRecipe(granularity="per_pixel")
+        QuantRecipe(scheme="per_pixel")
     with pytest.raises(ValueError, match="unknown layer selector 'convs'"):
         QuantRecipe(include=("convs",))
 
@@ -60,7 +60,7 @@ def test_per_voxel_on_linear_is_rejected(monkeypatch):
     monkeypatch.setitem(SCHEMES, "voxel_everywhere", lambda info: LayerGranularity("per_channel", "per_voxel"))
     model = nn.Sequential(nn.Conv3d(2, 4, 1), nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(ValueError, match=r"2: activation granularity 'per_voxel' is invalid for a linear layer"):
-        quantize(model, QuantRecipe(granularity="voxel_everywhere"))
+        quantize(model, QuantRecipe(scheme="voxel_everywhere"))
     assert type(model[0]) is nn.Conv3d and type(model[2]) is nn.Linear  # nothing left half-quantized
 
 

@@ -20,6 +20,7 @@ Every clipped value stays unclipped (ranges only grow), and the simulated model 
 from __future__ import annotations
 
 import itertools
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -183,19 +184,38 @@ def _shareable(layer: QuantLayer) -> str | None:
 class SharedInputRanges(PTQMethod):
     """After calibration, give each group of quantizers that read one tensor the group's largest range.
 
+    A PTQ method step like the others (``method.shared_ranges`` / ``method.output_quantizers`` of ``mqb.eval``; it
+    runs first among the post-calibration steps).
+
     Args:
         layers: selectors of the quantized layers whose ranges may change.
-        quantize_tensors: also quantize each such tensor where it is produced (:mod:`mqb.quant.output`), when a
-            leaf module produces it and all its quantized readers now share one range: float readers of the tensor
-            (a residual Add) then read the quantized value too, as NNCF / TensorRT place quantizers.
+        output_quantizers: also quantize each such tensor where it is produced (an output quantizer,
+            :mod:`mqb.quant.output`; ModelOpt's ``output_quantizer``), when a leaf module produces it and all its
+            quantized readers now share one range: float readers of the tensor (a residual Add) then read the
+            quantized value too, as NNCF / TensorRT place quantizers. ``quantize_tensors`` is its deprecated name.
     """
 
     name = "shared_ranges"
     stage = "post_calibration"
 
-    def __init__(self, layers: Sequence[str] | str = ("all",), quantize_tensors: bool = False) -> None:
+    def __init__(
+        self,
+        layers: Sequence[str] | str = ("all",),
+        output_quantizers: bool = False,
+        *,
+        quantize_tensors: bool | None = None,
+    ) -> None:
         super().__init__(layers)
-        self.quantize_tensors = quantize_tensors
+        if quantize_tensors is not None:
+            warnings.warn("SharedInputRanges(quantize_tensors=...) is deprecated: use output_quantizers=",
+                          DeprecationWarning, stacklevel=2)  # fmt: skip
+            output_quantizers = output_quantizers or quantize_tensors
+        self.output_quantizers = output_quantizers
+
+    @property
+    def quantize_tensors(self) -> bool:
+        """Deprecated name of :attr:`output_quantizers`."""
+        return self.output_quantizers
 
     def apply(
         self,
@@ -225,12 +245,12 @@ class SharedInputRanges(PTQMethod):
                     q = modules[n].input_quantizer
                     q.amax = amax.clone().reshape(q.amax.shape)
                 report.applied.extend(members)
-        if self.quantize_tensors:
-            report.outputs = self._quantize_tensors(trace, modules, selected)
+        if self.output_quantizers:
+            report.outputs = self._attach_output_quantizers(trace, modules, selected)
         return report
 
     @staticmethod
-    def _quantize_tensors(trace: InputTrace, modules: dict[str, nn.Module], selected: set[str]) -> list[str]:
+    def _attach_output_quantizers(trace: InputTrace, modules: dict[str, nn.Module], selected: set[str]) -> list[str]:
         """Attach an output quantizer to each producer whose quantized readers all share one range and spec."""
         attached = []
         by_token = trace.readers()
