@@ -30,7 +30,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mqb.analysis.report import FORMATS, build_report, render, write_report
+from mqb.analysis.report import build_report, render, write_report
+from mqb.analysis.tables import FORMATS
 from mqb.results import read_records
 
 

@@ -4,7 +4,7 @@ The page opens from disk in any browser, with no server, no network and no W&B a
 as base64 PNG ``data:`` URIs, the CSS is inline, and a Content-Security-Policy forbids loading anything else. It
 holds what :mod:`mqb.analysis.report` builds, laid out for reading:
 
-* the headline table (:func:`mqb.analysis.report.paper_table`: ↓Δ% with its 95 % interval and ``*`` where the
+* the headline table (:func:`mqb.analysis.tables.paper_table`: ↓Δ% with its 95 % interval and ``*`` where the
   paired test is significant after Holm), with, per row, the config keys that tell it apart from rows with the
   same label (``method.exclude=[conv1x1x1]``; ``Setting``), a note (UNTRAINED, FP32 from the baseline, no
   labels) and a link to its configuration;
@@ -33,17 +33,14 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from mqb.analysis.report import (
+from mqb.analysis.report import Report, config_value, figures, flat_config
+from mqb.analysis.tables import (
     FROM_BASELINE,
     NO_LABELS,
     UNTRAINED,
-    Report,
     Table,
-    _merged,
-    config_value,
-    figures,
-    flat_config,
     group_key,
+    group_starts,
     per_class_tables,
     precision_label,
 )
@@ -137,7 +134,7 @@ def table_html(
     they repeat, ``numeric`` columns right-aligned and marked ``sig`` when the cell carries ``*``; ``row_classes``
     / ``row_attrs`` per body row; ``raw_columns[c][i]``: already-escaped HTML for cell ``(i, c)``; ``css_columns``:
     a class per column. The table's notes follow as paragraphs."""
-    firsts = _merged(table)
+    firsts = group_starts(table)
     out = ['<div class="scroll"><table>', "<thead><tr>"]
     out += [f"<th>{escape(h)}</th>" for h in table.header]
     out.append("</tr></thead><tbody>")

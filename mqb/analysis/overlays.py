@@ -6,7 +6,7 @@ A run with ``eval.save_predictions=true`` writes NIfTI label maps and lists them
     "predictions": {"dir": "<dir>", "cases": {"<case>": {"prediction": "<quantized label map .nii.gz>",
                     "fp32": "<FP32 label map>", "image": "<the image the network saw>", "label": "<path or null>"}}}
 
-For each group of the report (:func:`mqb.analysis.report.group_key`: model, dataset, FP32 baseline) whose
+For each group of the report (:func:`mqb.analysis.tables.group_key`: model, dataset, FP32 baseline) whose
 quantized records have that section, :func:`overlay_figures` draws one figure per case for the first ``max_cases``
 cases (sorted by id; 1 by default): columns image, label (when there is one), FP32 and the quantized configs in table
 order (at most :data:`MAX_CONFIGS`), rows the chosen slices. Volumes are read with nibabel and reoriented to the
@@ -33,7 +33,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mqb.analysis.figures import choose_slices, overlay_figure
-from mqb.analysis.report import Report, _config_label, _slug, _wrap, group_key, group_names
+from mqb.analysis.report import Report, _slug, _wrap
+from mqb.analysis.tables import config_label, group_key, group_names
 from mqb.results import atomic_write
 
 #: Quantized configs (columns) shown per figure at most, in table order; the caption says when some are left out.
@@ -158,7 +159,7 @@ def overlay_figures(
         for row, record in with_predictions:
             cases = _cases(record["predictions"], str(row["id"]), out.warnings)
             if cases:
-                configs.append((_config_label(row, with_method), str(row["id"]), cases))
+                configs.append((config_label(row, with_method), str(row["id"]), cases))
         if not configs:
             continue
         shown = configs[:max_configs]

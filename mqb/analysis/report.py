@@ -1,31 +1,30 @@
 """Paper-style tables and figures from the result records of any sweep (MedQuanBench Tables 1-3 and 8-10).
 
-Each step is a function of the previous one's output (only :func:`write_report` touches the disk)::
+This module selects the records, computes the rows and the per-class statistics, draws the figures and writes
+the files; the tables are laid out and rendered by :mod:`mqb.analysis.tables` (``tables.``\ *name* below). Each
+step is a function of the previous one's output (only :func:`write_report` touches the disk)::
 
     records ──select_records──▶ Selection: latest success per id, errors without a success, other kinds
-            ──table_rows──────▶ rows: one dict per config (``mqb.sweep.COLUMNS`` + per_class, reference),
-                                 in the paper's order, an FP32 row first per model + dataset (group_key)
-            ──paper_table─────▶ Table: header, text cells, merged leading columns, footnotes
-            ──to_markdown / to_latex──▶ text          rows ──to_csv──▶ text (raw numbers)
+            ──table_rows──────▶ rows: one dict per config (``tables.COLUMNS`` + per_class, reference),
+                                 in the paper's order, an FP32 row first per model + dataset (tables.group_key)
+            ──tables.paper_table──▶ tables.Table: header, text cells, merged leading columns, footnotes
+            ──tables.render_report (render)──▶ Markdown / LaTeX text, or the rows' raw numbers as CSV
     rows    ──per_class_entries──▶ per config x class (+ mean): value, ↓Δ%, bootstrap CI, p, Holm (mqb.analysis.stats)
-            ──per_class_tables──▶ one class x config Table per group ──to_markdown / to_latex──▶ per_class_<metric>.*
-            ──per_class_csv──▶ long-format CSV (one line per config x class)
+            ──tables.render_per_class──▶ one class x config table per group (Markdown / LaTeX), or long-format CSV
     record + its FP32 baseline ──record_entries──▶ the same entries for one run (the W&B per-class table)
     rows    ──dsc_bar_figure / per_class_delta_figure──▶ matplotlib Figures (no pyplot, no display needed)
 
-The writers take a :class:`Table`, not records: a table of another record kind (e.g. the layer-sensitivity
-records that :func:`select_records` sets aside in ``Selection.other``) is one more ``rows -> Table`` function.
+The writers take a :class:`mqb.analysis.tables.Table`, not records: a table of another record kind (e.g. the
+layer-sensitivity records that :func:`select_records` sets aside in ``Selection.other``) is one more
+``rows -> Table`` function in :mod:`mqb.analysis.tables`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
 import re
 import textwrap
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,47 +36,33 @@ from matplotlib.colors import ListedColormap, Normalize, SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from mqb.analysis.stats import FEW_CASES, compare, holm
-from mqb.analysis.tables import COLUMNS, metric_with_delta, summary_rows
+from mqb.analysis.stats import compare, holm
+from mqb.analysis.tables import (
+    FORMATS,
+    GRANULARITY_NAMES,
+    MEAN,
+    NO_LABELS,
+    PER_CLASS_FILES,
+    UNTRAINED,
+    Table,
+    config_label,
+    format_pct,
+    group_key,
+    group_names,
+    paper_table,
+    precision_label,
+    render_per_class,
+    render_report,
+    series_label,
+    summary_rows,
+)
 from mqb.results import NESTED_VOLATILE_KEYS, VOLATILE_KEYS, atomic_write
 
 #: Table order of the precisions; others follow alphabetically.
 PRECISION_ORDER = ("fp32", "w8a8", "w4a8", "w4a4")
-#: The paper's granularity names, in table order; others follow alphabetically ("per_group" -> "Per-group").
-GRANULARITY_NAMES = {
-    "-": "-",
-    "per_channel": "Per-channel/token",
-    "per_tensor": "Per-tensor",
-    "adaptive": "Adaptive stratification",
-    "per_voxel": "Per-voxel",
-}
 METHOD_ORDER = ("-", "rtn")
-#: Output formats of :func:`render` / :func:`write_report` and their file names.
-FORMATS = {"md": "table.md", "tex": "table.tex", "csv": "table.csv"}
-#: Metrics of the per-class tables and their file names per format (``per_class_dsc.md`` ...).
+#: Metrics of the per-class entries and tables (``per_class_dsc.md`` ...).
 PER_CLASS_METRICS = ("dsc", "nsd")
-PER_CLASS_FILES = {"md": "per_class_{metric}.md", "tex": "per_class_{metric}.tex", "csv": "per_class_{metric}.csv"}
-#: Columns of the per-class CSV (one line per group x quantized config x class, ``class == "mean"`` last).
-PER_CLASS_COLUMNS = ("model", "dataset", "group", "id", "precision", "granularity", "method", "config", "class",
-                     "metric", "n_cases", "fp32", "value", "drop_pct", "drop_pct_ci_low", "drop_pct_ci_high",
-                     "p", "p_holm", "significant", "test", "source")  # fmt: skip
-MEAN = "mean"
-
-UNTRAINED, NO_LABELS, FROM_BASELINE = "†", "‡", "§"
-NOTES = {
-    UNTRAINED: f"{UNTRAINED} untrained network (no checkpoint): these numbers test the pipeline, not the model.",
-    NO_LABELS: f"{NO_LABELS} no labels: DSC / NSD measure agreement with the FP32 network's predictions.",
-    FROM_BASELINE: f"{FROM_BASELINE} FP32 row from the baseline stored in the quantized records "
-    "(no matching fp32 record).",
-}
-SAME_NAME_NOTE = (
-    "(2), (3) ...: another FP32 baseline of the same model and dataset (other checkpoint or "
-    "evaluation settings); the CSV has the config ids."
-)
-DELTA_NOTE = "Δ%: relative drop from the FP32 baseline (negative: above FP32)."
-CI_NOTE = ("[95% CI]: bootstrap interval of the drop over the test cases; * the paired test across cases is "
-           "significant at 0.05 after Holm's correction across the configs of this report (mqb.analysis.stats).")
-SETTING_NOTE = "Setting: the config keys in which rows with the same label differ."
 
 
 # -- records -> rows ---------------------------------------------------------------------------------------
@@ -113,26 +98,6 @@ def _rank(order: Sequence[str], name: str) -> tuple[int, str]:
     return (order.index(name), "") if name in order else (len(order), name)
 
 
-def group_key(row: dict[str, Any]) -> tuple[str, str, bool, bool, str]:
-    """The rows that share one FP32 reference: model, dataset, untrained, scored without labels, baseline key."""
-    return (str(row["model"]), str(row["dataset"]), bool(row["untrained"]), row["reference"] != "labels",
-            str(row["baseline"].get("key") or ""))  # fmt: skip
-
-
-def group_names(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, str, bool, bool, str], str]:
-    """:func:`group_key` -> the group's Dataset cell: the dataset name, † when untrained, ‡ when scored without
-    labels, and `` (2)``, `` (3)`` ... for further groups whose model and cell would otherwise read the same."""
-    names: dict[tuple[str, str, bool, bool, str], str] = {}
-    seen: Counter[tuple[str, str]] = Counter()
-    for r in rows:
-        key = group_key(r)
-        if key not in names:
-            name = key[1] + UNTRAINED * key[2] + NO_LABELS * key[3]
-            seen[(key[0], name)] += 1
-            names[key] = name + (f" ({seen[(key[0], name)]})" if seen[(key[0], name)] > 1 else "")
-    return names
-
-
 def _rank_in_group(row: dict[str, Any]) -> tuple[Any, ...]:
     """Precision / granularity / method in the paper's order."""
     granularity = _rank(tuple(GRANULARITY_NAMES), row["granularity"])
@@ -140,7 +105,7 @@ def _rank_in_group(row: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def table_rows(successes: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per success record (``mqb.sweep.summary_rows`` plus ``per_class``, ``reference``,
+    """One row per success record (:func:`mqb.analysis.tables.summary_rows` plus ``per_class``, ``reference``,
     ``baseline``, ``from_baseline``), in the paper's order. Rows are grouped by :func:`group_key`, so e.g.
     untrained and trained records of a model never share an FP32 row; a group without an fp32 record gets an FP32
     row from the baseline stored in its latest quantized record (``from_baseline: True``, no per-class values)."""
@@ -241,193 +206,7 @@ def distinguishing_settings(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
-# -- rows -> table ----------------------------------------------------------------------------------------
-@dataclass
-class Table:
-    """Text cells of a table. The first ``merge`` columns are hierarchical labels: a cell equal to the one above
-    it (and whose left neighbours are too) is merged with it (blank in Markdown, ``\\multirow`` in LaTeX)."""
-
-    header: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    merge: int = 0
-    notes: list[str] = field(default_factory=list)
-    align: str = ""  # LaTeX column types, "l" per column when empty
-    rule_before: tuple[int, ...] = ()  # rows preceded by a LaTeX \midrule (besides those of the merged columns)
-
-
-def precision_label(name: str) -> str:
-    """``w4a8`` -> ``INT W4A8`` (as in the paper), ``fp32`` -> ``FP32``, ``mxfp4`` -> ``MXFP4``."""
-    m = re.fullmatch(r"w(\d+)a(\d+)", name)
-    return f"INT W{m[1]}A{m[2]}" if m else name.upper()
-
-
-def granularity_label(name: str) -> str:
-    """The paper's name: ``per_channel`` -> ``Per-channel/token``, ``adaptive`` -> ``Adaptive stratification``."""
-    return GRANULARITY_NAMES.get(name) or name.replace("_", "-").capitalize()
-
-
-def metric_cell(value: float | None, delta: float | None, reference: bool = False,
-                ci: dict[str, Any] | None = None) -> str:  # fmt: skip
-    """``0.881 (0.3%)``, with ``ci`` (:func:`row_ci`) ``0.881 (0.3% [0.1, 0.5]*)`` (``metric_with_delta``); the
-    FP32 reference row reads ``0.881 (-)``."""
-    if reference and value is not None:
-        return f"{value:.3f} (-)"
-    return metric_with_delta(value, delta, ci)
-
-
-def row_ci(row: dict[str, Any], metric: str) -> dict[str, Any] | None:
-    """A row's interval of the mean drop of ``metric`` and its significance after Holm (columns
-    ``<metric>_drop_ci_low`` ... of ``summary_rows``), ``None`` when the record had no ``stats``."""
-    if row.get(f"{metric}_drop_ci_low") is None and row.get(f"{metric}_cases") is None:
-        return None
-    return {"low": row.get(f"{metric}_drop_ci_low"), "high": row.get(f"{metric}_drop_ci_high"),
-            "significant": row.get(f"{metric}_significant"), "n": row.get(f"{metric}_cases")}  # fmt: skip
-
-
-def paper_table(rows: Sequence[dict[str, Any]]) -> Table:
-    """Architecture / Dataset / Precision / Quant-Granularity [/ Method] [/ Setting] / DSC (↓Δ%) / NSD (↓Δ%), as
-    in the paper; a Method column only when the quantized rows use more than one method, a Setting column only
-    when rows share a label and differ in other config keys (:func:`distinguishing_settings`). Cells carry the
-    drop's 95 % interval and a ``*`` when significant after Holm where the records have ``stats``."""
-    methods = sorted({r["method"] for r in rows if r["method"] != "-"}, key=lambda m: _rank(METHOD_ORDER, m))
-    with_method = len(methods) > 1
-    with_setting = any(r.get("setting") for r in rows)
-    with_ci = any(row_ci(r, m) is not None for r in rows for m in ("dsc", "nsd"))
-    delta = "↓Δ% [95% CI]" if with_ci else "↓Δ%"
-    header = ("Architecture", "Dataset", "Precision", "Quant-Granularity", *(("Method",) * with_method),
-              *(("Setting",) * with_setting), f"DSC ({delta})", f"NSD ({delta})")  # fmt: skip
-    names = group_names(rows)
-    used = set()
-    cells = []
-    for r in rows:
-        dataset = names[group_key(r)]
-        reference = r["precision"] == "fp32"
-        precision = precision_label(r["precision"]) + (FROM_BASELINE if r["from_baseline"] else "")
-        used.update(dataset + precision)
-        cells.append((str(r["model"]), dataset, precision, granularity_label(r["granularity"]),
-                      *((str(r["method"]),) * with_method), *((r.get("setting") or "",) * with_setting),
-                      metric_cell(r["dsc"], r["dsc_delta_pct"], reference, row_ci(r, "dsc")),
-                      metric_cell(r["nsd"], r["nsd_delta_pct"], reference, row_ci(r, "nsd"))))  # fmt: skip
-    notes = [NOTES[m] for m in (UNTRAINED, NO_LABELS, FROM_BASELINE) if m in used]
-    if any(name.endswith(")") for name in names.values()):
-        notes.append(SAME_NAME_NOTE)
-    if len(methods) == 1:
-        notes.append(f"Quantization method: {methods[0]}.")
-    notes.append(DELTA_NOTE)
-    if with_ci:
-        notes.append(CI_NOTE)
-    if with_setting:
-        notes.append(SETTING_NOTE)
-    return Table(header, cells, merge=3, notes=notes, align="l" * (len(header) - 2) + "cc")
-
-
-def _merged(table: Table) -> list[int]:
-    """Per row, the first column that starts a new group (``merge`` when the merged columns all repeat)."""
-    firsts = []
-    for i, row in enumerate(table.rows):
-        c = 0
-        while i > 0 and c < table.merge and row[c] == table.rows[i - 1][c]:
-            c += 1
-        firsts.append(c)
-    return firsts
-
-
-# -- writers ----------------------------------------------------------------------------------------------
-def to_markdown(table: Table) -> str:
-    """A Markdown table (repeated labels of the merged columns left blank) followed by its footnotes."""
-
-    def line(cells: Iterable[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    lines = [line(table.header), "|" + "---|" * len(table.header)]
-    for row, first in zip(table.rows, _merged(table), strict=True):
-        lines.append(line(("" if c < first else cell) for c, cell in enumerate(row)))
-    return "\n".join(lines) + "".join(f"\n\n{note}" for note in table.notes) + "\n"
-
-
-_LATEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-          "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "↓Δ": r"$\downarrow\Delta$",
-          "↓": r"$\downarrow$", "Δ": r"$\Delta$", "−": "--", "–": "--", UNTRAINED: r"\textsuperscript{\dag}",
-          NO_LABELS: r"\textsuperscript{\ddag}", FROM_BASELINE: r"\textsuperscript{\S}"}  # fmt: skip
-_LATEX_RE = re.compile("|".join(re.escape(k) for k in sorted(_LATEX, key=len, reverse=True)))
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX's special characters (``_ & % $ # { } ~ ^ \\``) and map the table's symbols (↓Δ † ‡ §)."""
-    return _LATEX_RE.sub(lambda m: _LATEX[m.group()], text)
-
-
-def to_latex(table: Table, comments: Sequence[str] = ()) -> str:
-    """A booktabs ``tabular``: ``\\multirow`` for the merged columns, ``\\midrule`` between groups of the first
-    column, ``\\cmidrule`` between groups of the inner merged columns but the last; footnotes under the rule;
-    ``comments`` (e.g. failed configs) as ``%`` lines after it. Needs ``\\usepackage{booktabs,multirow}``."""
-    n = len(table.header)
-    firsts = _merged(table)
-    out = [r"% \usepackage{booktabs,multirow}", rf"\begin{{tabular}}{{{table.align or 'l' * n}}}", r"\toprule",
-           " & ".join(latex_escape(h) for h in table.header) + r" \\", r"\midrule"]  # fmt: skip
-    for i, (row, first) in enumerate(zip(table.rows, firsts, strict=True)):
-        if i > 0 and ((first == 0 and table.merge > 0) or i in table.rule_before):
-            out.append(r"\midrule")
-        elif i > 0 and first < table.merge - 1:
-            out.append(rf"\cmidrule(l){{{first + 1}-{n}}}")
-        cells = []
-        for c, cell in enumerate(row):
-            if c >= table.merge:
-                cells.append(latex_escape(cell))
-            elif c < first:
-                cells.append("")
-            else:  # a new group in column c: it spans the following rows that do not start a group at <= c
-                span = 1
-                while i + span < len(table.rows) and firsts[i + span] > c:
-                    span += 1
-                cells.append(rf"\multirow{{{span}}}{{*}}{{{latex_escape(cell)}}}" if span > 1 else latex_escape(cell))
-        out.append(" & ".join(cells) + r" \\")
-    out.append(r"\bottomrule")
-    out += [rf"\multicolumn{{{n}}}{{l}}{{\footnotesize {latex_escape(note)}}} \\" for note in table.notes]
-    out.append(r"\end{tabular}")
-    out += ["% " + " ".join(c.split()) for c in comments]
-    return "\n".join(out) + "\n"
-
-
-def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def to_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """Raw numbers in table order, with the columns of ``mqb.sweep summary`` (``mqb.sweep.COLUMNS``)."""
-    return _csv_text(rows, COLUMNS)
-
-
-def failure_lines(errors: Sequence[dict[str, Any]]) -> list[str]:
-    """``<id>: model / dataset / precision / granularity / method: <first line of the error>`` per failed config."""
-    lines = []
-    for e in sorted(errors, key=lambda e: (str(e.get("model")), str(e.get("dataset")), str(e.get("id")))):
-        what = " / ".join(str(e.get(k, "?")) for k in ("model", "dataset", "precision", "granularity", "method"))
-        error = (str(e.get("error") or "unknown error").strip().splitlines() or ["unknown error"])[0][:300]
-        lines.append(f"{e['id']}: {what}: {error}")
-    return lines
-
-
-# -- per-class tables -------------------------------------------------------------------------------------
-def format_pct(value: float | None, minus: str = "-") -> str:
-    """A percentage with sensible precision: 2 decimals below 1 (``0.37``), 1 below 100 (``5.2``), none above
-    (``100``); never ``-0.00`` (a value that rounds to zero reads ``0.00``). ``minus``: e.g. ``"−"`` in figures."""
-    if value is None or not math.isfinite(value):
-        return "-"
-    digits = 2 if abs(value) < 1 else 1 if abs(value) < 100 else 0
-    text = f"{abs(value):.{digits}f}"
-    return (minus if value < 0 and float(text) != 0 else "") + text
-
-
-def _config_label(row: dict[str, Any], with_method: bool) -> str:
-    setting = row.get("setting") or ""
-    return f"{precision_label(row['precision'])} {_series_label(row, with_method)}" + (f" [{setting}]" * bool(setting))
-
-
+# -- per-class entries ------------------------------------------------------------------------------------
 def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
         else None  # fmt: skip
@@ -506,7 +285,7 @@ def per_class_entries(
                 entry = {
                     "model": r["model"], "dataset": r["dataset"], "group": cell, "id": r["id"],
                     "precision": r["precision"], "granularity": r["granularity"], "method": r["method"],
-                    "config": _config_label(r, with_method), "class": c, "metric": metric,
+                    "config": config_label(r, with_method), "class": c, "metric": metric,
                     "n_cases": None, "fp32": _float(base), "value": _float(own), "drop_pct": None,
                     "drop_pct_ci_low": None, "drop_pct_ci_high": None, "p": None, "p_holm": None,
                     "significant": None, "test": None, "source": "per_class", "min_p": None,
@@ -558,85 +337,6 @@ def record_entries(
     return per_class_entries(table_rows([fp32, quant]), metric, n_resamples=n_resamples, seed=seed)
 
 
-def _pct_with_ci(e: dict[str, Any]) -> str:
-    if e["drop_pct"] is None:
-        return ""
-    text = f"{format_pct(e['drop_pct'])}%"
-    if e["drop_pct_ci_low"] is not None and e["drop_pct_ci_high"] is not None:
-        text += f" [{format_pct(e['drop_pct_ci_low'])}, {format_pct(e['drop_pct_ci_high'])}]"
-    return text
-
-
-def per_class_cell(e: dict[str, Any]) -> str:
-    """``0.875 (0.70% [0.21, 1.3])*``: the quantized value, ↓Δ% with its CI, ``*`` when significant after Holm."""
-    value = "-" if e["value"] is None else f"{e['value']:.3f}"
-    pct = _pct_with_ci(e)
-    return value + (f" ({pct})" if pct else "") + ("*" if e["significant"] else "")
-
-
-def per_class_tables(entries: Sequence[dict[str, Any]], alpha: float = 0.05) -> dict[tuple[str, str], Table]:
-    """``(model, group cell) -> Table``: classes (and ``Mean``) x configs, the FP32 column first; cells
-    :func:`per_class_cell`; footnotes on the convention, the interval, the test and what could not be computed."""
-    tables = {}
-    for model, cell in dict.fromkeys((e["model"], e["group"]) for e in entries):
-        group = [e for e in entries if (e["model"], e["group"]) == (model, cell)]
-        configs = list(dict.fromkeys((e["id"], e["config"]) for e in group))
-        classes = list(dict.fromkeys(e["class"] for e in group))
-        by = {(e["id"], e["class"]): e for e in group}
-        body = []
-        for c in classes:
-            fp32 = next((by[(i, c)]["fp32"] for i, _ in configs if by.get((i, c)) and by[(i, c)]["fp32"] is not None),
-                        None)  # fmt: skip
-            body.append(("Mean" if c == MEAN else c, "-" if fp32 is None else f"{fp32:.3f}",
-                         *(per_class_cell(by[(i, c)]) if (i, c) in by else "-" for i, _ in configs)))  # fmt: skip
-        metric = group[0]["metric"].upper()
-        notes = [f"{metric} per class: quantized value (↓Δ% [CI]); ↓Δ% = 100 (FP32 - quantized) / FP32, "
-                 "positive: worse than FP32."]  # fmt: skip
-        sources = Counter(e["source"] for e in group)
-        if sources["stats"] or sources["per_case"]:
-            ns = sorted({e["n_cases"] for e in group if e["n_cases"]})
-            n_text = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
-            notes.append(f"[CI]: 95% bootstrap interval over the {n_text} test cases (paired per-case differences); "
-                         f"* significant at α = {alpha:g} after Holm's correction across the {len(configs)} "
-                         "configs of this table (exact sign-flip permutation test up to 12 cases, Wilcoxon "
-                         "signed-rank above).")  # fmt: skip
-            if ns and ns[-1] < FEW_CASES:
-                notes.append(f"Only {n_text} test cases: the intervals are too narrow (they undercover) and the "
-                             "test decides.")  # fmt: skip
-            floors = [e["min_p"] for e in group if e["min_p"] is not None]
-            if floors and min(floors) >= alpha:
-                notes.append(f"With {n_text} test cases no difference can be significant at α = {alpha:g} "
-                             f"(smallest attainable p = {min(floors):.3g}).")  # fmt: skip
-            notes.append("Mean: per case the mean over the classes present in both, then the mean over cases.")
-        if sources["per_class"]:
-            notes.append("Cells without [CI]: no per-case values (or no FP32 record) for them; ↓Δ% from class means.")
-        tables[(model, cell)] = Table(("Class", "FP32", *(label for _, label in configs)), body, merge=0,
-                                      notes=notes, align="l" + "c" * (len(configs) + 1),
-                                      rule_before=(classes.index(MEAN),) if MEAN in classes else ())  # fmt: skip
-    return tables
-
-
-def per_class_csv(entries: Sequence[dict[str, Any]]) -> str:
-    """Long format, raw numbers: one line per group x quantized config x class (:data:`PER_CLASS_COLUMNS`)."""
-    return _csv_text(entries, PER_CLASS_COLUMNS)
-
-
-def render_per_class(entries: Sequence[dict[str, Any]], fmt: str) -> str:
-    """The per-class tables of one metric as ``md`` (a heading per group), ``tex`` (a tabular per group) or
-    ``csv`` (:func:`per_class_csv`)."""
-    if fmt == "csv":
-        return per_class_csv(entries)
-    tables = per_class_tables(entries)
-    metric = entries[0]["metric"].upper() if entries else ""
-    if fmt == "md":
-        return "\n".join(f"### {model} on {cell}: per-class {metric}\n\n{to_markdown(t)}"
-                         for (model, cell), t in tables.items())  # fmt: skip
-    if fmt == "tex":
-        return "\n".join(f"% {model} on {cell}: per-class {metric}\n{to_latex(t)}"
-                         for (model, cell), t in tables.items())  # fmt: skip
-    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(PER_CLASS_FILES)}")
-
-
 # -- the report -------------------------------------------------------------------------------------------
 @dataclass
 class Report:
@@ -662,29 +362,12 @@ def build_report(records: Iterable[dict[str, Any]], n_resamples: int = 10_000, s
 
 
 def render(report: Report, fmt: str) -> str:
-    """The report as ``md`` (table, footnotes, failed configs), ``tex`` or ``csv``."""
-    failures = failure_lines(report.selection.errors)
-    if fmt == "md":
-        text = to_markdown(report.table)
-        if failures:
-            text += f"\n**{len(failures)} failed config(s), not in the table:**\n\n"
-            text += "".join(f"- {line}\n" for line in failures)
-        if report.selection.other:
-            text += f"\n{len(report.selection.other)} record(s) of other kinds (e.g. sensitivity) not tabulated.\n"
-        return text
-    if fmt == "tex":
-        return to_latex(report.table, [f"failed, not in the table: {line}" for line in failures])
-    if fmt == "csv":
-        return to_csv(report.rows)
-    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    """The report as ``md`` (table, footnotes, failed configs), ``tex`` or ``csv``
+    (:func:`mqb.analysis.tables.render_report`)."""
+    return render_report(report.table, report.rows, fmt, report.selection.errors, len(report.selection.other))
 
 
 # -- figures ----------------------------------------------------------------------------------------------
-def _series_label(row: dict[str, Any], with_method: bool) -> str:
-    label = granularity_label(row["granularity"])
-    return f"{label} ({row['method']})" if with_method and row["method"] != "-" else label
-
-
 def _series_key(row: dict[str, Any]) -> tuple[str, str, str]:
     return row["granularity"], row["method"], row.get("setting") or ""
 
@@ -710,7 +393,7 @@ def dsc_bar_figure(group: Sequence[dict[str, Any]], title: str) -> Figure | None
           for p in precisions}  # fmt: skip
     slots = max(len(v) for v in at.values())
     width = 0.8 / slots
-    labels = {s: _wrap(_series_label({"granularity": s[0], "method": s[1]}, with_method) + (f" [{s[2]}]" if s[2]
+    labels = {s: _wrap(series_label({"granularity": s[0], "method": s[1]}, with_method) + (f" [{s[2]}]" if s[2]
                                                                                           else ""), 60)
               for s in series}  # fmt: skip
     longest = max(len(line) for text in labels.values() for line in text.splitlines())

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mqb.analysis.tables import text_table
+from mqb.analysis.tables import group_summary_table, layer_summary_table
 from mqb.quant.layers import LayerInfo
 from mqb.quant.realizability import Realizability, realizability
 from mqb.quant.spec import QuantSpec
@@ -62,23 +62,12 @@ class QuantSummary:
         return [r.as_record() for r in self.rows]
 
     def layer_table(self) -> str:
-        keys = ["name", "type", "kernel", "weight", "activation", "realizability"]
-        return text_table(keys, [[str(rec[k]) for k in keys] for rec in self.records()])
+        """One line per layer, as text (:func:`mqb.analysis.tables.layer_summary_table`)."""
+        return layer_summary_table(self.records())
 
     def group_table(self) -> str:
-        rows = []
-        for group, g in self.groups().items():
-            status = ", ".join(f"{s}: {n}" for s, n in sorted(g["status"].items()))  # type: ignore[union-attr]
-            rows.append(
-                [
-                    group,
-                    str(g["layers"]),
-                    " | ".join(sorted(g["weight"])),  # type: ignore[arg-type]
-                    " | ".join(sorted(g["activation"])),
-                    status,
-                ]
-            )  # type: ignore[arg-type]
-        return text_table(["group", "layers", "weight", "activation", "realizability"], rows)
+        """One line per layer group, as text (:func:`mqb.analysis.tables.group_summary_table`)."""
+        return group_summary_table(self.groups())
 
     def __str__(self) -> str:
         n_sim = sum(1 for r in self.rows if r.realizability.status == "simulation-only")

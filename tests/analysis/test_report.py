@@ -13,18 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mqb.analysis.report import (
-    Table,
-    build_report,
-    figures,
-    latex_escape,
-    paper_table,
-    render,
-    select_records,
-    table_rows,
-    to_markdown,
-    write_report,
-)
+from mqb.analysis.report import build_report, figures, render, select_records, table_rows, write_report
+from mqb.analysis.tables import Table, latex_escape, paper_table, to_markdown
 from mqb.report import main
 from mqb.results import read_records, write_json_atomic
 
@@ -409,8 +399,9 @@ def test_per_class_tables_with_per_case_intervals(tmp_path):
 
 
 def test_per_class_entries_prefer_the_records_stats_section(tmp_path):
-    from mqb.analysis.report import per_class_delta_figure, render_per_class
+    from mqb.analysis.report import per_class_delta_figure
     from mqb.analysis.stats import compare
+    from mqb.analysis.tables import render_per_class
 
     records = read_records(per_case_results(tmp_path / "results"))
     fp32 = next(r for r in records if r["id"] == "fp32")
@@ -432,7 +423,8 @@ def test_per_class_entries_prefer_the_records_stats_section(tmp_path):
 
 
 def test_heat_map_reads_percent_and_spans_the_data(results, tmp_path):
-    from mqb.analysis.report import format_pct, per_class_delta_figure
+    from mqb.analysis.report import per_class_delta_figure
+    from mqb.analysis.tables import format_pct
 
     assert [format_pct(v) for v in (0.004, -0.37, 5.24, 80.77, 100.0, -0.001)] == [
         "0.00", "-0.37", "5.2", "80.8", "100", "0.00"]  # fmt: skip
