@@ -278,15 +278,40 @@ def resolve_checkpoint(cfg: DictConfig) -> Path | None:
             raise CheckpointError(f"model.checkpoint={str(value)!r} does not exist; {hint}")
         return path
     path = Path(cfg.paths.checkpoints) / cfg.dataset.name / f"{cfg.model.name}.safetensors"
-    if path.is_file():
+    stale = stale_checkpoint(path, cfg) if path.is_file() else None
+    if path.is_file() and (stale is None or not cfg.auto_train):
+        if stale is not None:
+            console.print(f"[yellow]warning: {stale}; its numbers will differ from a fresh training's (delete it, or "
+                          "set auto_train=true, to train it again)")  # fmt: skip
         return path
     if cfg.auto_train:
         from mqb.train import fit
 
-        console.print(f"[yellow]no checkpoint for {cfg.model.name} on {cfg.dataset.name}: training one -> {path}")
+        why = f"{stale}: training it again" if stale else f"no checkpoint for {cfg.model.name} on {cfg.dataset.name}"
+        console.print(f"[yellow]{why} -> {path}")
         fit(cfg.model, cfg.dataset, cfg.train, path, progress=cfg.trainer.progress,
             accelerator=cfg.trainer.accelerator, fp32_precision=cfg.trainer.fp32_precision)
         return path
+    return None
+
+
+def stale_checkpoint(path: Path, cfg: DictConfig) -> str | None:
+    """Why the cached checkpoint ``path`` (``model.checkpoint=auto``) is not what ``mqb.train`` would train from
+    ``cfg.train`` today, or ``None``: its sidecar (``.json``) is missing or unreadable, it predates deterministic
+    training (no ``determinism`` record), or it was trained with other ``train`` settings."""
+    sidecar = path.with_suffix(".json")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return f"the cached checkpoint {path} has no readable training record ({sidecar.name})"
+    if "determinism" not in meta:
+        return f"the cached checkpoint {path} was trained by an earlier mqb, not reproducibly"
+    trained, wanted = meta.get("train") or {}, OmegaConf.to_container(cfg.train, resolve=True)
+    assert isinstance(wanted, dict)
+    changed = sorted(k for k in set(trained) | set(wanted) if trained.get(k) != wanted.get(k))
+    if changed:
+        return (f"the cached checkpoint {path} was trained with other settings ("
+                + ", ".join(f"train.{k}={trained.get(k)!r}, now {wanted.get(k)!r}" for k in changed) + ")")
     return None
 
 

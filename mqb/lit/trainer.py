@@ -60,3 +60,85 @@ class SegmentationTrainer(L.LightningModule):
         opt = torch.optim.AdamW(self.net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.max_steps))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """A training dataset whose random transforms depend on the item alone, not on the loader's workers.
+
+    MONAI seeds its random transforms once per DataLoader worker (``worker_init_fn``), so the patches, flips and
+    intensity shifts a volume gets depend on which worker loads it, hence on ``num_workers``. Here each item is
+    asked for as ``(index, item_seed)`` (:class:`SeededSampler`) and the wrapped dataset's random transforms are
+    re-seeded with ``item_seed`` before it is loaded: the same batches for any worker count.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):  # type: ignore[no-untyped-def]
+        from monai.data.utils import set_rnd
+
+        index, item_seed = key
+        set_rnd(self.dataset, seed=int(item_seed))
+        return self.dataset[int(index)]
+
+
+class SeededSampler(torch.utils.data.Sampler[tuple[int, int]]):
+    """A shuffled epoch of ``(index, item_seed)`` pairs drawn from ``(seed, epoch)`` alone (Lightning calls
+    :meth:`set_epoch` before each epoch), independent of the global random state and of the loader's workers."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = int(size)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        seeds = torch.randint(0, 2**31 - 1, (self.size,), generator=generator).tolist()
+        return iter(zip(order, seeds, strict=True))
+
+
+def seeded_train_loader(datamodule: L.LightningDataModule, seed: int) -> torch.utils.data.DataLoader:
+    """``datamodule``'s training loader (its dataset, batch size, workers and collation) with :class:`SeededItems`
+    and :class:`SeededSampler`: the same batches for a given ``seed`` whatever ``num_workers`` is."""
+    loader = datamodule.train_dataloader()
+    return type(loader)(
+        SeededItems(loader.dataset),
+        batch_size=loader.batch_size,
+        sampler=SeededSampler(len(loader.dataset), seed),  # type: ignore[arg-type]
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        drop_last=loader.drop_last,
+    )
+
+
+class StepProgressBar(L.pytorch.callbacks.RichProgressBar):
+    """Lightning's rich progress bar counting optimizer steps toward ``max_steps`` across epochs ("Training
+    120/300 • elapsed • time left"), where training is bounded by steps: the default counts batches of each epoch
+    under "Epoch 4/-2" (``max_epochs=-1``), with no total and no time left."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{'Training':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.is_disabled:
+            return
+        if self.progress is not None and self.train_progress_bar_id is None:
+            self.train_progress_bar_id = self._add_task(trainer.max_steps, self._get_train_description(0))
+        self.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:  # type: ignore[no-untyped-def]  # noqa: E501
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self.on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
