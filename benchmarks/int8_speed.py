@@ -15,12 +15,19 @@ round (median of ``--rounds`` after one warm-up):
 * ``ov_int8_default``: the same with the default precision (float remainder in bf16 where the CPU has it);
 * ``ov_int8d`` / ``ov_int8d_default``: mqb's ``experiment=int8_deploy`` recipe: the inputs of InstanceNorm /
   GroupNorm quantized too (the convolution writes INT8 and OpenVINO's MVN reads it) and one quantizer per tensor
-  (``calibration.shared_ranges`` + ``tensor_quantizers``: readers of a residual or skip tensor share the largest
+  (``method.shared_ranges`` + ``output_quantizers``: readers of a residual or skip tensor share the largest
   calibrated range, and the tensor is quantized where it is produced, so an identity shortcut's Add reads INT8),
   again with mqb's own calibrated scales.
 
 Every INT8 file is written with the exact QDQ sharing of :func:`mqb.deploy.graph.share_quantization` (the
-default of ``export_onnx``).
+default of ``export_onnx``; the INT8 Concat where :func:`mqb.deploy.runtimes.openvino_exactness` finds it exact,
+except before a ConvTranspose where that runs faster in INT8 from a float Concat,
+:func:`mqb.deploy.runtimes.openvino_float_concat_before`), and OpenVINO runs the Q/DQ pairs in NNCF's FakeQuantize
+form (:func:`mqb.deploy.runtimes.fake_quantize_form`). ``qdq_int8d`` / ``qdq_int8d_default``: the same
+``int8_deploy`` network as OpenVINO reads the ONNX Q/DQ pairs as they are (the Concat in float where that form is
+inexact): the conservative form mqb ran before, timed in the same rounds for the before / after ratio. The executed
+graphs (``compiled_model.get_runtime_model()``) of mqb's files and NNCF's are summarized side by side (INT8 and
+float convolutions, MVNs, Concats, and the float quantizers / Reorders an INT8 graph fused like NNCF's lacks).
 
 ``--nncf`` also times OpenVINO + NNCF's own post-training INT8 of the FP32 model (its own scales and quantization
 points) for comparison, if nncf is installed.
@@ -33,8 +40,10 @@ Last line: ``int8_speedup=<x> size_ratio=<y> runtime=openvino config=... model=.
 the smallest speedup over the models (OpenVINO FP32 with the f32 hint vs the fastest of mqb's OpenVINO INT8
 configurations, named by ``config``), the smallest weight-bytes ratio (``file_ratio``: whole ONNX files), and with
 ``--nncf`` the smallest ratio NNCF INT8 latency / mqb INT8 latency (1.0: as fast as NNCF's own INT8, same precision
-hint on the float remainder); per-model figures on the lines before. The machine is shared: the load average is
-printed, and the fastest-run ratios next to the medians.
+hint on the float remainder; ratio of the medians); per-model figures on the lines before, with
+``<model>_vs_nncf_paired``, the median of the per-round ratios (the two ran back to back, so a load that changes
+between rounds cancels). The machine is shared: the load average is printed, and the fastest-run ratios next to the
+medians.
 """
 
 from __future__ import annotations
@@ -57,7 +66,14 @@ from mqb.deploy.export import export_onnx
 from mqb.deploy.isa import int8_isa, recipe_for_cpu
 from mqb.deploy.profile import interleaved_latency
 from mqb.deploy.report import openvino_nodes, runtime_report
-from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime, cpu_features, openvino_exactness, runtime_versions
+from mqb.deploy.runtimes import (
+    OpenVINORuntime,
+    OrtRuntime,
+    cpu_features,
+    openvino_exactness,
+    openvino_float_concat_before,
+    runtime_versions,
+)
 from mqb.pipeline import resolve_checkpoint
 from mqb.quant import QuantRecipe, calibrate, quantize
 from mqb.quant.methods import SharedInputRanges
@@ -97,6 +113,22 @@ def nncf_int8(fp32_onnx: Path, calib: list[torch.Tensor], shape: tuple[int, ...]
     return out
 
 
+def graph_counts(nodes: list) -> str:
+    """What an executed OpenVINO graph spends its nodes on: convolutions by precision, and the float quantizers
+    (FakeQuantize / Subgraph), Concats and Reorders that an INT8 graph fused like NNCF's does not have."""
+    counts: dict[str, int] = {}
+    for n in nodes:
+        int8 = n.precision.lower() in ("u8", "i8")
+        if n.type in ("Convolution", "Deconvolution", "MVN"):
+            key = f"{n.type} {'int8' if int8 else n.precision}"
+        elif n.type in ("FakeQuantize", "Subgraph", "Concatenation", "Reorder", "Eltwise"):
+            key = f"{n.type} {'int8' if int8 else n.precision}"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+
+
 #: experiment=int8_deploy: norm inputs quantized, one range per tensor
 DEPLOY_INCLUDE = ("conv", "conv_transpose", "linear", "norm")
 
@@ -104,7 +136,7 @@ DEPLOY_INCLUDE = ("conv", "conv_transpose", "linear", "norm")
 def deploy_recipe(**kwargs: object) -> QuantRecipe:
     """W8A8, weights per channel and activations per tensor; 7-bit weights where this CPU's INT8 dot product
     saturates (``mqb.deploy``'s ``deploy.overflow_fix=auto``)."""
-    recipe = QuantRecipe.from_precision("w8a8", granularity="deploy", **kwargs)  # type: ignore[arg-type]
+    recipe = QuantRecipe.from_precision("w8a8", scheme="deploy", **kwargs)  # type: ignore[arg-type]
     return recipe_for_cpu(recipe)[0]
 
 
@@ -114,9 +146,11 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     x = phantom(size, 3)
     fq = quantize(copy.deepcopy(net), deploy_recipe())
     calibrate(fq, calib)
-    concat = openvino_exactness()["int8_concat"]  # the INT8 Concat rewrite only where OpenVINO computes it exactly
+    exact = openvino_exactness()
+    concat = exact["int8_concat"]  # the INT8 Concat rewrite only where OpenVINO computes it exactly
+    keep = openvino_float_concat_before()  # ... and not before a ConvTranspose where its INT8 kernel is faster
     fp32 = export_onnx(net, x, workdir / f"{model}_fp32.onnx")
-    int8 = export_onnx(fq, x, workdir / f"{model}_int8.onnx", strict=True, int8_concat=concat)
+    int8 = export_onnx(fq, x, workdir / f"{model}_int8.onnx", strict=True, int8_concat=concat, float_concat_before=keep)
     shape = tuple(x.shape)
     runtimes = {
         "ort_fp32": OrtRuntime(fp32.path),
@@ -130,11 +164,20 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     exports = {"mqb int8": int8}
     fqd = quantize(copy.deepcopy(net), deploy_recipe(include=DEPLOY_INCLUDE))
     calibrate(fqd, calib)
-    SharedInputRanges(quantize_tensors=True).apply(fqd, batches=lambda: calib)
-    int8d = export_onnx(fqd, x, workdir / f"{model}_int8d.onnx", strict=True, int8_concat=concat)
+    SharedInputRanges(output_quantizers=True).apply(fqd, batches=lambda: calib)
+    int8d = export_onnx(
+        fqd, x, workdir / f"{model}_int8d.onnx", strict=True, int8_concat=concat, float_concat_before=keep
+    )
     runtimes["ov_int8d"] = OpenVINORuntime(int8d.path, precision="f32", shape=shape)
     runtimes["ov_int8d_default"] = OpenVINORuntime(int8d.path, precision=None, shape=shape)
     quantized.update(ov_int8d=fqd, ov_int8d_default=fqd)
+    # the same network in the conservative form (mqb before NNCF's FakeQuantize form): Q/DQ pairs as OpenVINO's
+    # ONNX reader builds them, the INT8 Concat only where OpenVINO computes that form exactly; timed for the ratio
+    plain_concat = exact["int8_concat_onnx_qdq"]
+    int8q = export_onnx(fqd, x, workdir / f"{model}_int8d_qdq.onnx", strict=True, int8_concat=plain_concat)
+    runtimes["qdq_int8d"] = OpenVINORuntime(int8q.path, precision="f32", shape=shape, fake_quantize=False)
+    runtimes["qdq_int8d_default"] = OpenVINORuntime(int8q.path, precision=None, shape=shape, fake_quantize=False)
+    quantized.update(qdq_int8d=fqd, qdq_int8d_default=fqd)
     exports["mqb int8_deploy"] = int8d
     nncf_ir = nncf_int8(fp32.path, calib, shape, workdir / f"{model}_nncf.xml") if with_nncf else None
     if nncf_ir is not None:
@@ -197,17 +240,34 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
         "of max|logit|/127): " + ", ".join(agree) + f"; FP32 torch vs ov_fp32 {fp32_dice:.4f}",
         flush=True,
     )
+    graphs = {}
     for label, export in exports.items():
         profiled = OpenVINORuntime(export.path, precision="f32", shape=shape, perf_count=True)  # per-node timings
         profiled(xn)
-        rep = runtime_report(label, export.layers, openvino_nodes(profiled.compiled))
+        graphs[label] = openvino_nodes(profiled.compiled)
+        rep = runtime_report(label, export.layers, graphs[label])
         top = ", ".join(f"{g['type']}/{g['precision']} {(g['time_us'] or 0) / 1000:.0f}ms" for g in rep["by_type"][:5])
         print(
             f"{model} OpenVINO layers ({label}): {rep['int8_layers']}/{len(rep['layers'])} quantized layers run in "
             f"INT8; fell back: {rep['fell_back'] or 'none'}; time by op: {top}",
             flush=True,
         )
+    if nncf_ir is not None:
+        profiled = OpenVINORuntime(nncf_ir, precision="f32", shape=shape, perf_count=True)
+        profiled(xn)
+        graphs["NNCF"] = openvino_nodes(profiled.compiled)
+    plain = OpenVINORuntime(int8q.path, precision="f32", shape=shape, perf_count=True, fake_quantize=False)
+    plain(xn)
+    graphs["mqb int8_deploy, plain QDQ"] = openvino_nodes(plain.compiled)
+    print(f"{model} executed graphs (f32 rest): " + "; ".join(f"{k}: {graph_counts(v)}" for k, v in graphs.items()),
+          flush=True)  # fmt: skip
     best = min((k for k in quantized if k.startswith("ov_")), key=lambda k: med[k])
+    plain_best = min((k for k in quantized if k.startswith("qdq_")), key=lambda k: med[k])
+    print(
+        f"{model} mqb int8_deploy, FakeQuantize form vs plain Q/DQ form: {best} {med[best]:.3f}s, {plain_best} "
+        f"{med[plain_best]:.3f}s (plain / FakeQuantize latency {med[plain_best] / med[best]:.2f})",
+        flush=True,
+    )
     out = {
         "speedup": med["ov_fp32"] / med[best],
         "speedup_f32_rest": med["ov_fp32"]
@@ -220,7 +280,18 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     if "nncf_int8" in med:  # same precision hint on both sides: f32 vs f32, default vs default
         hint = "nncf_int8_default" if best.endswith("_default") else "nncf_int8"
         out["vs_nncf"] = med[hint] / med[best]
-        print(f"{model} mqb {best} vs NNCF {hint}: NNCF latency / mqb latency = {out['vs_nncf']:.2f}", flush=True)
+        # round by round (the two ran back to back, under the same load): the median of the per-round ratios
+        paired = [n / m for n, m in zip(timed[hint]["times_s"], timed[best]["times_s"], strict=True)]
+        out["vs_nncf_paired"] = float(np.median(paired))
+        same = "nncf_int8_default" if best.endswith("_default") else "nncf_int8"
+        other = "nncf_int8" if same.endswith("_default") else "nncf_int8_default"
+        twin = best[: -len("_default")] if best.endswith("_default") else best + "_default"
+        print(
+            f"{model} mqb {best} vs NNCF {hint}: NNCF latency / mqb latency = {out['vs_nncf']:.2f} (ratio of "
+            f"medians), {out['vs_nncf_paired']:.2f} (median of per-round ratios); other precision hint: mqb {twin} "
+            f"vs NNCF {other} {med[other] / med[twin]:.2f}",
+            flush=True,
+        )
     return out
 
 
@@ -245,7 +316,8 @@ def main() -> None:
     worst = min(results, key=lambda m: results[m]["speedup"])
     per_model = " ".join(
         f"{m}_speedup={r['speedup']:.2f} {m}_speedup_f32_rest={r['speedup_f32_rest']:.2f} "
-        f"{m}_ort={r['ort_speedup']:.2f}" + (f" {m}_vs_nncf={r['vs_nncf']:.2f}" if "vs_nncf" in r else "")
+        f"{m}_ort={r['ort_speedup']:.2f}"
+        + (f" {m}_vs_nncf={r['vs_nncf']:.2f} {m}_vs_nncf_paired={r['vs_nncf_paired']:.2f}" if "vs_nncf" in r else "")
         for m, r in results.items()
     )
     print(per_model)

@@ -424,8 +424,8 @@ def _layer_nodes(path: Path, rows: list[LayerExport]) -> None:
 NORM_INPUT_PREFIX = "mqb-norm-input:"
 
 
-def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool, int8_concat: bool = True
-                   ) -> dict[str, int]:  # fmt: skip
+def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool, int8_concat: bool = True,
+                   float_concat_before: tuple[str, ...] = ()) -> dict[str, int]:  # fmt: skip
     """Post-export rewrites of the file in place (checked by ``onnx.checker``): the exact QDQ sharing of
     :func:`mqb.deploy.graph.share_quantization` if asked, and the DequantizeLinear in front of each quantized norm
     named ``<NORM_INPUT_PREFIX><layer>`` so runtime reports find the norm (OpenVINO renames it ``MVN_<n>``)."""
@@ -446,7 +446,7 @@ def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool
             for reader in readers.get(node.output[0], []):
                 if reader.op_type != "QuantizeLinear":
                     norms[reader.name] = scales[node.input[1]]
-    counts = share(model, int8_concat=int8_concat) if share_quantization else {}
+    counts = share(model, int8_concat, float_concat_before) if share_quantization else {}
     producer = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         dq = producer.get(node.input[0]) if node.name in norms and node.input else None
@@ -468,6 +468,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     share_quantization: bool = True,
     int8_concat: bool = True,
+    float_concat_before: tuple[str, ...] = (),
 ) -> ExportResult:
     """Write ``model`` (float, or quantized and calibrated with mqb) to ``path`` as ONNX with INT8 QDQ.
 
@@ -480,8 +481,13 @@ def export_onnx(
         share_quantization: apply the exact QDQ rewrites of :func:`mqb.deploy.graph.share_quantization` (one
             quantize per tensor and scale, INT8 Concat) so runtimes fuse more; outputs are unchanged.
         int8_concat: with ``share_quantization``, also move a Concat's QDQ onto its inputs (INT8 Concat). OpenVINO
-            2026.4 computes that graph wrongly on CPUs without AMX (:func:`mqb.deploy.runtimes.openvino_exactness`
-            tells; ``mqb.deploy`` turns it off there).
+            2026.4 computes that graph wrongly on CPUs without AMX when it reads the Q/DQ pairs as they are, and
+            exactly in NNCF's FakeQuantize form, which :class:`mqb.deploy.runtimes.OpenVINORuntime` runs
+            (:func:`mqb.deploy.runtimes.fake_quantize_form`; :func:`mqb.deploy.runtimes.openvino_exactness` tells
+            both; ``mqb.deploy`` turns the rewrite off where the form it runs is inexact).
+        float_concat_before: with ``int8_concat``, keep the Concats whose quantized value only ops of these ONNX
+            types read in float (:func:`mqb.deploy.runtimes.openvino_float_concat_before`: OpenVINO runs a
+            ``ConvTranspose`` reading an INT8 Concat in f32, slower than its INT8 kernel on VNNI / AMX CPUs).
 
     Returns an :class:`ExportResult` with every quantized layer's mode and reason, the file and weight bytes.
     """
@@ -513,7 +519,9 @@ def export_onnx(
                 do_constant_folding=True,
             )
         quantized = any(r.mode != "float" for r in rows)
-        rewrites = _rewrite_graph(tmp, rows, share_quantization, int8_concat) if quantized else {}
+        rewrites = {}
+        if quantized:
+            rewrites = _rewrite_graph(tmp, rows, share_quantization, int8_concat, tuple(float_concat_before))
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -181,9 +181,10 @@ def drop_requantization(model: Any) -> int:
     return removed
 
 
-def quantize_concat_inputs(model: Any) -> int:
+def quantize_concat_inputs(model: Any, float_before: tuple[str, ...] = ()) -> int:
     """Move a QDQ chain that reads a ``Concat`` (and is its only reader) onto each Concat input; returns how many
-    Concats now join quantized tensors."""
+    Concats now join quantized tensors. A Concat whose quantized value is read only by ops of a type in
+    ``float_before`` (e.g. ``ConvTranspose``) is left as it is (see :func:`share_quantization`)."""
     from onnx import helper
 
     graph = model.graph
@@ -195,6 +196,9 @@ def quantize_concat_inputs(model: Any) -> int:
             continue
         chain = g.chain_from(readers[0])
         if chain is None:
+            continue
+        users = g.consumers.get(chain.output, [])
+        if float_before and users and all(n.op_type in float_before for n in users):
             continue
         new_inputs = []
         position = list(graph.node).index(concat)
@@ -263,11 +267,13 @@ def drop_unused(graph: Any) -> int:
         removed += len(dead) + len(dead_init)
 
 
-def share_quantization(model: Any, int8_concat: bool = True) -> dict[str, int]:
-    """The rewrites (the Concat move only with ``int8_concat``), then duplicates the Concat move may have created;
-    counts of what changed."""
+def share_quantization(model: Any, int8_concat: bool = True, float_concat_before: tuple[str, ...] = ()
+                       ) -> dict[str, int]:  # fmt: skip
+    """The rewrites (the Concat move only with ``int8_concat``, and not for a Concat read only by ops of a type in
+    ``float_concat_before``: OpenVINO runs a ConvTranspose that reads an INT8 Concat in f32, slower than its INT8
+    kernel on VNNI / AMX CPUs), then duplicates the Concat move may have created; counts of what changed."""
     merged = merge_duplicate_qdq(model)
-    concats = quantize_concat_inputs(model) if int8_concat else 0
+    concats = quantize_concat_inputs(model, float_concat_before) if int8_concat else 0
     merged += merge_duplicate_qdq(model)
     requantized = drop_requantization(model)
     topological_sort(model.graph)

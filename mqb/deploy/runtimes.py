@@ -4,7 +4,11 @@
 * :class:`OpenVINORuntime`: OpenVINO CPU plugin reading the (QDQ) ONNX file. ``precision`` sets the
   ``INFERENCE_PRECISION_HINT`` (``f32``, ``bf16``, ``f16``; ``None`` keeps the plugin default, which is ``bf16``
   on CPUs with AVX512-BF16/AMX). INT8 comes from the Q/DQ pairs, which OpenVINO turns into FakeQuantize and its
-  low-precision transformations into INT8 kernels. mqb's narrow INT8 grid (±127) is written to ONNX as
+  low-precision transformations into INT8 kernels. Each activation Q/DQ pair is first rewritten into the one
+  FakeQuantize with a float output range that NNCF writes (:func:`fake_quantize_form`; the same values): OpenVINO
+  fuses that form as it fuses NNCF's own INT8 (the convolution or MVN writes INT8, a Concat joins INT8), and on
+  CPUs without AMX it computes an INT8 Concat of ONNX Q/DQ pairs wrongly and of this form exactly (measured by
+  :func:`openvino_exactness`). mqb's narrow INT8 grid (±127) is written to ONNX as
   ``Clip -> QuantizeLinear``; :func:`narrow_fake_quantize` folds each such pair into one FakeQuantize with 255
   levels (the same values, and it keeps the Clip from blocking OpenVINO's fusions). The fold is applied only where
   :func:`openvino_exactness` finds that this CPU plugin computes it exactly: OpenVINO 2026.4 on an AVX-512 VNNI
@@ -21,6 +25,7 @@ one (the last sliding-window batch), so it serves as a MONAI ``sliding_window_in
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import platform
@@ -188,6 +193,90 @@ def narrow_fake_quantize(model: Any) -> int:
     return folded
 
 
+def _only_reader(output: Any, op_type: str) -> Any | None:
+    """The node reading ``output`` if it is its only reader and of type ``op_type``, else ``None``."""
+    targets = list(output.get_target_inputs())
+    if len(targets) == 1 and targets[0].get_node().get_type_name() == op_type:
+        return targets[0].get_node()
+    return None
+
+
+def _scalar_constant(output: Any) -> float | None:
+    """A scalar constant, also behind one ``Convert`` (how OpenVINO's ONNX reader keeps an INT8 zero point)."""
+    node = output.get_node()
+    if node.get_type_name() == "Convert":
+        output = node.input_value(0)
+    value = _const_value(output)
+    return float(value.reshape(())) if value is not None and value.size == 1 else None
+
+
+def fake_quantize_form(model: Any) -> int:
+    """Rewrite each activation ``QuantizeLinear -> DequantizeLinear`` pair as OpenVINO's ONNX reader builds it,
+    ``FakeQuantize(out: integer levels) -> Convert(i8) -> Convert(f32) [-> Subtract(zp)] -> Multiply(S)``, into the
+    one FakeQuantize with a float output range ``[(lo - zp) S, (hi - zp) S]`` that NNCF writes, in place; returns how
+    many were rewritten.
+
+    The values are the same (the integer levels times the scale; float32 rounding of the scaled grid aside, far
+    below half a step), and the Clip before the quantize (mqb's narrow range) stays. Why: OpenVINO 2026.4's CPU
+    plugin computes an INT8 Concat of ONNX QDQ inputs wrongly on CPUs without AMX (about half of the output's
+    range off on an AVX-512 VNNI EPYC, also when capped to AVX2) and gets the same graph exactly right in this form
+    (:func:`openvino_exactness`), where its transformations also fuse the quantize into the producer
+    (a convolution or MVN writes INT8) as for NNCF's own INT8 models.
+    """
+    import openvino.opset13 as ops
+
+    rewritten = 0
+    for fq in model.get_ordered_ops():
+        if fq.get_type_name() != "FakeQuantize":
+            continue
+        to_int = _only_reader(fq.output(0), "Convert")
+        if to_int is None or not to_int.get_output_element_type(0).is_integral():
+            continue
+        to_float = _only_reader(to_int.output(0), "Convert")
+        if to_float is None or to_float.get_output_element_type(0).is_integral():
+            continue
+        last, zero_point = to_float, 0.0
+        subtract = _only_reader(to_float.output(0), "Subtract")
+        if subtract is not None:
+            if subtract.input_value(0).get_node() is not to_float:
+                continue
+            zp = _scalar_constant(subtract.input_value(1))
+            if zp is None:
+                continue
+            last, zero_point = subtract, zp
+        multiply = _only_reader(last.output(0), "Multiply")
+        if multiply is None:
+            continue
+        scale, other = _scalar_and_other(multiply)
+        if scale is None or other.get_node() is not last:
+            continue
+        ranges = [_const_value(fq.input_value(i)) for i in range(1, 5)]
+        if any(r is None or r.size != 1 for r in ranges):
+            continue
+        in_lo, in_hi, out_lo, out_hi = (float(r.reshape(())) for r in ranges)  # type: ignore[union-attr]
+        if out_lo != round(out_lo) or out_hi != round(out_hi):
+            continue  # not integer levels: the Convert would round them
+
+        def const(value: float) -> Any:
+            return ops.constant(np.array(value, dtype=np.float32))
+
+        levels = int(fq.get_attributes()["levels"])
+        new = ops.fake_quantize(
+            fq.input_value(0),
+            const(in_lo),
+            const(in_hi),
+            const((out_lo - zero_point) * scale),
+            const((out_hi - zero_point) * scale),
+            levels,
+        )
+        new.set_friendly_name(multiply.get_friendly_name())  # the DequantizeLinear's name (norm-input tags)
+        multiply.output(0).replace(new.output(0))
+        rewritten += 1
+    if rewritten:
+        model.validate_nodes_and_infer_types()
+    return rewritten
+
+
 def _isa_cap() -> str | None:
     from mqb.deploy.isa import int8_isa
 
@@ -208,22 +297,41 @@ def openvino_exactness() -> dict[str, bool]:
       conv fed values inside and beyond its calibrated range). Exact on AMX; half a step off on an AVX-512 VNNI
       CPU without AMX (OpenVINO 2026.4).
     * ``int8_concat``: a Concat whose QDQ was moved onto its inputs (:func:`mqb.deploy.graph.quantize_concat_inputs`:
-      a stem, a residual unit and a head reading ``cat(skip, y)``). ONNX Runtime computes it exactly everywhere;
-      OpenVINO 2026.4 was ~90 steps off on that VNNI CPU.
+      a stem, a residual unit and a head reading ``cat(skip, y)``), run as :class:`OpenVINORuntime` runs it (QDQ
+      pairs in NNCF's :func:`fake_quantize_form`). ONNX Runtime computes it exactly everywhere.
+    * ``int8_concat_onnx_qdq``: the same file read by OpenVINO as it is (ONNX QDQ pairs, no
+      :func:`fake_quantize_form`), i.e. what a plain ``openvino`` user of the exported ``.onnx`` gets. OpenVINO
+      2026.4 computed this one wrongly (about half the output range off) on an AVX-512 VNNI CPU without AMX, also
+      capped to AVX2, and the FakeQuantize form exactly on the same CPU; it is recorded (and used by
+      ``benchmarks/int8_speed.py`` for its plain-Q/DQ comparison), not used by the export.
     """
     return dict(_openvino_exactness(_isa_cap()))
 
 
-def _probe_max_error(net: torch.nn.Module, x: torch.Tensor, calib: torch.Tensor, fold: bool, **export: Any) -> float:
+def openvino_float_concat_before() -> tuple[str, ...]:
+    """ONNX op types before which mqb's export keeps a Concat in float for OpenVINO on this CPU
+    (``export_onnx(float_concat_before=...)``): OpenVINO 2026.4 runs a ConvTranspose that reads an INT8 Concat in
+    f32 (NNCF's INT8 too) and one that reads a float Concat's quantize in INT8. With VNNI / AMX its INT8 kernel is
+    the faster (MONAI UNet 96^3 on an AVX-512 VNNI EPYC: 0.14 s with INT8 ConvTransposes vs 0.22 s), on the AVX2
+    kernels the f32 one (0.12 s vs 0.17 s at 64^3), so the INT8 Concat is kept there. Both forms are exact."""
+    from mqb.deploy.isa import int8_isa
+
+    return () if int8_isa().saturates else ("ConvTranspose",)
+
+
+def _probe_max_error(net: torch.nn.Module, x: torch.Tensor, calib: torch.Tensor, fold: bool, fq_form: bool = True,
+                     **export: Any) -> float:  # fmt: skip
     """max |OpenVINO - mqb fake quantization| / max |mqb| of ``net`` quantized W8A8 (deploy scheme; 7-bit weights
-    where this CPU's INT8 dot product saturates, so only the graph form is probed)."""
+    where this CPU's INT8 dot product saturates, so only the graph form is probed), with the QDQ pairs in
+    :func:`fake_quantize_form` (``fq_form``, as :class:`OpenVINORuntime` runs them) or as the ONNX reader builds
+    them."""
     import openvino as ov
 
     from mqb.deploy.export import export_onnx
     from mqb.deploy.isa import recipe_for_cpu
     from mqb.quant import QuantRecipe, calibrate, quantize
 
-    recipe = QuantRecipe.from_precision("w8a8", granularity="deploy")
+    recipe = QuantRecipe.from_precision("w8a8", scheme="deploy")
     quantize(net, recipe_for_cpu(recipe)[0])
     calibrate(net, [calib])
     with torch.no_grad():
@@ -232,6 +340,8 @@ def _probe_max_error(net: torch.nn.Module, x: torch.Tensor, calib: torch.Tensor,
         path = export_onnx(net, x, Path(tmp) / "probe.onnx", **export).path
         core = ov.Core()
         model = core.read_model(str(path))
+        if fq_form:
+            fake_quantize_form(model)
         if fold:
             narrow_fake_quantize(model)
         out = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: x.numpy()})[0]
@@ -261,10 +371,12 @@ def _openvino_exactness(cap: str | None) -> tuple[tuple[str, bool], ...]:
     line = torch.linspace(-1, 1, 64).reshape(1, 1, 4, 4, 4)
     fold = _probe_max_error(conv, 3 * line, line, fold=True)
     volume = torch.randn(1, 1, 8, 8, 8, generator=gen)
-    cat = _probe_max_error(concat, volume, torch.randn(2, 1, 8, 8, 8, generator=gen), fold=False)
+    calib = torch.randn(2, 1, 8, 8, 8, generator=gen)
+    plain = _probe_max_error(copy.deepcopy(concat), volume, calib, fold=False, fq_form=False)
+    cat = _probe_max_error(concat, volume, calib, fold=False)
     # a correct runtime differs from mqb by float rounding only (< 1e-4 of the output); the failures seen are one
     # half step (~4e-3) and more
-    return (("narrow_fold", fold <= 1e-4), ("int8_concat", cat <= 1e-4))
+    return (("narrow_fold", fold <= 1e-4), ("int8_concat", cat <= 1e-4), ("int8_concat_onnx_qdq", plain <= 1e-4))
 
 
 #: OpenVINO ops that carry a layer's weight (input 1)
@@ -345,6 +457,9 @@ class OpenVINORuntime:
         threads: ``INFERENCE_NUM_THREADS`` (default: the plugin's choice).
         perf_count: collect per-node timings (``PERF_COUNT``) for the layer report.
         narrow_range: fold ``Clip -> QuantizeLinear`` into narrow-range FakeQuantize (see module doc).
+        fake_quantize: run each activation QDQ pair as one FakeQuantize with a float output range (NNCF's form,
+            :func:`fake_quantize_form`; same values), which OpenVINO fuses like NNCF's own INT8 and computes
+            exactly where it gets ONNX QDQ into an INT8 Concat wrong.
     """
 
     def __init__(
@@ -356,6 +471,7 @@ class OpenVINORuntime:
         threads: int | None = None,
         perf_count: bool = False,
         narrow_range: bool = True,
+        fake_quantize: bool = True,
         name: str | None = None,
     ) -> None:
         if "tcmalloc" in os.environ.get("LD_PRELOAD", ""):
@@ -372,6 +488,8 @@ class OpenVINORuntime:
         self.path = Path(path)
         self.core = ov.Core()
         model = self.core.read_model(str(self.path))
+        #: activation QDQ pairs rewritten into NNCF's FakeQuantize form (:func:`fake_quantize_form`)
+        self.fake_quantized = fake_quantize_form(model) if fake_quantize else 0
         #: why the Clips were (not) folded (``narrow_range`` off, or the plugin's fold is not exact on this CPU)
         self.fold, exact = "off (narrow_range=False)", False
         if narrow_range:
@@ -406,6 +524,7 @@ class OpenVINORuntime:
             "threads": threads,
             "shape": list(shape) if shape is not None else None,
             "narrow_range": narrow_range,
+            "fake_quantize": fake_quantize,
             "name": name,
         }
 
@@ -436,6 +555,8 @@ class OpenVINORuntime:
 
         path = Path(path)
         model = self.core.read_model(str(self.path))
+        if self.fake_quantized:
+            fake_quantize_form(model)
         if self.folded_clips:
             narrow_fake_quantize(model)
         ov.save_model(model, str(path), compress_to_fp16=False)

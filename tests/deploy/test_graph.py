@@ -158,3 +158,136 @@ def test_tensor_quantizer_exports_one_chain_that_the_add_reads_too(tmp_path) -> 
         reference = net(x).numpy()
     step = np.abs(reference).max() / 127
     assert (np.abs(_run(shared.path, x) - reference) <= step).mean() >= 0.99
+
+
+_UNET_SCRIPT = r"""
+import json, sys, numpy as np, torch
+from torch import nn
+from mqb.deploy.export import export_onnx
+from mqb.deploy.isa import int8_isa
+from mqb.deploy.report import openvino_nodes, runtime_report
+from mqb.deploy.runtimes import OpenVINORuntime, openvino_exactness
+from mqb.quant import calibrate, quantize
+from mqb.quant.methods import SharedInputRanges
+from tests.deploy import deploy_recipe, volume
+
+class UNetLike(nn.Module):  # an nnU-Net in small: conv -> IN -> LeakyReLU, a strided stage, ConvTranspose, skip Concat
+    def __init__(self):
+        super().__init__()
+        def block(i, o, stride=1):
+            return nn.Sequential(nn.Conv3d(i, o, 3, stride, 1), nn.InstanceNorm3d(o, affine=True), nn.LeakyReLU(0.01))
+        self.enc0, self.enc1, self.up = block(1, 16), block(16, 32, 2), nn.ConvTranspose3d(32, 16, 2, 2)
+        self.dec, self.head = block(32, 16), nn.Conv3d(16, 3, 1)
+    def forward(self, x):
+        skip = self.enc0(x)
+        return self.head(self.dec(torch.cat([self.up(self.enc1(skip)), skip], 1)))
+
+torch.manual_seed(0)
+net = UNetLike().eval()
+shape = (1, 1, 16, 16, 16)
+calib = [volume(100 + i, (2, *shape[1:])) for i in range(2)]
+quantize(net, deploy_recipe(include=("conv", "conv_transpose", "norm")))
+calibrate(net, calib)
+SharedInputRanges(output_quantizers=True).apply(net, batches=lambda: calib)
+exact = openvino_exactness()
+result = export_onnx(net, volume(0, shape), sys.argv[1] + "/unet.onnx", strict=True, int8_concat=exact["int8_concat"])
+x = volume(7, shape)
+with torch.no_grad():
+    ref = net(x).numpy()
+rt = OpenVINORuntime(result.path, shape=shape, perf_count=True)
+got = rt(x.numpy())
+nodes = openvino_nodes(rt.compiled)
+report = runtime_report("openvino", result.layers, nodes)
+# the conservative graph: Q/DQ as OpenVINO's ONNX reader builds them, the Concat in float
+plain = export_onnx(net, volume(0, shape), sys.argv[1] + "/plain.onnx", strict=True, int8_concat=False)
+conservative = OpenVINORuntime(plain.path, shape=shape, fake_quantize=False)(x.numpy())
+step = np.abs(ref).max() / 127
+print(json.dumps({
+    "isa": int8_isa().as_dict(), "exact": exact, "rewrites": result.graph_rewrites, "fake_quantized": rt.fake_quantized,
+    "vs_conservative": float(np.abs(got - conservative).max() / step),
+    "within_step": float((np.abs(got - ref) <= step).mean()),
+    "conservative_within_step": float((np.abs(conservative - ref) <= step).mean()),
+    "argmax": float((got.argmax(1) == ref.argmax(1)).mean()),
+    "nodes": [[n.type, n.precision, n.name] for n in nodes],
+    "layers": {r["layer"]: [r["export_mode"], r["runtime_type"], r["runtime_precision"]] for r in report["layers"]},
+}))
+"""
+
+
+@pytest.mark.parametrize("cap", [None, "AVX2"])
+def test_openvino_runs_the_deploy_graph_like_nncf_and_exactly(tmp_path, cap: str | None) -> None:
+    """An nnU-Net in small, exported as ``experiment=int8_deploy`` deploys it, run by mqb's OpenVINO runtime (QDQ
+    pairs in NNCF's FakeQuantize form) on this CPU and on its AVX2 kernels (``ONEDNN_MAX_CPU_ISA=AVX2``, 7-bit
+    weights): the skip Concat joins INT8 tensors, no quantize runs as a float node of its own except the network
+    input's (each is fused into the convolution / MVN / ConvTranspose that writes the tensor, as for NNCF's own
+    INT8), every quantized conv and norm reads INT8 on VNNI / AMX, and the output equals mqb's fake quantization up
+    to float rounding: the same as the conservative graph (Q/DQ pairs as OpenVINO's ONNX reader builds them, the
+    Concat in float) within a hundredth of an INT8 output step. (Both differ from mqb's fake quantization by a few
+    steps here, float rounding at a quantizer amplified by the InstanceNorm of an untrained 16^3 network.)"""
+    pytest.importorskip("openvino")
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mqb.deploy.isa import int8_isa
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("ONEDNN_MAX_CPU_ISA", None)
+    env.pop("DNNL_MAX_CPU_ISA", None)
+    if cap:
+        env["ONEDNN_MAX_CPU_ISA"] = cap
+    done = subprocess.run([sys.executable, "-c", _UNET_SCRIPT, str(tmp_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    x86 = int8_isa().hardware != "other"
+    if cap:
+        assert out["isa"]["dot"] == ("saturating" if x86 else out["isa"]["hardware"])
+    assert out["vs_conservative"] <= 0.01, out["vs_conservative"]
+    assert out["within_step"] >= 0.95 and out["argmax"] >= 0.99, out
+    assert out["fake_quantized"] > 0
+    if not x86:
+        return
+    assert out["exact"]["int8_concat"] and out["rewrites"]["quantized_concats"] == 1, out["exact"]
+    nodes = out["nodes"]
+    concats = [n for n in nodes if n[0] == "Concatenation"]
+    assert concats and all(n[1] in ("u8", "i8") for n in concats), concats
+    float_quantizers = [n for n in nodes if n[0] in ("FakeQuantize", "Subgraph") and n[1] not in ("u8", "i8")]
+    assert len(float_quantizers) <= 1, float_quantizers  # the image's, as in NNCF's INT8
+    layers = out["layers"]
+    assert all(mode in ("int8", "int8-input") for mode, _, _ in layers.values()), layers
+    if out["isa"]["dot"] in ("vnni", "amx"):
+        assert all(precision in ("u8", "i8") for _, _, precision in layers.values()), layers
+    else:  # the AVX2 kernels: every conv INT8; OpenVINO runs the ConvTranspose in f32 there (NNCF's INT8 too)
+        assert all(p in ("u8", "i8") for name, (_, _, p) in layers.items() if name != "up"), layers
+
+
+class _ConcatThenUp(nn.Module):
+    """A MONAI-UNet-style up step: ``ConvTranspose(cat(skip, y))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv3d(1, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1)
+        self.up = nn.ConvTranspose3d(16, 4, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = torch.relu(self.stem(x))
+        return self.up(torch.cat([skip, torch.relu(self.conv(skip))], dim=1))
+
+
+def test_a_concat_read_by_a_listed_op_stays_float(tmp_path) -> None:
+    """``float_concat_before=("ConvTranspose",)`` keeps a Concat that only a ConvTranspose reads in float (OpenVINO
+    runs that ConvTranspose in INT8 then, the faster kernel on VNNI / AMX); the values are the same either way."""
+    net = _calibrated(_ConcatThenUp())
+    moved = export_onnx(net, volume(0), tmp_path / "moved.onnx")
+    kept = export_onnx(net, volume(0), tmp_path / "kept.onnx", float_concat_before=("ConvTranspose",))
+    assert moved.graph_rewrites["quantized_concats"] == 1 and kept.graph_rewrites["quantized_concats"] == 0
+    graph = onnx.load(str(kept.path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    concat = next(n for n in graph.node if n.op_type == "Concat")
+    assert "DequantizeLinear" not in {producer[i].op_type for i in concat.input if i in producer}
+    x = volume(7, (2, *SHAPE[1:]))
+    np.testing.assert_array_equal(_run(kept.path, x, optimize=False), _run(moved.path, x, optimize=False))

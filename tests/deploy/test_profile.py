@@ -177,11 +177,15 @@ def test_cli_export_int8_deploy_preset(tmp_path: Path) -> None:
     (shared,) = [m for m in record["methods"] if m["method"] == "shared_ranges"]
     assert len(shared["applied"]) >= 2 and shared["skipped"] == {}
     # the two U-Net skip Concats run in INT8 where OpenVINO computes that graph exactly on this CPU (the record
-    # says which forms it found exact; mqb.deploy.runtimes.openvino_exactness)
+    # says which forms it found exact; mqb.deploy.runtimes.openvino_exactness), except that both feed a
+    # ConvTranspose, which reads a float Concat where its INT8 kernel is the faster one (VNNI / AMX)
     concat = record["int8_isa"]["openvino_exact"].get("int8_concat", True)
+    concat &= "ConvTranspose" not in record["int8_isa"]["float_concat_before"]
     assert record["export"]["int8"]["graph_rewrites"]["quantized_concats"] == (2 if concat else 0)
     if importlib.util.find_spec("openvino") is not None:
-        from mqb.deploy.runtimes import openvino_exactness
+        from mqb.deploy.runtimes import openvino_exactness, openvino_float_concat_before
 
         assert record["int8_isa"]["openvino_exact"] == openvino_exactness()
+        assert record["int8_isa"]["float_concat_before"] == list(openvino_float_concat_before())
+        assert record["int8_isa"]["float_concat_before"] == ([] if int8_isa().saturates else ["ConvTranspose"])
     assert record["int8_isa"]["overflow_fix"] == int8_isa().saturates  # deploy.overflow_fix=auto
