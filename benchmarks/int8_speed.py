@@ -31,6 +31,10 @@ float convolutions, MVNs, Concats, and the float quantizers / Reorders an INT8 g
 
 ``--nncf`` also times OpenVINO + NNCF's own post-training INT8 of the FP32 model (its own scales and quantization
 points) for comparison, if nncf is installed.
+``--previous-placement`` also times ``v1_int8d`` / ``v1_int8d_default``: the ``int8_deploy`` network with its
+output quantizers where each tensor was first produced, ahead of an in-place activation (nnU-Net's InstanceNorm
+output, then quantized again by the conv after the LeakyReLU; placement v1, before
+``SharedInputRanges(in_place_writers=True)``), in the same rounds, with its ``vs_nncf`` next to the current one.
 
 Sizes: the serialized ONNX files and their initializer bytes (weights), FP32 vs INT8. Agreement: Dice of the
 argmax of mqb's fake-quantized prediction and of each INT8 runtime on a third phantom (target >= 0.99).
@@ -140,7 +144,9 @@ def deploy_recipe(**kwargs: object) -> QuantRecipe:
     return recipe_for_cpu(recipe)[0]
 
 
-def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool = False) -> dict[str, float]:
+def measure(
+    model: str, size: int, rounds: int, workdir: Path, with_nncf: bool = False, previous_placement: bool = False
+) -> dict[str, float]:
     net, weights = build(model)
     calib = [phantom(size, 1), phantom(size, 2)]
     x = phantom(size, 3)
@@ -162,8 +168,9 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     }
     quantized = {"ov_int8": fq, "ov_int8_default": fq, "ort_int8": fq}
     exports = {"mqb int8": int8}
-    fqd = quantize(copy.deepcopy(net), deploy_recipe(include=DEPLOY_INCLUDE))
-    calibrate(fqd, calib)
+    calibrated = quantize(copy.deepcopy(net), deploy_recipe(include=DEPLOY_INCLUDE))
+    calibrate(calibrated, calib)
+    fqd = copy.deepcopy(calibrated)
     SharedInputRanges(output_quantizers=True).apply(fqd, batches=lambda: calib)
     int8d = export_onnx(
         fqd, x, workdir / f"{model}_int8d.onnx", strict=True, int8_concat=concat, float_concat_before=keep
@@ -178,6 +185,16 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
     runtimes["qdq_int8d"] = OpenVINORuntime(int8q.path, precision="f32", shape=shape, fake_quantize=False)
     runtimes["qdq_int8d_default"] = OpenVINORuntime(int8q.path, precision=None, shape=shape, fake_quantize=False)
     quantized.update(qdq_int8d=fqd, qdq_int8d_default=fqd)
+    if previous_placement:  # output quantizers where the tensor was first produced, ahead of in-place activations
+        fqp = copy.deepcopy(calibrated)
+        SharedInputRanges(output_quantizers=True, in_place_writers=False).apply(fqp, batches=lambda: calib)
+        int8p = export_onnx(
+            fqp, x, workdir / f"{model}_int8d_v1.onnx", strict=True, int8_concat=concat, float_concat_before=keep
+        )
+        runtimes["v1_int8d"] = OpenVINORuntime(int8p.path, precision="f32", shape=shape)
+        runtimes["v1_int8d_default"] = OpenVINORuntime(int8p.path, precision=None, shape=shape)
+        quantized.update(v1_int8d=fqp, v1_int8d_default=fqp)
+        exports["mqb int8_deploy, output quantizers v1"] = int8p
     exports["mqb int8_deploy"] = int8d
     nncf_ir = nncf_int8(fp32.path, calib, shape, workdir / f"{model}_nncf.xml") if with_nncf else None
     if nncf_ir is not None:
@@ -292,6 +309,20 @@ def measure(model: str, size: int, rounds: int, workdir: Path, with_nncf: bool =
             f"vs NNCF {other} {med[other] / med[twin]:.2f}",
             flush=True,
         )
+        if "v1_int8d" in med:
+            for new in ("ov_int8d", "ov_int8d_default"):
+                old = "v1" + new[2:]
+                ref = "nncf_int8_default" if new.endswith("_default") else "nncf_int8"
+                pair = [n / m for n, m in zip(timed[ref]["times_s"], timed[new]["times_s"], strict=True)]
+                pair_old = [n / m for n, m in zip(timed[ref]["times_s"], timed[old]["times_s"], strict=True)]
+                v1_v2 = [o / n for o, n in zip(timed[old]["times_s"], timed[new]["times_s"], strict=True)]
+                print(
+                    f"{model} output quantizers after in-place writers (v2, {new}) vs at first producer (v1, {old}): "
+                    f"vs_nncf {med[ref] / med[new]:.3f} (paired {np.median(pair):.3f}) vs {med[ref] / med[old]:.3f} "
+                    f"(paired {np.median(pair_old):.3f}); v1/v2 latency {med[old] / med[new]:.3f} "
+                    f"(paired {np.median(v1_v2):.3f})",
+                    flush=True,
+                )
     return out
 
 
@@ -301,6 +332,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=["unet", "nnunet"])
     parser.add_argument("--nncf", action="store_true", help="also time NNCF's own INT8 (needs nncf installed)")
+    parser.add_argument(
+        "--previous-placement",
+        action="store_true",
+        help="also time int8_deploy with output quantizers where a tensor is first produced, ahead of in-place "
+        "activations (placement v1, SharedInputRanges(in_place_writers=False)) in the same rounds",
+    )
     args = parser.parse_args()
     versions = runtime_versions()
     print(
@@ -312,7 +349,8 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory(prefix="mqb-int8-") as tmp:
         for model in args.models:
-            results[model] = measure(model, args.size, args.rounds, Path(tmp), with_nncf=args.nncf)
+            results[model] = measure(model, args.size, args.rounds, Path(tmp), with_nncf=args.nncf,
+                                     previous_placement=args.previous_placement)  # fmt: skip
     worst = min(results, key=lambda m: results[m]["speedup"])
     per_model = " ".join(
         f"{m}_speedup={r['speedup']:.2f} {m}_speedup_f32_rest={r['speedup_f32_rest']:.2f} "

@@ -42,6 +42,12 @@ RENAMED_OPTIONS = {
     "method.shared_ranges": "calibration.shared_ranges",
     "method.output_quantizers": "calibration.tensor_quantizers",
 }
+#: Options whose computation changed after records existed: key (as hashed, after :data:`RENAMED_OPTIONS`) ->
+#: the version hashed in place of ``true`` (``true`` is version 1), so a record of the earlier computation is not
+#: taken for the new one. ``calibration.tensor_quantizers`` 2: an output quantizer goes after the last module that
+#: writes the tensor in place (nnU-Net's / MONAI's ``LeakyReLU(inplace=True)``), not ahead of it on the norm, where
+#: its readers quantized the value a second time (:mod:`mqb.quant.methods.shared_ranges`).
+OPTION_VERSIONS = {"calibration.tensor_quantizers": 2}
 #: Groups that do not matter when nothing is quantized (fp32/fp16/bf16).
 QUANT_ONLY_KEYS = ("granularity", "method", "calibration")
 
@@ -68,6 +74,10 @@ def config_id(cfg: DictConfig) -> str:
         value = data[new_group].pop(new_key, False) if isinstance(data.get(new_group), dict) else False
         if value and isinstance(data.get(old_group), dict):
             data[old_group][old_key] = True
+    for option, version in OPTION_VERSIONS.items():
+        group, key = option.split(".")
+        if isinstance(data.get(group), dict) and data[group].get(key) is True:
+            data[group][key] = version
     for group, key, default in DEFAULT_OPTIONS:
         if isinstance(data.get(group), dict) and data[group].get(key, default) == default:
             data[group].pop(key, None)

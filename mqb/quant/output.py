@@ -7,7 +7,10 @@ quantization): the residual Add then reads INT8 too, and the producing layer can
 reproduces that placement in simulation. It is attached by :class:`mqb.quant.methods.SharedInputRanges` with
 ``output_quantizers=True`` to a leaf module whose output feeds quantized layers, with their (shared) range, so the
 readers' own input quantizers see values already on their grid and leave them unchanged
-(``Q(Q(x)) = Q(x)`` for one scale).
+(``Q(Q(x)) = Q(x)`` for one scale). The module is the one that produced the value the readers read: after an
+in-place activation (nnU-Net's ``InstanceNorm -> LeakyReLU(inplace=True) -> conv``) that is the activation, not the
+norm that allocated the tensor; a quantizer on the norm would quantize the value before the activation rewrote it,
+and the conv would quantize ``LeakyReLU(Q(x))``, which is off the grid for negative ``x``, a second time.
 
 The quantizer is the submodule ``mqb_output_quantizer`` of the producer and runs from a forward hook; it is
 exported as QDQ after the producer (:func:`mqb.deploy.export_onnx`), and removed by :func:`mqb.quant.dequantize`

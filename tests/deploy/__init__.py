@@ -71,3 +71,41 @@ class IdentityResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.act(self.stem(x))
         return self.conv(y) + y
+
+
+class InPlaceNormAct(nn.Module):
+    """nnU-Net's conv -> InstanceNorm -> LeakyReLU(inplace=True) -> conv, with an identity Add reading the
+    activation too (a float reader of the tensor the conv reads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(1, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(4, affine=True)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm(self.stem(x)))
+        return self.conv(y) + y
+
+
+class SharedActResidual(nn.Module):
+    """MONAI's UnetResBlock: one in-place LeakyReLU module called twice, after the first norm and after
+    ``out += residual`` (a value written in place by a function); a conv reads the block's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(1, 4, 3, padding=1)
+        self.conv1 = nn.Conv3d(4, 4, 3, padding=1)
+        self.norm1 = nn.InstanceNorm3d(4, affine=True)
+        self.conv2 = nn.Conv3d(4, 4, 3, padding=1)
+        self.norm2 = nn.InstanceNorm3d(4, affine=True)
+        self.lrelu = nn.LeakyReLU(0.01, inplace=True)
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = self.stem(x)
+        out = self.lrelu(self.norm1(self.conv1(residual)))
+        out = self.norm2(self.conv2(out))
+        out += residual
+        return self.head(self.lrelu(out))

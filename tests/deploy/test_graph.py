@@ -12,7 +12,7 @@ from torch import nn
 
 from mqb.deploy.export import NORM_INPUT_PREFIX, export_onnx
 from mqb.quant import QuantRecipe, calibrate, quantize
-from tests.deploy import SHAPE, IdentityResidual, ResidualConcat, deploy_recipe, small_net, volume
+from tests.deploy import SHAPE, IdentityResidual, InPlaceNormAct, ResidualConcat, deploy_recipe, small_net, volume
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -160,6 +160,40 @@ def test_tensor_quantizer_exports_one_chain_that_the_add_reads_too(tmp_path) -> 
     assert (np.abs(_run(shared.path, x) - reference) <= step).mean() >= 0.99
 
 
+@pytest.mark.parametrize("in_place_writers", [True, False])
+def test_output_quantizer_after_an_in_place_activation_exports_one_chain(tmp_path, in_place_writers: bool) -> None:
+    """conv -> InstanceNorm -> LeakyReLU(inplace=True) -> conv + identity Add (nnU-Net's order): the export writes
+    the output quantizer after the LeakyReLU, the one chain both the conv and the Add read (the conv's own chain is
+    a requantization of that grid, dropped), nothing between the norm and the LeakyReLU, and computes what mqb
+    simulates. Placement v1 (``in_place_writers=False``) wrote a second chain on the norm's output."""
+    from mqb.quant.methods import SharedInputRanges
+
+    torch.manual_seed(0)
+    net = _calibrated(InPlaceNormAct().eval(), include=("conv", "norm"))
+    calib = [volume(100 + i, (2, *SHAPE[1:])) for i in range(2)]
+    SharedInputRanges(output_quantizers=True, in_place_writers=in_place_writers).apply(net, batches=lambda: calib)
+    x = volume(7, (2, *SHAPE[1:]))
+    result = export_onnx(net, x, tmp_path / "inplace.onnx", strict=True)
+    assert result.tensor_quantizers == (["stem", "act"] if in_place_writers else ["stem", "norm"])
+    graph = onnx.load(str(result.path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    act = next(n for n in graph.node if n.op_type == "LeakyRelu")
+    readers = [n for n in graph.node if act.output[0] in n.input]
+    add = next(n for n in graph.node if n.op_type == "Add")
+    if in_place_writers:
+        assert producer[act.input[0]].op_type == "InstanceNormalization"  # the norm's output is not quantized
+        assert len(readers) == 1 and readers[0].op_type in ("Clip", "QuantizeLinear")
+        assert {producer[i].op_type for i in add.input} == {"DequantizeLinear", "Conv"}
+    else:
+        assert producer[act.input[0]].op_type == "DequantizeLinear"  # a chain on the norm's output
+        assert "LeakyRelu" in {producer[i].op_type for i in add.input}  # and the Add read the float activation
+    with torch.no_grad():
+        reference = net(x).numpy()
+    step = np.abs(reference).max() / 127
+    assert (np.abs(_run(result.path, x, optimize=False) - reference) <= step).mean() >= 0.999
+    assert (np.abs(_run(result.path, x) - reference) <= step).mean() >= 0.99
+
+
 _UNET_SCRIPT = r"""
 import json, sys, numpy as np, torch
 from torch import nn
@@ -171,11 +205,12 @@ from mqb.quant import calibrate, quantize
 from mqb.quant.methods import SharedInputRanges
 from tests.deploy import deploy_recipe, volume
 
-class UNetLike(nn.Module):  # an nnU-Net in small: conv -> IN -> LeakyReLU, a strided stage, ConvTranspose, skip Concat
-    def __init__(self):
+class UNetLike(nn.Module):  # an nnU-Net in small: conv -> IN -> LeakyReLU (in place, as nnU-Net's), a strided stage,
+    def __init__(self):       # ConvTranspose, skip Concat
         super().__init__()
         def block(i, o, stride=1):
-            return nn.Sequential(nn.Conv3d(i, o, 3, stride, 1), nn.InstanceNorm3d(o, affine=True), nn.LeakyReLU(0.01))
+            return nn.Sequential(nn.Conv3d(i, o, 3, stride, 1), nn.InstanceNorm3d(o, affine=True),
+                                 nn.LeakyReLU(0.01, inplace=True))
         self.enc0, self.enc1, self.up = block(1, 16), block(16, 32, 2), nn.ConvTranspose3d(32, 16, 2, 2)
         self.dec, self.head = block(32, 16), nn.Conv3d(16, 3, 1)
     def forward(self, x):

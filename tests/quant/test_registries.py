@@ -226,15 +226,15 @@ GOLDEN_IDS = [
         ["precision=w8a8", "method.rules=[{select: conv1x3x3, precision: w4a4, granularity: per_tensor}]"],
         "5fe53ec249259767",
     ),
-    (["experiment=int8_deploy"], "a6f8a3881792121b"),
+    (["experiment=int8_deploy"], "5cf5be296250e868"),
     # the deprecated spellings and the new ones
     (["precision=w8a8", "calibration.shared_ranges=true"], "793e08ff4d76d033"),
     (["precision=w8a8", "method.shared_ranges=true"], "793e08ff4d76d033"),
-    (["precision=w8a8", "calibration.tensor_quantizers=true"], "1cc2f30cbaa43966"),
-    (["precision=w8a8", "method.output_quantizers=true"], "1cc2f30cbaa43966"),
-    (["precision=w8a8", "calibration.shared_ranges=true", "calibration.tensor_quantizers=true"], "30dc700cb0f4849e"),
-    (["precision=w8a8", "method.shared_ranges=true", "method.output_quantizers=true"], "30dc700cb0f4849e"),
-    (["precision=w8a8", "calibration.shared_ranges=true", "method.output_quantizers=true"], "30dc700cb0f4849e"),
+    (["precision=w8a8", "calibration.tensor_quantizers=true"], "5e1da8b849b324eb"),
+    (["precision=w8a8", "method.output_quantizers=true"], "5e1da8b849b324eb"),
+    (["precision=w8a8", "calibration.shared_ranges=true", "calibration.tensor_quantizers=true"], "675309129e0940b4"),
+    (["precision=w8a8", "method.shared_ranges=true", "method.output_quantizers=true"], "675309129e0940b4"),
+    (["precision=w8a8", "calibration.shared_ranges=true", "method.output_quantizers=true"], "675309129e0940b4"),
 ]
 
 

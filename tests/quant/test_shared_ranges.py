@@ -87,3 +87,27 @@ def test_export_after_sharing_quantizes_the_skip_tensor_once(tmp_path) -> None:
         reference = net(x).numpy()
     step = np.abs(reference).max() / 127
     assert (np.abs(out - reference) <= step).mean() >= 0.99
+
+
+@pytest.mark.parametrize(
+    ("overrides", "v1", "v2"),
+    [
+        (["experiment=int8_deploy"], "a6f8a3881792121b", "5cf5be296250e868"),
+        (["precision=w8a8", "method.output_quantizers=true"], "1cc2f30cbaa43966", "5e1da8b849b324eb"),
+        (["precision=w8a8", "calibration.tensor_quantizers=true"], "1cc2f30cbaa43966", "5e1da8b849b324eb"),
+        (
+            ["precision=w8a8", "method.shared_ranges=true", "method.output_quantizers=true"],
+            "30dc700cb0f4849e",
+            "675309129e0940b4",
+        ),
+        (["precision=w8a8", "method.shared_ranges=true"], "793e08ff4d76d033", "793e08ff4d76d033"),
+    ],
+)
+def test_output_quantizer_placement_v2_has_its_own_record_ids(overrides: list[str], v1: str, v2: str) -> None:
+    """Output quantizers after in-place writers compute something else than placement v1 did (the conv read
+    Q(LeakyReLU(Q(x)))): records with ``method.output_quantizers=true`` hash its version
+    (``mqb.results.OPTION_VERSIONS``), so a v1 record is not taken for v2; shared ranges alone are unchanged."""
+    from mqb.config import compose_eval
+    from mqb.results import config_id
+
+    assert config_id(compose_eval(overrides)) == v2

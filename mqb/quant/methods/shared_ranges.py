@@ -23,7 +23,7 @@ import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,14 +38,30 @@ from mqb.quant.output import OUTPUT_QUANTIZER, attach_output_quantizer, make_out
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
+def _version(t: torch.Tensor) -> int:
+    """How often ``t`` was written in place (-1 for an inference-mode tensor, which keeps no count: its values then
+    follow the tensor object)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class _TensorTokens:
     """Token sets per live tensor: a fresh token for a new tensor, the union of its inputs' tokens for a cat.
 
     Keyed by ``id`` with a weak reference to check the entry is still that tensor (an id is reused once a tensor
-    is freed; ``WeakKeyDictionary`` would compare tensors with ``==``, which is element-wise)."""
+    is freed; ``WeakKeyDictionary`` would compare tensors with ``==``, which is element-wise).
+
+    Two keys per tensor. Its *tokens* follow the tensor object, written in place or not: they group the quantizers
+    that share a range (as before in-place writes were told apart, so shared ranges are unchanged). Its *values*
+    follow what it holds: a tensor written in place since it was last seen (``Tensor._version`` moved on: an
+    in-place activation such as nnU-Net's ``LeakyReLU(inplace=True)``, ``out += residual``) holds a new value, and
+    an output quantizer belongs where the value its readers read was produced, not where the storage was."""
 
     def __init__(self) -> None:
         self.entries: dict[int, tuple[weakref.ref, frozenset[int]]] = {}
+        self.value_entries: dict[int, tuple[weakref.ref, int, frozenset[int]]] = {}
         self.counter = itertools.count()
 
     def known(self, t: torch.Tensor) -> bool:
@@ -61,6 +77,21 @@ class _TensorTokens:
         self.entries[id(t)] = (weakref.ref(t), tokens)
         return tokens
 
+    def value_known(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` was seen holding what it holds now (not written in place since)."""
+        entry = self.value_entries.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == _version(t)
+
+    def values(self, t: torch.Tensor) -> frozenset[int]:
+        """The values ``t`` holds now: a fresh one for a new or since rewritten tensor, its inputs' for a cat."""
+        if self.value_known(t):
+            return self.value_entries[id(t)][2]
+        return self.set_values(t, frozenset({next(self.counter)}))
+
+    def set_values(self, t: torch.Tensor, values: frozenset[int]) -> frozenset[int]:
+        self.value_entries[id(t)] = (weakref.ref(t), _version(t), values)
+        return values
+
 
 class _CatTracker(TorchFunctionMode):
     def __init__(self, tokens: _TensorTokens) -> None:
@@ -71,8 +102,9 @@ class _CatTracker(TorchFunctionMode):
         out = func(*args, **(kwargs or {}))
         if func in _CAT and isinstance(out, torch.Tensor):
             inputs = args[0] if args else (kwargs or {}).get("tensors", ())
-            merged = frozenset().union(*(self.tokens.of(t) for t in inputs if isinstance(t, torch.Tensor)))
-            self.tokens.set(out, merged)
+            tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+            self.tokens.set(out, frozenset().union(*(self.tokens.of(t) for t in tensors)))
+            self.tokens.set_values(out, frozenset().union(*(self.tokens.values(t) for t in tensors)))
         return out
 
 
@@ -80,11 +112,15 @@ class _CatTracker(TorchFunctionMode):
 class InputTrace:
     """What one forward showed: the tokens of each quantized layer's input (per call: a sliding-window forward
     calls every layer once per patch), and the leaf module that produced each token (a tensor first seen as that
-    module's output)."""
+    module's output); and the same by value (:class:`_TensorTokens`): the values each call read, and the leaf
+    module that produced each value (a tensor first seen as its output, or one it wrote in place: the last writer,
+    e.g. the in-place LeakyReLU after nnU-Net's InstanceNorm, not the norm)."""
 
     calls: list[tuple[str, frozenset[int]]]
     producers: dict[int, str]
     order: list[str]
+    reads: list[tuple[str, frozenset[int]]] = field(default_factory=list)
+    writers: dict[int, str] = field(default_factory=dict)
 
     @property
     def inputs(self) -> dict[str, set[int]]:
@@ -94,11 +130,11 @@ class InputTrace:
             out.setdefault(name, set()).update(toks)
         return out
 
-    def readers(self) -> dict[int, tuple[set[str], bool]]:
-        """Per token: the quantized layers that read it (alone or inside a concatenation), and whether one read it
-        alone (the tensor itself, not a concatenation containing it)."""
+    def readers(self, by_value: bool = False) -> dict[int, tuple[set[str], bool]]:
+        """Per token (per value with ``by_value``): the quantized layers that read it (alone or inside a
+        concatenation), and whether one read it alone (the tensor itself, not a concatenation containing it)."""
         out: dict[int, tuple[set[str], bool]] = {}
-        for name, toks in self.calls:
+        for name, toks in self.reads if by_value else self.calls:
             for tok in toks:
                 names, alone = out.get(tok, (set(), False))
                 names.add(name)
@@ -135,18 +171,26 @@ def trace_inputs(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any
     (through ``torch.cat``), and which leaf module produced each tensor."""
     tokens = _TensorTokens()
     calls: list[tuple[str, frozenset[int]]] = []
+    reads: list[tuple[str, frozenset[int]]] = []
     producers: dict[int, str] = {}
+    writers: dict[int, str] = {}
     names = {id(m): n for n, m in model.named_modules()}
     quantized = [m for m in model.modules() if isinstance(m, QuantLayer)]
 
     def pre_hook(module: nn.Module, args: tuple) -> None:
         if args and isinstance(args[0], torch.Tensor):
             calls.append((names[id(module)], tokens.of(args[0])))
+            reads.append((names[id(module)], tokens.values(args[0])))
 
     def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and not tokens.known(output):
+        if not isinstance(output, torch.Tensor):
+            return
+        if not tokens.known(output):
             (tok,) = tokens.of(output)
             producers[tok] = names[id(module)]
+        if not tokens.value_known(output):  # a new tensor, or one this module wrote in place
+            (value,) = tokens.values(output)
+            writers[value] = names[id(module)]
 
     leaves = [m for m in model.modules() if isinstance(m, QuantLayer) or next(m.children(), None) is None]
     handles = [m.register_forward_pre_hook(pre_hook) for m in quantized]
@@ -157,7 +201,7 @@ def trace_inputs(model: nn.Module, batch: Any, forward: Callable[[nn.Module, Any
     finally:
         for h in handles:
             h.remove()
-    return InputTrace(calls, producers, [names[id(m)] for m in quantized])
+    return InputTrace(calls, producers, [names[id(m)] for m in quantized], reads, writers)
 
 
 def shared_input_groups(
@@ -193,6 +237,14 @@ class SharedInputRanges(PTQMethod):
             :mod:`mqb.quant.output`; ModelOpt's ``output_quantizer``), when a leaf module produces it and all its
             quantized readers now share one range: float readers of the tensor (a residual Add) then read the
             quantized value too, as NNCF / TensorRT place quantizers. ``quantize_tensors`` is its deprecated name.
+            The quantizer goes where the value the readers read was produced: after the last module that wrote the
+            tensor in place (nnU-Net's and MONAI's ``LeakyReLU(inplace=True)`` after an InstanceNorm), so it
+            quantizes what the readers read, once; on the norm it would quantize the value before the activation
+            rewrote it and the readers would quantize the result a second time. A value last written in place by a
+            function, not a module (``out += residual``), has no module to hold the quantizer and gets none.
+        in_place_writers: ``False`` puts the output quantizer where the tensor object was first produced, ahead of
+            any in-place module (mqb before output-quantizer placement v2; the double quantization above), for A/B
+            measurements of that form only.
     """
 
     name = "shared_ranges"
@@ -204,6 +256,7 @@ class SharedInputRanges(PTQMethod):
         output_quantizers: bool = False,
         *,
         quantize_tensors: bool | None = None,
+        in_place_writers: bool = True,
     ) -> None:
         super().__init__(layers)
         if quantize_tensors is not None:
@@ -211,6 +264,7 @@ class SharedInputRanges(PTQMethod):
                           DeprecationWarning, stacklevel=2)  # fmt: skip
             output_quantizers = output_quantizers or quantize_tensors
         self.output_quantizers = output_quantizers
+        self.in_place_writers = in_place_writers
 
     @property
     def quantize_tensors(self) -> bool:
@@ -246,12 +300,48 @@ class SharedInputRanges(PTQMethod):
                     q.amax = amax.clone().reshape(q.amax.shape)
                 report.applied.extend(members)
         if self.output_quantizers:
-            report.outputs = self._attach_output_quantizers(trace, modules, selected)
+            report.outputs = self._attach_output_quantizers(trace, modules, selected, self.in_place_writers)
         return report
 
     @staticmethod
-    def _attach_output_quantizers(trace: InputTrace, modules: dict[str, nn.Module], selected: set[str]) -> list[str]:
-        """Attach an output quantizer to each producer whose quantized readers all share one range and spec."""
+    def _attach_output_quantizers(
+        trace: InputTrace, modules: dict[str, nn.Module], selected: set[str], in_place_writers: bool = True
+    ) -> list[str]:
+        """Attach an output quantizer to each producer whose quantized readers all share one range and spec.
+
+        With ``in_place_writers`` the producer of a value is the last module that wrote it (:class:`InputTrace`),
+        and a module gets a quantizer only if every value it wrote in the traced forward qualifies, with one range:
+        its hook quantizes every call's output, so a module called at two places (MONAI's blocks call one
+        ``lrelu`` after each norm) must not carry one place's range to the other, nor quantize a value no quantized
+        layer reads."""
+        if not in_place_writers:
+            return SharedInputRanges._attach_at_first_producers(trace, modules, selected)
+        by_value = trace.readers(by_value=True)
+        per_module: dict[str, list[tuple[tuple | None, list[str]]]] = {}
+        for value, producer in trace.writers.items():
+            found, alone = by_value.get(value, (set(), False))
+            readers = sorted(found, key=trace.order.index)
+            key = None
+            if alone and all(n in selected and _shareable(modules[n]) is None for n in readers):
+                keys = {(modules[n].input_quantizer.spec, float(modules[n].input_quantizer.amax.reshape(())))
+                        for n in readers}  # fmt: skip
+                key = next(iter(keys)) if len(keys) == 1 else None
+            per_module.setdefault(producer, []).append((key, readers))
+        attached = []
+        for producer, entries in per_module.items():
+            if len({key for key, _ in entries}) != 1 or entries[0][0] is None:
+                continue
+            if OUTPUT_QUANTIZER in modules[producer]._modules:
+                continue
+            readers = sorted({n for _, names in entries for n in names}, key=trace.order.index)
+            quantizer = make_output_quantizer(modules[readers[0]].input_quantizer, f"{producer}.output")
+            attach_output_quantizer(modules[producer], quantizer, readers)
+            attached.append(producer)
+        return attached
+
+    @staticmethod
+    def _attach_at_first_producers(trace: InputTrace, modules: dict[str, nn.Module], selected: set[str]) -> list[str]:
+        """The placement before v2 (``in_place_writers=False``): at the module that first produced each tensor."""
         attached = []
         by_token = trace.readers()
         for token, producer in trace.producers.items():
