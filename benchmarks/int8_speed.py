@@ -68,8 +68,8 @@ from mqb.data.synthetic import make_phantom
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
 from mqb.deploy.isa import int8_isa, recipe_for_cpu
+from mqb.deploy.layer_precision import openvino_nodes, runtime_report
 from mqb.deploy.profile import interleaved_latency
-from mqb.deploy.report import openvino_nodes, runtime_report
 from mqb.deploy.runtimes import (
     OpenVINORuntime,
     OrtRuntime,

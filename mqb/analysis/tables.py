@@ -676,8 +676,8 @@ def deploy_markdown(record: dict[str, Any]) -> str:
 
 
 def runtime_report_markdown(report: dict[str, Any], max_types: int = 12) -> str:
-    """:func:`mqb.deploy.report.runtime_report` as Markdown: per layer how it was exported and how the runtime ran
-    it (op, precision, kernel, time), what fell back to float, and the time per op type."""
+    """:func:`mqb.deploy.layer_precision.runtime_report` as Markdown: per layer how it was exported and how the
+    runtime ran it (op, precision, kernel, time), what fell back to float, and the time per op type."""
     layers = [[r["layer"], r["kind"], r["export_mode"], r["runtime_type"] or "-", r["runtime_precision"] or "-",
                r["kernel"] or "-", f"{r['time_us'] / 1000:.2f}" if r["time_us"] is not None else "-"]
               for r in report["layers"]]  # fmt: skip

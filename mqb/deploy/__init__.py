@@ -2,7 +2,7 @@
 
 Export a calibrated model to ONNX with INT8 QuantizeLinear / DequantizeLinear nodes carrying mqb's own scales
 (:func:`export_onnx`), run it with ONNX Runtime or OpenVINO on the CPU (TensorRT where a GPU exists), report
-which layers the runtime actually executes in INT8 (:mod:`mqb.deploy.report`), check that the deployed
+which layers the runtime actually executes in INT8 (:mod:`mqb.deploy.layer_precision`), check that the deployed
 prediction agrees with mqb's fake-quantized one (:mod:`mqb.deploy.agreement`) and profile latency, throughput,
 memory and size (:mod:`mqb.deploy.profile`). CLI: ``python -m mqb.deploy export|profile|compare ...``.
 

@@ -294,7 +294,7 @@ def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, settin
 def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out: Path) -> dict[str, Any]:
     """Per-layer runtime precision of every INT8 runtime, from its own profiling (separate profiled instances:
     ORT's profiling JSON, OpenVINO's runtime model with ``PERF_COUNT``)."""
-    from mqb.deploy.report import openvino_nodes, ort_nodes, runtime_report
+    from mqb.deploy.layer_precision import openvino_nodes, ort_nodes, runtime_report
     from mqb.deploy.runtimes import OpenVINORuntime, OrtRuntime
 
     reports = {}

@@ -72,7 +72,8 @@ class OrtRuntime:
     Args:
         path: the ONNX file.
         threads: intra-op threads (default: ONNX Runtime's choice, one per physical core).
-        profile: write ORT's profiling JSON (``end_profiling()`` returns its path; see :mod:`mqb.deploy.report`).
+        profile: write ORT's profiling JSON (``end_profiling()`` returns its path; see
+            :mod:`mqb.deploy.layer_precision`).
         profile_dir: where the profiling JSON goes (default: next to the model).
         providers: execution providers (default CPU only).
     """

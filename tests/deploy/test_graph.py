@@ -109,7 +109,7 @@ def test_openvino_runs_the_quantized_norm_on_int8(tmp_path, tensor_quantizers: b
     """Also when the conv's output is a tensor quantizer and the norm's own chain is dropped as a requantization:
     the report still finds the norm."""
     pytest.importorskip("openvino")
-    from mqb.deploy.report import openvino_nodes, runtime_report
+    from mqb.deploy.layer_precision import openvino_nodes, runtime_report
     from mqb.deploy.runtimes import OpenVINORuntime
     from mqb.quant.methods import SharedInputRanges
 
@@ -199,7 +199,7 @@ import json, sys, numpy as np, torch
 from torch import nn
 from mqb.deploy.export import export_onnx
 from mqb.deploy.isa import int8_isa
-from mqb.deploy.report import openvino_nodes, runtime_report
+from mqb.deploy.layer_precision import openvino_nodes, runtime_report
 from mqb.deploy.runtimes import OpenVINORuntime, openvino_exactness
 from mqb.quant import calibrate, quantize
 from mqb.quant.methods import SharedInputRanges

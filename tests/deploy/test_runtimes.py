@@ -10,7 +10,7 @@ from torch import nn
 from mqb.analysis.tables import runtime_report_markdown as report_markdown
 from mqb.deploy.agreement import logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
-from mqb.deploy.report import ort_nodes, runtime_report
+from mqb.deploy.layer_precision import ort_nodes, runtime_report
 from mqb.deploy.runtimes import (
     OrtRuntime,
     Runtime,
@@ -116,7 +116,7 @@ def test_agreement_dice_by_hand() -> None:
 # -- OpenVINO ------------------------------------------------------------------------------------------------
 def test_openvino_matches_fake_quant_and_reports_layer_precision(exported) -> None:
     pytest.importorskip("openvino")
-    from mqb.deploy.report import openvino_nodes
+    from mqb.deploy.layer_precision import openvino_nodes
     from mqb.deploy.runtimes import OpenVINORuntime, narrow_fold_exact
 
     net, result = exported
