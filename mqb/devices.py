@@ -91,3 +91,16 @@ def device_info(device: torch.device | str) -> dict[str, Any]:
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
         info["count"] = torch.cuda.device_count()
     return info
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's ISA flags (``/proc/cpuinfo`` ``flags``, or ``Features`` on Arm; empty where it is absent)."""
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

@@ -43,15 +43,9 @@ _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_
 
 def cpu_isa() -> list[str]:
     """The ISA extensions among :data:`_ISA_FLAGS` this CPU has (empty where /proc/cpuinfo is absent)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-            break
+    from mqb.devices import cpu_flags
+
+    flags = cpu_flags()
     return [f for f in _ISA_FLAGS if f in flags]
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 #: the environment variables with which oneDNN (and so OpenVINO's CPU plugin) caps its instruction set
@@ -79,16 +78,6 @@ class Int8Isa:
         return {**dataclasses.asdict(self), "saturates": self.saturates, "description": self.describe()}
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _hardware_dot(flags: set[str], machine: str) -> str:
     if machine.lower() not in ("x86_64", "amd64", "i686", "x86"):
         return "other"
@@ -114,7 +103,9 @@ def _cap_dot(cap: str) -> str | None:
 def int8_isa(flags: set[str] | None = None, env: dict[str, str] | None = None, machine: str | None = None) -> Int8Isa:
     """This machine's INT8 dot product (``flags`` / ``env`` / ``machine`` default to this machine's; tests pass
     their own)."""
-    flags = _cpu_flags() if flags is None else set(flags)
+    from mqb.devices import cpu_flags
+
+    flags = cpu_flags() if flags is None else set(flags)
     env = dict(os.environ) if env is None else env
     hardware = _hardware_dot(flags, machine or platform.machine())
     cap = next((env[k] for k in ISA_CAP_ENV if env.get(k)), None)

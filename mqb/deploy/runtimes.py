@@ -643,14 +643,15 @@ class TorchRuntime:
 # -- machine -------------------------------------------------------------------------------------------------------
 def cpu_features() -> dict[str, Any]:
     """The CPU model and the ISA flags that decide INT8 / BF16 speed (VNNI, AMX, AVX512-BF16/FP16)."""
-    flags: set[str] = set()
+    from mqb.devices import cpu_flags
+
+    flags = cpu_flags()
     model_name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name"):
+            if line.startswith("model name"):
                 model_name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")

@@ -77,11 +77,20 @@ class CaseResults(Metric):
             self.predictions.append(prediction.detach().to(device=self.device, dtype=torch.uint8).reshape(-1))
             self.shapes.append(torch.tensor(list(prediction.shape), dtype=torch.int64, device=self.device))
 
+    def _flat(self, name: str) -> torch.Tensor:
+        """State ``name`` as one flat tensor: a list before synchronisation, one concatenated tensor after it."""
+        state = getattr(self, name)
+        if isinstance(state, torch.Tensor):
+            return state.reshape(-1)
+        if not state:
+            return torch.empty(0, device=self.device)
+        return torch.cat([s.reshape(-1) for s in state])
+
     def compute(self) -> list[Case]:
         """The cases, each once, sorted by id (label maps on the CPU)."""
-        ids, lengths = _cat(self.ids).to(torch.uint8).cpu(), _cat(self.id_lengths).long().cpu()
-        values = _cat(self.values).double().cpu().numpy()
-        spacing = _cat(self.spacing).double().cpu().numpy().reshape(len(lengths), -1) if len(lengths) else []
+        ids, lengths = self._flat("ids").to(torch.uint8).cpu(), self._flat("id_lengths").long().cpu()
+        values = self._flat("values").double().cpu().numpy()
+        spacing = self._flat("spacing").double().cpu().numpy().reshape(len(lengths), -1) if len(lengths) else []
         per_case = len(self.metric_names) * self.num_values
         names, offset = [], 0
         for n in lengths.tolist():
@@ -89,7 +98,7 @@ class CaseResults(Metric):
             offset += n
         predictions: list[torch.Tensor | None] = [None] * len(names)
         if self.keep_predictions:
-            flat, shapes = _cat(self.predictions).to(torch.uint8).cpu(), _cat(self.shapes).long().cpu()
+            flat, shapes = self._flat("predictions").to(torch.uint8).cpu(), self._flat("shapes").long().cpu()
             dims = shapes.numel() // max(len(names), 1)
             offset = 0
             for i, shape in enumerate(shapes.reshape(len(names), dims).tolist()):
@@ -104,12 +113,3 @@ class CaseResults(Metric):
             metrics = {m: row[j].copy() for j, m in enumerate(self.metric_names)}
             cases[name] = Case(name, metrics, tuple(float(s) for s in spacing[i]), predictions[i])
         return [cases[name] for name in sorted(cases)]
-
-
-def _cat(state: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    """A state as one flat tensor: a list before synchronisation, one concatenated tensor after it."""
-    if isinstance(state, torch.Tensor):
-        return state.reshape(-1)
-    if not state:
-        return torch.empty(0)
-    return torch.cat([s.reshape(-1) for s in state])
