@@ -14,7 +14,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mqb.analysis.tables import SWEEP_TABLE_COLUMNS, summary_rows
+from mqb.analysis.tables import MEAN, SWEEP_TABLE_COLUMNS, summary_rows
 
 
 def build_logger(cfg: DictConfig, run_dir: Path, sweep: str) -> Any:
@@ -84,7 +84,6 @@ CLASS_TABLE_COLUMNS = ("class", "dsc", "nsd", "hd95", "fp32_dsc", "fp32_nsd",
                        *(f"{m}_{c}" for m in ("dsc", "nsd") for c in ("delta_pct", "drop_ci_low", "drop_ci_high", "p",
                                                                        "significant", "cases")),
                        "source")  # fmt: skip
-MEAN = "mean"
 
 
 def class_entries(record: dict[str, Any], baseline: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
