@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import mqb.quant.attention  # noqa: F401  (registers the attention twins)
+from mqb.quant import in_place
 from mqb.quant.fake_quant import check_kernel
 from mqb.quant.layers import LayerInfo
 from mqb.quant.output import detach_for_readers
@@ -79,6 +80,7 @@ def quantize(model: nn.Module, recipe: QuantRecipe, *, inplace: bool = True) -> 
         for module in done:  # leave nothing half-quantized
             swap_out(module)  # type: ignore[arg-type]
         raise
+    in_place.install(model)  # inputs that nothing reads again are quantized in place (no copy)
     return model
 
 
@@ -350,4 +352,6 @@ def dequantize(model: nn.Module, layers: Iterable[str] | str = ("all",)) -> list
     for module in chosen.values():
         swap_out(module)
     detach_for_readers(model, chosen)  # a dequantized layer reads float again
+    if not any(True for _ in quantized_layers(model)):
+        in_place.uninstall(model)
     return list(chosen)

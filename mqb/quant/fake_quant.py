@@ -13,11 +13,16 @@ Kernels (``kernel=`` of :func:`quantize_dequantize`, ``quant.kernel`` of ``mqb.e
   (``torch._dynamo.config.recompile_limit``), traced with dynamic shapes: the last, smaller sliding-window batch
   and a whole volume reuse the kernel of the first window. If compilation fails (no C++ compiler, no Triton), one
   warning is printed and that device falls back to eager for the rest of the process.
-* ``auto`` (default of the quantizer modules): ``compiled`` on CUDA; on the CPU, ``compiled`` for tensors of at
-  least :data:`CPU_COMPILE_MIN_NUMEL` elements in the formats whose eager form takes many passes (FP8, MX, NVFP4,
+* ``auto`` (default of the quantizer modules): on the CPU, ``compiled`` for tensors of at least
+  :data:`CPU_COMPILE_MIN_NUMEL` elements in the formats whose eager form takes many passes (FP8, MX, NVFP4,
   per-group and dynamic INT), where the fused kernel measured several times faster; ``eager`` otherwise (static
-  INT is already a few in-place passes, and small tensors do not repay a compilation). Always ``eager`` for
-  tensors that need gradients and on devices other than CPU and CUDA (meta).
+  INT is already a few in-place passes, and small tensors do not repay a compilation). ``eager`` on CUDA: off the
+  CPU, inductor rewrites a division by a constant (``amax / 127``, ``/ 448``) as a multiplication by its rounded
+  reciprocal (``div_prim`` in ``torch/_inductor/lowering.py``), so a compiled scale can differ from eager's in
+  the last place and move values to the next level; ATen's CUDA kernels divide as the CPU does, so ``auto`` keeps
+  a GPU record equal to the CPU's. ``compiled`` on CUDA is an explicit choice, compiled with Triton's IEEE
+  division and without flush-to-zero (``eager_numerics`` options). Always ``eager`` for tensors that need
+  gradients and on devices other than CPU and CUDA (meta).
 """
 
 from __future__ import annotations
@@ -96,6 +101,7 @@ def quantize_dequantize(
     lo: torch.Tensor | None = None,
     hi: torch.Tensor | None = None,
     kernel: str = "eager",
+    in_place: bool = False,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` according to ``spec``.
 
@@ -103,10 +109,55 @@ def quantize_dequantize(
     ``per_group`` (default: last). ``amax`` (symmetric) or ``lo``/``hi`` (asymmetric) give static scales;
     when absent the scales are computed from ``x``. Half-precision inputs are quantized in float32.
     ``kernel``: ``eager``, ``compiled`` or ``auto`` (module docstring); the result is the same to the bit.
+    ``in_place``: the caller no longer needs ``x``: write the result into ``x`` and return ``x`` where that saves
+    a full-size tensor (a compiled kernel whose result is laid out as ``x``; eager INT with per-tensor, per-channel,
+    per-token or per-voxel scales; eager blocks, copied back), else return a new tensor as without it. Same values,
+    same layout either way.
     """
     if kernel != "eager" and choose_kernel(kernel, spec, x) == "compiled":
-        return _run_compiled(x, spec, axis, amax, lo, hi)
+        return _run_compiled(x, spec, axis, amax, lo, hi, in_place=in_place)
+    if in_place and _eager_grouped_in_place(x, spec):
+        return x.copy_(_fake_quant_grouped(x, spec, axis))  # no copy of x beside the blocks and the result
+    if in_place and _eager_in_place(x, spec):
+        if amax is None:
+            amax = absmax(x, spec.granularity, axis)
+        scale, reciprocal = symmetric_scales(amax, spec)
+        quantize = FORMATS[spec.format].quantize_scaled
+        assert quantize is not None
+        return quantize(x, spec, scale, reciprocal, out=x)  # type: ignore[call-arg]
     return _quantize_dequantize_eager(x, spec, axis, amax, lo, hi)
+
+
+def _fake_quant_grouped(xf: torch.Tensor, spec: QuantSpec, axis: int | None) -> torch.Tensor:
+    """Blocks of ``group_size`` along ``axis`` (default last), each fake-quantized by the format's codec; the result
+    has the grouped axis innermost in memory."""
+    group_axis = -1 if axis is None else axis
+    tensor_amax = xf.detach().abs().amax() if FORMATS[spec.format].needs_tensor_amax else None
+    return apply_in_groups(xf, group_axis, int(spec.group_size), lambda b: _fake_quant_blocks(b, spec, tensor_amax))
+
+
+def _eager_grouped_in_place(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """Whether a grouped (block) fake quantization can be copied back into ``x``: float32, dense, no gradient."""
+    return (
+        GRANULARITIES[spec.granularity].grouped
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def _eager_in_place(x: torch.Tensor, spec: QuantSpec) -> bool:
+    """Whether the eager codec can overwrite ``x`` with its fake quantization: a symmetric per-element-scaled
+    format whose codec takes ``out=`` (:attr:`mqb.quant.formats.Format.in_place`), on a float32 tensor that needs
+    no gradient."""
+    fmt = FORMATS[spec.format]
+    return (
+        fmt.in_place
+        and spec.symmetric
+        and not GRANULARITIES[spec.granularity].grouped
+        and x.dtype == torch.float32
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 def _quantize_dequantize_eager(
@@ -120,9 +171,11 @@ def _quantize_dequantize_eager(
     dtype = x.dtype
     xf = x.float() if dtype in (torch.float16, torch.bfloat16) else x
     if GRANULARITIES[spec.granularity].grouped:
-        group_axis = -1 if axis is None else axis
-        tensor_amax = xf.detach().abs().amax() if FORMATS[spec.format].needs_tensor_amax else None
-        out = apply_in_groups(xf, group_axis, int(spec.group_size), lambda b: _fake_quant_blocks(b, spec, tensor_amax))
+        out = _fake_quant_grouped(xf, spec, axis)
+        if out.stride() != xf.stride():
+            # laid out as the input (not with the grouped axis innermost, as the blocks were formed): the layer reading
+            # it runs the algorithm it runs on the float input, and an input quantizer can write it into its input
+            out = torch.empty_like(xf).copy_(out)
     elif not spec.symmetric:
         if lo is None or hi is None:
             lo, hi = minmax(xf, spec.granularity, axis)
@@ -141,6 +194,10 @@ KERNELS: tuple[str, ...] = ("auto", "eager", "compiled")
 #: ``auto`` on the CPU compiles tensors from this size up (a 96^3 window with 16 channels has 14 M elements; weights
 #: of 3D convolutions up to a few million): below it the one-off compilation (2-15 s on 2 cores) is not repaid.
 CPU_COMPILE_MIN_NUMEL = 1 << 20
+
+#: inductor options that keep Triton's arithmetic that of ATen's CUDA kernels: IEEE-rounded division (Triton's
+#: ``/`` is approximate by default) and subnormals kept (no flush-to-zero); no effect on the CPU's C++ kernels
+_EAGER_NUMERICS = {"eager_numerics.division_rounding": True, "eager_numerics.disable_ftz": True}
 
 #: (spec, axis, input signature) -> its compiled function; ``None`` once it hit dynamo's recompilation limit
 _COMPILED: dict[tuple, Callable[..., torch.Tensor] | None] = {}
@@ -172,7 +229,7 @@ def choose_kernel(kernel: str, spec: QuantSpec, x: torch.Tensor) -> str:
     if kernel == "compiled":
         return "compiled"
     if device == "cuda":
-        return "compiled"
+        return "eager"  # the CPU's arithmetic (module docstring)
     return "compiled" if _many_pass_eager(spec) and x.numel() >= CPU_COMPILE_MIN_NUMEL else "eager"
 
 
@@ -228,25 +285,37 @@ def _compiled_for(
     amax: torch.Tensor | None,
     lo: torch.Tensor | None,
     hi: torch.Tensor | None,
+    in_place: bool = False,
 ) -> tuple[tuple, Callable[..., torch.Tensor] | None]:
-    """(key, the compiled fake quantization of one (spec, axis, input signature)), made on first use; ``None``
-    where that key hit the recompilation limit."""
+    """(key, the compiled fake quantization of one (spec, axis, input signature, in place or not)), made on first
+    use; ``None`` where that key hit the recompilation limit."""
     key = (spec, axis, x.device.type, _signature(x), _group_signature(x, spec, axis))
-    key += (_signature(amax), _signature(lo), _signature(hi))
+    key += (_signature(amax), _signature(lo), _signature(hi), in_place)
     if key in _COMPILED:
         return key, _COMPILED[key]
 
-    def qdq(
-        x: torch.Tensor, amax: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None, out: torch.Tensor
-    ) -> None:
-        out.copy_(_quantize_dequantize_eager(x, spec, axis, amax, lo, hi))
+    if in_place:  # the result overwrites x (an input the graph mutates: inductor writes it in x's buffer)
+
+        def qdq(x: torch.Tensor, amax: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None) -> None:
+            x.copy_(_quantize_dequantize_eager(x, spec, axis, amax, lo, hi))
+
+    else:
+
+        def qdq(  # type: ignore[misc]
+            x: torch.Tensor,
+            amax: torch.Tensor | None,
+            lo: torch.Tensor | None,
+            hi: torch.Tensor | None,
+            out: torch.Tensor,
+        ) -> None:
+            out.copy_(_quantize_dequantize_eager(x, spec, axis, amax, lo, hi))
 
     # a code object of its own: dynamo keeps its cache (and recompilation budget) per code object, so the quantizers
     # of a network (several specs, axes, ranks, layouts) do not exhaust one shared budget; within one, shapes vary
     # freely (dynamic=True): the sliding windows, the last smaller batch and a whole volume share one kernel
     code = qdq.__code__.replace(co_name=f"mqb_fake_quant_{len(_COMPILED)}")
     own = types.FunctionType(code, qdq.__globals__, code.co_name, qdq.__defaults__, qdq.__closure__)
-    fn = torch.compile(own, dynamic=True, fullgraph=True)
+    fn = torch.compile(own, dynamic=True, fullgraph=True, options=_EAGER_NUMERICS)
     _COMPILED[key] = fn
     return key, fn
 
@@ -258,16 +327,23 @@ def _run_compiled(
     amax: torch.Tensor | None,
     lo: torch.Tensor | None,
     hi: torch.Tensor | None,
+    *,
+    in_place: bool = False,
 ) -> torch.Tensor:
-    key, fn = _compiled_for(spec, axis, x, amax, lo, hi)
+    # the result is written into a tensor laid out as the eager result is (a padded block layout, channels last ...):
+    # layers reading it then run the same algorithms as after eager, so the model's output is the same to the bit,
+    # not only this tensor. In place only where x has that layout.
+    strides = _eager_strides(x, spec, axis, amax, lo, hi)
+    in_place = in_place and x.stride() == strides and not x.requires_grad
+    key, fn = _compiled_for(spec, axis, x, amax, lo, hi, in_place)
     if fn is None:
         return _quantize_dequantize_eager(x, spec, axis, amax, lo, hi)
     try:
-        # the result is written into a tensor laid out as the eager result is (a padded block layout, channels last
-        # ...): layers reading it then run the same algorithms as after eager, so the model's output is the same to
-        # the bit, not only this tensor. x detached: dynamo keeps the shapes of nn.Parameters static, which would
-        # compile once per weight shape.
-        out = torch.empty_strided(x.shape, _eager_strides(x, spec, axis, amax, lo, hi), dtype=x.dtype, device=x.device)
+        # x detached: dynamo keeps the shapes of nn.Parameters static, which would compile once per weight shape
+        if in_place:
+            fn(x, amax, lo, hi)
+            return x
+        out = torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device)
         fn(x.detach(), amax, lo, hi, out)
         return out
     except Exception as err:  # noqa: BLE001  (any compiler failure: fall back to eager)

@@ -147,6 +147,8 @@ class Format:
         kernel: what runs a realizable layer in this format, one of :data:`KERNEL_KINDS`.
         kernel_reason: why (for tables); integer kernels state the bit widths themselves.
         many_pass: the eager form takes many full-size passes (``kernel=auto`` compiles it on the CPU).
+        in_place: ``quantize_scaled`` also takes ``out=`` (``x`` itself: the result overwrites ``x`` with the same
+            values, no full-size temporary; :func:`mqb.quant.fake_quant.quantize_dequantize` ``in_place``).
     """
 
     name: str
@@ -162,6 +164,7 @@ class Format:
     kernel: str = "integer-kernel"
     kernel_reason: str = ""
     many_pass: bool = True
+    in_place: bool = False
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -224,13 +227,17 @@ def _int_scales(amax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
 
 
 def _int_quantize(
-    x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, reciprocal: torch.Tensor | None
+    x: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor,
+    reciprocal: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     assert reciprocal is not None
     if x.requires_grad and torch.is_grad_enabled():
         return round_int_symmetric(x * reciprocal, spec.qmax) * scale
-    # the same arithmetic, in place on one fresh tensor: 2.4x faster on large activations
-    out = x * reciprocal
+    # the same arithmetic, in place on one fresh tensor (2.4x faster on large activations), or on ``out``
+    out = torch.mul(x, reciprocal, out=out) if out is not None else x * reciprocal
     return out.round_().clamp_(-spec.qmax, spec.qmax).mul_(scale)
 
 
@@ -281,7 +288,7 @@ def quantize_nvfp4_blocks(blocks: torch.Tensor, tensor_amax: torch.Tensor | None
 BLOCK_SCALED_REASON = "block scales along the reduction axis (Blackwell MX/NVFP4 tensor cores)"
 
 register_format(Format("int", scales=_int_scales, quantize_scaled=_int_quantize, affine=True, integer_grid=True,
-                       kernel="integer-kernel", many_pass=False))  # fmt: skip
+                       kernel="integer-kernel", many_pass=False, in_place=True))  # fmt: skip
 register_format(Format("fp8_e4m3", label="fp8", bits=8, scales=_fp8_scales, quantize_scaled=_fp8_quantize,
                        kernel="fp8-kernel", kernel_reason="FP8 tensor cores (Ada/Hopper/Blackwell)"))  # fmt: skip
 register_format(Format("mxint8", bits=8, block=32, quantize_blocks=_mxint8_blocks, kernel="block-scaled",

@@ -38,6 +38,7 @@ from mqb.quant.fake_quant import (
     symmetric_scales,
 )
 from mqb.quant.granularity import normalize_axis
+from mqb.quant.in_place import active_trace, input_refs, may_overwrite
 from mqb.quant.observers import Observer, make_observer
 from mqb.quant.spec import QuantSpec
 
@@ -89,6 +90,9 @@ class TensorQuantizer(nn.Module):
 
     #: how the fake quantization runs: ``auto``, ``eager`` or ``compiled`` (:mod:`mqb.quant.fake_quant`)
     kernel: str = "auto"
+    #: > 0: the input is a temporary nothing reads again (:mod:`mqb.quant.in_place`), overwritten by its fake
+    #: quantization while it has at most this many Python references
+    overwrite_refs: int = 0
 
     def __init__(
         self, spec: QuantSpec, axis: int | None = None, name: str = "", *, device: torch.device | str | None = None
@@ -206,8 +210,15 @@ class TensorQuantizer(nn.Module):
                 f"{self.name or 'quantizer'} uses static {self.spec.granularity} scales but was never calibrated: "
                 "call mqb.quant.calibrate(model, batches) first, or use a dynamic spec"
             )
+        refs = input_refs(x)
+        trace = active_trace()
+        if trace is not None:  # the forward that decides which inputs may be overwritten (mqb.quant.in_place)
+            return trace.consume(self, x, refs, lambda: self._quantize(x, False))
+        return self._quantize(x, self.overwrite_refs > 0 and may_overwrite(x, refs, self.overwrite_refs))
+
+    def _quantize(self, x: torch.Tensor, in_place: bool) -> torch.Tensor:
         return quantize_dequantize(
-            x, self.spec, axis=self.axis, amax=self.amax, lo=self.lo, hi=self.hi, kernel=self.kernel
+            x, self.spec, axis=self.axis, amax=self.amax, lo=self.lo, hi=self.hi, kernel=self.kernel, in_place=in_place
         )
 
     def set_kernel(self, kernel: str) -> None:

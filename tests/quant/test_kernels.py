@@ -182,10 +182,13 @@ def test_auto_chooses_by_device_format_and_size():
 
 
 @pytest.mark.parametrize("device", device_params())
-def test_auto_compiles_on_cuda(device):
+def test_auto_runs_eager_on_cuda(device):
     if device == "cpu":
         pytest.skip("the CUDA rule")
-    assert fq.choose_kernel("auto", QuantSpec(bits=8), torch.empty(4, device=device)) == "compiled"
+    big = torch.empty(fq.CPU_COMPILE_MIN_NUMEL, device=device)
+    for spec in (QuantSpec(bits=8), QuantSpec(format="mxfp4"), QuantSpec(bits=8, granularity="per_voxel")):
+        assert fq.choose_kernel("auto", spec, big) == "eager"  # ATen's CUDA arithmetic is the CPU's
+        assert fq.choose_kernel("compiled", spec, big) == "compiled"
 
 
 def test_a_failed_compilation_warns_once_and_falls_back_to_eager(monkeypatch):
