@@ -17,7 +17,9 @@ DSC / NSD / HD95 are computed on each case's native grid at its native spacing.
 
 from __future__ import annotations
 
+import enum
 import json
+import pickle
 import warnings
 from collections.abc import Iterator, Sequence
 from copy import deepcopy
@@ -128,6 +130,17 @@ _CACHE_SAFE_GLOBALS = [
 ]
 
 
+class _EnumByValuePickle:
+    """``pickle`` for ``torch.save`` of a cached item, whose Pickler writes an Enum member (``MetaKeys.AFFINE``, a
+    key of every MetaTensor's metadata) as ``Class(value)``, as Python 3.12 and later 3.11 releases do: earlier 3.11
+    releases (3.11.2, Debian 12's) write ``getattr(Class, name)``, which ``torch.load(weights_only=True)`` refuses,
+    so every cached item would be unreadable and computed again."""
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj: Any) -> Any:
+            return (type(obj), (obj._value_,)) if isinstance(obj, enum.Enum) else NotImplemented
+
+
 class MetaPersistentDataset(PersistentDataset):
     """``PersistentDataset`` whose cached items keep their MetaTensor metadata (affine -> voxel spacing) and
     are still read with ``weights_only=True`` (only the data types above are allowed, no code).
@@ -164,10 +177,11 @@ class MetaPersistentDataset(PersistentDataset):
                               stacklevel=2)  # fmt: skip
                 hashfile.unlink(missing_ok=True)
         item = self._pre_transform(deepcopy(item_transformed))  # keep the original (hashed) record as it is
+        pickle_module = look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD)
         try:
             with atomic_write(hashfile) as tmp:
                 torch.save(convert_to_tensor(item, convert_numeric=False, track_meta=self.track_meta), tmp,
-                           pickle_module=look_up_option(self.pickle_module, SUPPORTED_PICKLE_MOD),
+                           pickle_module=_EnumByValuePickle if pickle_module is pickle else pickle_module,
                            pickle_protocol=self.pickle_protocol)  # fmt: skip
         except PermissionError:  # a read-only cache: compute every time, as MONAI does
             pass

@@ -153,6 +153,32 @@ def test_a_cache_hit_scores_like_a_miss_and_like_no_cache(volumes, tmp_path):
     assert 0.0 < miss["dsc"] < 1.0
 
 
+def test_a_cache_entry_is_read_back_where_python_pickles_enums_by_name(volumes, tmp_path, monkeypatch):
+    """Early Python 3.11 releases (3.11.2, Debian 12's) pickle an Enum member as ``getattr(Class, name)``, which
+    ``torch.load(weights_only=True)`` refuses; the cache writes its MetaTensor keys (``MetaKeys``) by value all the
+    same, so its entries are read back, not computed again with a warning."""
+    import enum
+    import warnings
+
+    from monai.data import MetaTensor
+    from monai.utils.enums import MetaKeys
+
+    monkeypatch.setattr(enum.Enum, "__reduce_ex__", lambda self, proto: (getattr, (type(self), self._name_)))
+    assert MetaKeys.AFFINE.__reduce_ex__(2)[0] is getattr  # pickled by name, as those releases do
+    cache = tmp_path / "cache"
+    dm = datamodule(volumes, cache=cache)
+    miss = [item["image"] for item in dm._dataset("test", dm.eval_transforms())]
+    entries = sorted(cache.rglob("*.pt"))
+    stamps = [p.stat().st_mtime_ns for p in entries]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "unreadable cached item")
+        dm = datamodule(volumes, cache=cache)
+        hit = [item["image"] for item in dm._dataset("test", dm.eval_transforms())]
+    assert len(entries) == 2 and [p.stat().st_mtime_ns for p in sorted(cache.rglob("*.pt"))] == stamps
+    for h, m in zip(hit, miss, strict=True):
+        assert isinstance(h, MetaTensor) and torch.equal(h.affine, m.affine) and torch.equal(h.as_tensor(), m)
+
+
 def test_label_free_cases_compare_both_predictions_on_the_native_grid(volumes):
     dm = datamodule(volumes, labelled=False)
     fp32 = score(dm, Generous(), keep_predictions=True)
