@@ -7,8 +7,12 @@ So mqb sets ``trainer.fp32_precision=ieee`` (default) before any forward: IEEE f
 cuDNN RNNs and CUDA matmuls; ``tf32`` opts in to TF32 everywhere. The setting is written into every record (next
 to the device name) and is part of the FP32 baseline's cache key.
 
-PyTorch >= 2.9 has the ``fp32_precision`` switches; mixing them with the legacy ``allow_tf32`` flags is an error
-there, so only the new ones are used where they exist (the legacy flags on older PyTorch).
+PyTorch >= 2.9 has the ``fp32_precision`` switches next to the legacy global settings
+(``torch.set_float32_matmul_precision``, ``allow_tf32``), and reading a legacy one that disagrees with the new
+switches raises ("mix of the legacy and new APIs"); Lightning reads ``torch.get_float32_matmul_precision()`` when it
+sets up a CUDA device. So the legacy setters are called first (they move the new switches too), then the new
+switches themselves: both agree. The CPU's oneDNN matmul stays IEEE (``set_float32_matmul_precision("high")`` would
+let it use TF32 too). The legacy flags alone on older PyTorch.
 """
 
 from __future__ import annotations
@@ -41,30 +45,66 @@ def apply_fp32_precision(setting: str) -> dict[str, Any]:
     """
     if setting not in FP32_PRECISIONS:
         raise ValueError(f"trainer.fp32_precision={setting!r} is invalid; valid: {', '.join(FP32_PRECISIONS)}")
+    tf32 = setting == "tf32"
     switches = _switches()
     if len(switches) == 3:
+        # the legacy global state first (these setters also move the new switches, consistently), so that
+        # torch.get_float32_matmul_precision() and the allow_tf32 flags can still be read (Lightning does)
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32
+        onednn = _onednn_matmul()
+        if onednn is not None:  # "high" also lets the CPU's oneDNN matmul use TF32: keep it IEEE
+            setattr(onednn[0], onednn[1], "ieee")
         for owner, attr in switches:
             setattr(owner, attr, setting)
     else:  # PyTorch < 2.9: the legacy flags
-        torch.backends.cuda.matmul.allow_tf32 = setting == "tf32"
-        torch.backends.cudnn.allow_tf32 = setting == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     return fp32_precision_state(setting)
+
+
+def _onednn_matmul() -> tuple[Any, str] | None:
+    """(object, attribute) of the CPU's oneDNN matmul ``fp32_precision`` switch, where PyTorch has it."""
+    owner = getattr(torch.backends.mkldnn, "matmul", None)
+    return (owner, "fp32_precision") if owner is not None and hasattr(owner, "fp32_precision") else None
+
+
+def _legacy_state() -> tuple[str | None, bool | None]:
+    """The legacy global matmul precision and cuDNN ``allow_tf32`` flag (``None``: unreadable, because something
+    set the new switches alone and they disagree)."""
+    try:
+        matmul: str | None = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        matmul = None
+    try:
+        cudnn: bool | None = bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        cudnn = None
+    return matmul, cudnn
 
 
 @contextmanager
 def float32_arithmetic(setting: str = "ieee") -> Iterator[dict[str, Any]]:
-    """:func:`apply_fp32_precision` for a block, the previous switches restored after it (through the same API:
-    PyTorch refuses reading the legacy ``allow_tf32`` flags once the ``fp32_precision`` ones were set)."""
+    """:func:`apply_fp32_precision` for a block, everything it sets restored after it: the legacy global state
+    through the legacy setters, then the ``fp32_precision`` switches (oneDNN's matmul too) as they were."""
     switches = _switches()
     if len(switches) == 3:
-        saved = [getattr(o, a) for o, a in switches]
+        onednn = _onednn_matmul()
+        every = switches + ([onednn] if onednn is not None else [])
+        saved: list[Any] = [getattr(o, a) for o, a in every]
+        legacy = _legacy_state()
     else:
         saved = [torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32]
     try:
         yield apply_fp32_precision(setting)
     finally:
         if len(switches) == 3:
-            for (owner, attr), value in zip(switches, saved, strict=True):
+            matmul, cudnn = legacy
+            if matmul is not None:
+                torch.set_float32_matmul_precision(matmul)
+            if cudnn is not None:
+                torch.backends.cudnn.allow_tf32 = cudnn
+            for (owner, attr), value in zip(every, saved, strict=True):
                 setattr(owner, attr, value)
         else:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

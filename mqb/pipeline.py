@@ -68,7 +68,7 @@ from mqb.samples import missing_sample_hint, sample_data_dir
 __all__ = [
     "PIPELINE_VERSION", "baseline_key", "build_evaluator", "build_methods", "build_recipe", "build_trainer",
     "calibration_inputs", "compose_eval", "compute_device", "evaluate", "fp32_baseline", "inference_window",
-    "load_model", "method_label", "precision_label", "resolve_checkpoint",
+    "load_model", "method_label", "precision_label", "resolve_checkpoint", "set_numerics",
 ]  # fmt: skip
 
 #: Bumped whenever evaluation results change for the same inputs, invalidating cached baselines.
@@ -391,17 +391,26 @@ def load_model(cfg: DictConfig) -> tuple[torch.nn.Module, Path | None]:
     return net.eval(), checkpoint
 
 
+def set_numerics(cfg: DictConfig) -> dict[str, Any]:
+    """Set this process's float arithmetic for evaluation forwards (before the first): ``trainer.fp32_precision``
+    (FP32 means FP32, :mod:`mqb.devices`), and cuDNN's deterministic algorithms without its benchmark (otherwise a
+    ConvTranspose3d may get a non-deterministic algorithm, and a cached FP32 baseline need not reproduce; no effect
+    on the CPU). Returns what is in force, for a record's ``device`` section."""
+    numerics = apply_fp32_precision(str(cfg.trainer.get("fp32_precision", "ieee")))
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    return {**numerics, "cudnn_deterministic": True}
+
+
 def compute_device(cfg: DictConfig) -> torch.device:
     """The device ``trainer.accelerator`` asks for, for the passes that run outside Lightning (error proxies,
-    activation statistics): ``gpu``/``cuda`` -> CUDA, ``auto`` -> CUDA when available, otherwise the CPU."""
+    activation statistics, ``mqb.deploy compare``): ``gpu``/``cuda`` -> CUDA, ``auto`` -> CUDA when available,
+    otherwise the CPU; with the config's float arithmetic set (:func:`set_numerics`), as ``mqb.eval`` sets it."""
     accelerator = str(cfg.trainer.get("accelerator", "cpu")).lower()
-    if accelerator in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"trainer.accelerator={accelerator} needs CUDA, which is not available")
-        return torch.device("cuda")
-    if accelerator == "auto" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(f"trainer.accelerator={accelerator} needs CUDA, which is not available")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    set_numerics(cfg)  # before the pass's first forward
+    return torch.device("cuda" if on_gpu else "cpu")
 
 
 def calibration_inputs(
@@ -623,7 +632,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     then, for a quantized or low-precision config, post-training quantization and the evaluation."""
     t0 = time.perf_counter()
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    numerics = apply_fp32_precision(str(cfg.trainer.fp32_precision))  # before any forward: FP32 means FP32
+    numerics = set_numerics(cfg)  # before any forward: FP32 means FP32, deterministic cuDNN
     run_dir, sweep = run_dirs(cfg)
     recipe = build_recipe(cfg)  # validates precision/granularity/method before any work
     net, checkpoint = load_model(cfg)

@@ -26,8 +26,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 import mqb
 
 #: Top-level keys that do not change what is computed (outputs, logging, resuming; ``deploy``: read by
-#: ``python -m mqb.deploy`` only).
+#: ``python -m mqb.deploy`` only; ``trainer`` but for :data:`HASHED_TRAINER_OPTIONS`).
 VOLATILE_KEYS = ("paths", "results_dir", "resume", "logger", "auto_train", "trainer", "deploy", "quant")
+#: ``trainer`` options that change the numbers: hashed (as ``trainer.KEY``) only away from their default, so the
+#: ids of records made at the default are the ids they had. ``fp32_precision=tf32`` changes the FP32 arithmetic.
+HASHED_TRAINER_OPTIONS = (("fp32_precision", "ieee"),)
 #: Keys at any depth that only say where things are cached or how fast data loads.
 NESTED_VOLATILE_KEYS = ("cache_dir", "num_workers")
 #: Options that only say what else to write (not what is computed): never part of the id.
@@ -63,8 +66,12 @@ def config_id(cfg: DictConfig) -> str:
         cfg.pop("logger", None)  # may interpolate Hydra's runtime output dir
     data = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(data, dict)
+    trainer = data.get("trainer") if isinstance(data.get("trainer"), dict) else {}
+    hashed_trainer = {k: trainer[k] for k, default in HASHED_TRAINER_OPTIONS if trainer.get(k, default) != default}
     for key in VOLATILE_KEYS:
         data.pop(key, None)
+    if hashed_trainer:
+        data["trainer"] = hashed_trainer
     _drop_nested(data, NESTED_VOLATILE_KEYS)
     for group, key in VOLATILE_OPTIONS:
         if isinstance(data.get(group), dict):

@@ -16,6 +16,11 @@ the rounding: 1 vs 2 threads gave different weights after 10 steps) and to oneDN
 measured: after 10 steps weights differ by up to 0.2). The pins apply to the child alone, so an evaluation that
 trains first (``auto_train``) runs with this machine's own kernels. Each item's random transforms are seeded by
 (seed, epoch, item) (:func:`mqb.lit.trainer.seeded_train_loader`), not per DataLoader worker.
+
+On a GPU, PyTorch has no deterministic CUDA kernel for some ops a training runs (the DiceCE loss's cross entropy
+over 5-D inputs, trilinear interpolation's backward): there deterministic algorithms are asked for with a warning
+for those ops instead of an error (:func:`training_determinism`), with cuDNN deterministic and without its
+benchmark, and the sidecar says so.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ TRAIN_THREADS = 1
 #: The numerics a training child runs with: oneDNN and ATen capped at AVX2 (what every x86-64 CPU since 2013 has),
 #: MKL on its AVX2 code path, so an AVX-512 or AMX machine computes what an AVX2 machine does.
 TRAIN_CPU_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+#: cuBLAS's deterministic workspace setting, read when CUDA first creates a cuBLAS handle.
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 #: The CPU features that decide which kernels run (recorded; /proc/cpuinfo flags).
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
@@ -65,6 +72,11 @@ def determinism(seed: int, threads: int, pinned: bool, device: str) -> dict[str,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "per_item_transform_seeds": True,
     }
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if warn_only:  # a GPU training (training_determinism): what else its reproducibility rests on
+        record.update(deterministic_warn_only=True, cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
+                      cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+                      cublas_workspace_config=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
     if pinned:
         record["cpu_env"] = dict(TRAIN_CPU_ENV)
     if device == "cpu" and pinned and "avx2" in record["cpu_isa"]:
@@ -74,7 +86,19 @@ def determinism(seed: int, threads: int, pinned: bool, device: str) -> dict[str,
         )
     else:
         record["holds"] = "same weights to the bit on re-runs on this machine and software"
+    if warn_only:
+        record["holds"] = ("re-runs on this machine and software use the same deterministic kernels, except for the "
+                           "ops PyTorch warned have none; those may change the last bits of the weights")
     return record
+
+
+def training_determinism(accelerator: str) -> bool | str:
+    """Lightning's ``deterministic`` for a training on ``trainer.accelerator``: ``True`` on the CPU (every op
+    deterministic; one without a deterministic kernel is an error); ``"warn"`` elsewhere: on CUDA the DiceCE loss's
+    cross entropy over 5-D inputs (``nll_loss2d``) and trilinear interpolation's backward have no deterministic
+    kernel and would stop a training at its first step, so those warn and every other op still runs a deterministic
+    kernel (with cuDNN deterministic and :data:`CUBLAS_WORKSPACE_CONFIG`, see :func:`_fit`)."""
+    return True if _trains_on_cpu(accelerator) else "warn"
 
 
 def fit(
@@ -183,6 +207,12 @@ def _fit(
     from mqb.results import git_commit
 
     saved_threads, saved_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    saved_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    saved_cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    deterministic = training_determinism(accelerator)
+    if deterministic == "warn":  # a GPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)  # before cuBLAS starts
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.set_num_threads(int(threads))
     try:
         seed = int(train_cfg.seed)
@@ -211,7 +241,7 @@ def _fit(
             enable_progress_bar=progress,
             callbacks=[StepProgressBar()] if progress else [],  # steps of max_steps, time left
             default_root_dir=default_root_dir,
-            deterministic=True,
+            deterministic=deterministic,
         )
         datamodule.prepare_data()
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -234,7 +264,8 @@ def _fit(
         save_weights(net, output, metadata)
     finally:
         torch.set_num_threads(saved_threads)
-        torch.use_deterministic_algorithms(saved_deterministic)
+        torch.use_deterministic_algorithms(saved_deterministic, warn_only=saved_warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved_cudnn
     return metadata
 
 

@@ -142,6 +142,22 @@ def test_options_at_their_default_do_not_change_the_id_of_earlier_records():
     assert config_id(a) != config_id(_compose("precision=w8a8", "calibration.shared_ranges=true"))
 
 
+@pytest.mark.parametrize("precision", ["w8a8", "fp32"])
+def test_tf32_arithmetic_gets_its_own_id_and_ieee_keeps_the_earlier_one(precision):
+    """``trainer`` is left out of the id, but ``trainer.fp32_precision=tf32`` changes the numbers: a TF32 record
+    must not be taken for the IEEE one. At the default (ieee) the id is the one computed without the key, as
+    records made before it had; the other trainer settings (device, progress) still leave the id alone."""
+    ieee = _compose(f"precision={precision}")
+    earlier = OmegaConf.create(OmegaConf.to_container(ieee))  # untyped, so the key can be removed
+    del earlier.trainer["fp32_precision"]
+    assert config_id(ieee) == config_id(earlier)
+    assert config_id(ieee) == config_id(_compose(f"precision={precision}", "trainer.fp32_precision=ieee"))
+    tf32 = _compose(f"precision={precision}", "trainer.fp32_precision=tf32")
+    assert config_id(tf32) != config_id(ieee)
+    assert config_id(tf32) == config_id(_compose(f"precision={precision}", "trainer.fp32_precision=tf32",
+                                                 "trainer.accelerator=cpu", "trainer.progress=false"))  # fmt: skip
+
+
 def test_custom_model_needs_a_target_and_passes_only_the_given_arguments():
     """model=custom is a template: no class, no leftover arguments of another model (README "Your own model")."""
     from mqb.pipeline import build_recipe

@@ -317,16 +317,18 @@ def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out:
     return reports
 
 
-def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: int, overlap: float) -> dict:
-    """Dice of argmax predictions: mqb fake-quant vs INT8 runtimes, torch FP32 vs FP32 runtimes, per test volume."""
+def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: int, overlap: float,
+              device: torch.device | str = "cpu") -> dict:  # fmt: skip
+    """Dice of argmax predictions: mqb fake-quant vs INT8 runtimes, torch FP32 vs FP32 runtimes, per test volume;
+    the two torch references run on ``device`` (the networks are moved there)."""
     import numpy as np
 
     from mqb.deploy.agreement import logit_agreement, prediction_dice
     from mqb.deploy.profile import sliding_window
     from mqb.deploy.runtimes import TorchRuntime
 
-    fake_quant = TorchRuntime(p.quant_net, "mqb fake-quant")
-    float_ref = TorchRuntime(p.float_net, "torch fp32")
+    fake_quant = TorchRuntime(p.quant_net.to(device), "mqb fake-quant")
+    float_ref = TorchRuntime(p.float_net.to(device), "torch fp32")
     per_runtime: dict[str, dict[str, Any]] = {}
     for i, batch in enumerate(p.dm.test_dataloader()):
         if i >= cases:
@@ -421,8 +423,14 @@ def run(command: str, cfg: DictConfig) -> dict[str, Any]:
         if command == "profile":
             record["profile"] = profile_all(p, runtimes, patch, deploy.profile, float(cfg.eval.overlap))
         else:
+            from mqb.devices import device_info
+            from mqb.pipeline import compute_device
+
+            device = compute_device(cfg)  # the torch references run where mqb.eval runs (trainer.accelerator)
+            record["reference_device"] = device_info(device)
             record["agreement"] = agreement(
-                p, runtimes, int(deploy.profile.cases), int(cfg.eval.sw_batch_size), float(cfg.eval.overlap)
+                p, runtimes, int(deploy.profile.cases), int(cfg.eval.sw_batch_size), float(cfg.eval.overlap),
+                device=device,
             )
     write_json_atomic(out / "deploy.json", record)
     from mqb.results import atomic_write

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import os
 import platform
 import tempfile
@@ -623,7 +624,9 @@ def runtime_from_spec(spec: dict[str, Any]) -> Runtime:
 
 # -- torch reference ---------------------------------------------------------------------------------------------
 class TorchRuntime:
-    """A torch module as a runtime: the FP32 network, or mqb's fake-quantized model (the reference)."""
+    """A torch module as a runtime: the FP32 network, or mqb's fake-quantized model (the reference). It runs on the
+    device the model is on (its first parameter's or buffer's; the CPU for a module without either): the input goes
+    there, the output comes back to the CPU as a NumPy array."""
 
     def __init__(self, model: torch.nn.Module, name: str = "torch", dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval()
@@ -631,10 +634,16 @@ class TorchRuntime:
         self.dtype = dtype
         self.precision = str(dtype).removeprefix("torch.")
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (read at each call: the model may have been moved since)."""
+        tensor = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.dtype))
-        return out.float().numpy()
+            out = self.model(torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype))
+        return out.float().cpu().numpy()
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "threads": str(torch.get_num_threads())}
