@@ -220,10 +220,11 @@ QUANT_KERNELS = ("auto", "eager", "compiled")
 class QuantSettings:
     """How fake quantization runs (``quant.*``); never what it computes, so not part of a record's id.
 
-    ``kernel``: ``auto`` (compiled where it is faster: CUDA, and large FP8/MX/NVFP4/dynamic tensors on the CPU),
-    ``eager`` (ATen operations one after another) or ``compiled`` (one ``torch.compile``-fused kernel per tensor,
-    falling back to eager with a warning where compilation fails); every choice gives the same result to the bit
-    (``mqb.quant.set_kernel``). Checked with :func:`check_quant_settings`.
+    ``kernel``: ``auto`` (compiled where it is faster and exact: large FP8/MX/NVFP4/dynamic tensors on the CPU;
+    eager on CUDA, where inductor's division by a constant is not ATen's), ``eager`` (ATen operations one after
+    another) or ``compiled`` (one ``torch.compile``-fused kernel per tensor, falling back to eager with a warning
+    where compilation fails); on the CPU every choice gives the same result to the bit (``mqb.quant.set_kernel``).
+    Checked with :func:`check_quant_settings`.
     """
 
     kernel: str = "auto"
