@@ -289,15 +289,22 @@ def _compiled_for(
 ) -> tuple[tuple, Callable[..., torch.Tensor] | None]:
     """(key, the compiled fake quantization of one (spec, axis, input signature, in place or not)), made on first
     use; ``None`` where that key hit the recompilation limit."""
+    scaled = _scales_outside(spec, amax)
     key = (spec, axis, x.device.type, _signature(x), _group_signature(x, spec, axis))
-    key += (_signature(amax), _signature(lo), _signature(hi), in_place)
+    key += (_signature(amax), _signature(lo), _signature(hi), in_place, scaled)
     if key in _COMPILED:
         return key, _COMPILED[key]
+
+    def body(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, c: torch.Tensor | None) -> torch.Tensor:
+        if scaled:  # a, b: the scales S and 1/S, computed outside (eagerly, as the eager path computes them)
+            xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+            return fake_quant_scaled(xf, spec, a, b).to(x.dtype)  # type: ignore[arg-type]
+        return _quantize_dequantize_eager(x, spec, axis, a, b, c)
 
     if in_place:  # the result overwrites x (an input the graph mutates: inductor writes it in x's buffer)
 
         def qdq(x: torch.Tensor, amax: torch.Tensor | None, lo: torch.Tensor | None, hi: torch.Tensor | None) -> None:
-            x.copy_(_quantize_dequantize_eager(x, spec, axis, amax, lo, hi))
+            x.copy_(body(x, amax, lo, hi))
 
     else:
 
@@ -308,7 +315,7 @@ def _compiled_for(
             hi: torch.Tensor | None,
             out: torch.Tensor,
         ) -> None:
-            out.copy_(_quantize_dequantize_eager(x, spec, axis, amax, lo, hi))
+            out.copy_(body(x, amax, lo, hi))
 
     # a code object of its own: dynamo keeps its cache (and recompilation budget) per code object, so the quantizers
     # of a network (several specs, axes, ranks, layouts) do not exhaust one shared budget; within one, shapes vary
@@ -318,6 +325,18 @@ def _compiled_for(
     fn = torch.compile(own, dynamic=True, fullgraph=True, options=_EAGER_NUMERICS)
     _COMPILED[key] = fn
     return key, fn
+
+
+def _scales_outside(spec: QuantSpec, amax: torch.Tensor | None) -> bool:
+    """Whether the scales of a static symmetric per-element-scaled spec are computed before the compiled kernel:
+    off the CPU, inductor turns ``amax / 127`` into ``amax * (1/127)``, which is not ATen's division; the scales
+    computed eagerly are the eager path's own, and the kernel only multiplies, rounds and clamps."""
+    return (
+        amax is not None
+        and spec.symmetric
+        and not GRANULARITIES[spec.granularity].grouped
+        and FORMATS[spec.format].scales is not None
+    )
 
 
 def _run_compiled(
@@ -340,11 +359,14 @@ def _run_compiled(
         return _quantize_dequantize_eager(x, spec, axis, amax, lo, hi)
     try:
         # x detached: dynamo keeps the shapes of nn.Parameters static, which would compile once per weight shape
+        args: tuple[torch.Tensor | None, ...] = (amax, lo, hi)
+        if _scales_outside(spec, amax):
+            args = (*symmetric_scales(amax, spec), None)  # type: ignore[arg-type]
         if in_place:
-            fn(x, amax, lo, hi)
+            fn(x, *args)
             return x
         out = torch.empty_strided(x.shape, strides, dtype=x.dtype, device=x.device)
-        fn(x.detach(), amax, lo, hi, out)
+        fn(x.detach(), *args, out)
         return out
     except Exception as err:  # noqa: BLE001  (any compiler failure: fall back to eager)
         out = _quantize_dequantize_eager(x, spec, axis, amax, lo, hi)  # bad inputs raise here, as in eager
