@@ -18,11 +18,16 @@ reads and makes. A quantizer's input qualifies when, in that forward,
    not a read);
 4. it was dead when the forward returned (not part of the output, not kept by a hook, an attribute or a list).
 
-Later forwards with the same setting overwrite those inputs, each time checking again that the tensor is no view,
-needs no gradient, is no inference tensor outside inference mode, and has no more Python references than in the
-traced forward (a caller or hook that keeps the tensor adds one). A new hook, a quantizer switched off or on, or
-a layer dequantized changes the setting: the next forward traces again. With gradients enabled, under
-``torch.jit`` tracing or ``torch.compile``, nothing is overwritten.
+Later forwards with the same setting overwrite those inputs, each time checking again that the root that made
+the plan is running (a submodule called on its own overwrites nothing), that the tensor is no view, needs no
+gradient, is no inference tensor outside inference mode, and has no more Python references and no more tensors on
+its storage than in the traced forward (a caller or hook that keeps it, a ``detach()`` / ``numpy()`` alias, adds
+one). The setting is every module's type, hooks (by handle), train/eval mode, patched ``forward`` and buffers set
+(a low-rank branch), every quantizer's mode and which layers quantize: a change traces again. With gradients
+enabled, under ``torch.jit`` tracing or ``torch.compile``, in a model holding TorchScript (whose reads the trace
+cannot see), nothing is overwritten; a forward that leaves by an exception no hook sees (``KeyboardInterrupt``)
+leaves no trace running. What the trace cannot see is a read that only another setting makes (a branch on a plain
+attribute or on the data, reading a local variable after the quantizer): ``uninstall(model)`` turns it off.
 """
 
 from __future__ import annotations
@@ -64,9 +69,35 @@ _METADATA = {
 _LOCAL = threading.local()
 
 
+def _live(frame: Any) -> bool:
+    """Whether ``frame`` is on this thread's call stack (its forward is still running)."""
+    f = sys._getframe(1)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
+
+
 def active_trace() -> _UseTrace | None:
-    """The trace of the forward running in this thread, if one is being traced."""
-    return getattr(_LOCAL, "trace", None)
+    """The trace of the forward running in this thread, if one is being traced (a trace whose forward was left by
+    an exception that skipped the hooks, ``KeyboardInterrupt`` say, is taken off the mode stack here)."""
+    trace: _UseTrace | None = getattr(_LOCAL, "trace", None)
+    if trace is not None and not _live(trace.frame):
+        _discard(trace)
+        return None
+    return trace
+
+
+def _discard(trace: _UseTrace) -> None:
+    """Take a stale trace off this thread's mode stack and its root; nothing is planned from it."""
+    modes = [_pop_mode() for _ in range(len(_get_current_function_mode_stack()))]
+    for mode in reversed(modes):
+        if mode is not trace:
+            _push_mode(mode)
+    _LOCAL.trace = None
+    if trace.state is not None and trace.state.trace is trace:
+        trace.state.trace = None
 
 
 def input_refs(x: torch.Tensor) -> int:
@@ -74,13 +105,28 @@ def input_refs(x: torch.Tensor) -> int:
     return sys.getrefcount(x)
 
 
-def may_overwrite(x: torch.Tensor, refs: int, traced_refs: int) -> bool:
-    """The run-time checks before overwriting a planned input ``x`` (``refs``: its references now)."""
+def storage_uses(x: torch.Tensor) -> int:
+    """Tensors holding ``x``'s storage (aliases without a Python reference to ``x``: ``detach()``, ``.data``,
+    ``numpy()``); a large number where it cannot be read."""
+    try:
+        return int(torch._C._storage_Use_Count(x.untyped_storage()._cdata))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return sys.maxsize
+
+
+def may_overwrite(x: torch.Tensor, refs: int, quantizer: TensorQuantizer) -> bool:
+    """The run-time checks before a planned quantizer overwrites its input ``x`` (``refs``: its references now):
+    the root that made the plan is running (not a submodule called on its own), no gradients, no tracing or
+    compiling, ``x`` is no view, has no more references and storage users than in the traced forward, and is no
+    inference tensor outside inference mode."""
     if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    if x._base is not None or refs > traced_refs:
+    if x._base is not None or refs > quantizer.overwrite_refs or storage_uses(x) > quantizer.overwrite_uses:
         return False
-    return not x.is_inference() or torch.is_inference_mode_enabled()
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        return False
+    running = getattr(_LOCAL, "running", None)
+    return bool(running) and running[-1][0] is quantizer.overwrite_root and _live(running[-1][1])
 
 
 def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
@@ -92,6 +138,19 @@ def _tensors(value: Any, depth: int = 0) -> Iterator[torch.Tensor]:
     elif depth < 3 and isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v, depth + 1)
+
+
+_PLAIN = (torch.Tensor, int, float, bool, complex, str, type(None), torch.dtype, torch.device, torch.layout)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` (what a torch call returned) is tensors and plain values, nothing that can hold a tensor's
+    memory outside torch (a NumPy array, a storage, a DLPack capsule)."""
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (tuple, list)) and depth < 3:
+        return all(_plain(v, depth + 1) for v in value)
+    return False
 
 
 def _storage(t: torch.Tensor) -> int:
@@ -121,8 +180,9 @@ class _UseTrace(TorchFunctionMode):
     input is its consumption, and its result a tensor made.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, state: _Root | None = None, frame: Any = None) -> None:
         super().__init__()
+        self.state, self.frame = state, frame
         self.seq = 0
         self.serials = 0
         self.made: dict[int, tuple[weakref.ref, int]] = {}  # id -> (ref, serial) of each tensor made
@@ -130,8 +190,8 @@ class _UseTrace(TorchFunctionMode):
         self.aliased: set[int] = set()
         self.last_read: dict[int, int] = {}  # serial -> seq of its last read
         self.refs: dict[int, weakref.ref] = {}  # serial -> ref
-        #: (quantizer, serial of its input or None, seq, references)
-        self.consumed: list[tuple[TensorQuantizer, int | None, int, int]] = []
+        #: (quantizer, serial of its input or None, seq, (references, storage users))
+        self.consumed: list[tuple[TensorQuantizer, int | None, int, tuple[int, int]]] = []
 
     def serial(self, t: torch.Tensor) -> int | None:
         entry = self.made.get(id(t))
@@ -177,6 +237,11 @@ class _UseTrace(TorchFunctionMode):
         inputs = list(_tensors((args, kwargs)))
         for t in inputs:
             self._read(t)
+        if not _plain(out):  # a NumPy array, a storage, a DLPack capsule: memory shared outside torch's view
+            for t in inputs:
+                serial = self.serial(t)
+                if serial is not None:
+                    self.aliased.add(serial)
         for t in _tensors(out):
             if not any(t is i for i in inputs):  # an in-place call returns its input: nothing new
                 self._make(t)
@@ -188,19 +253,20 @@ class _UseTrace(TorchFunctionMode):
         serial = self.serial(x)
         if serial is not None:
             self.last_read[serial] = self.seq
-        self.consumed.append((quantizer, serial, self.seq, refs))
         # the fake quantization runs outside the trace (and any other torch function mode: it needs none, and
         # torch.compile cannot trace through this one); its reads are the consumption, its result a tensor made
         with _without_function_modes():
+            self.consumed.append((quantizer, serial, self.seq, (refs, storage_uses(x))))
             out = run()
         if isinstance(out, torch.Tensor) and out is not x:
             self._make(out)
         return out
 
-    def plan(self) -> dict[TensorQuantizer, int]:
-        """The quantizers whose every input of this forward qualified, with the most references seen."""
-        verdict: dict[TensorQuantizer, int | None] = {}
-        for quantizer, serial, seq, refs in self.consumed:
+    def plan(self) -> dict[TensorQuantizer, tuple[int, int]]:
+        """The quantizers whose every input of this forward qualified, with the most references and storage users
+        seen."""
+        verdict: dict[TensorQuantizer, tuple[int, int] | None] = {}
+        for quantizer, serial, seq, counts in self.consumed:
             ok = (
                 serial is not None
                 and serial not in self.aliased
@@ -209,8 +275,9 @@ class _UseTrace(TorchFunctionMode):
             )
             if quantizer in verdict and verdict[quantizer] is None:
                 continue
-            verdict[quantizer] = max(refs, verdict.get(quantizer) or 0) if ok else None
-        return {q: r for q, r in verdict.items() if r is not None}
+            before = verdict.get(quantizer) or (0, 0)
+            verdict[quantizer] = (max(counts[0], before[0]), max(counts[1], before[1])) if ok else None
+        return {q: c for q, c in verdict.items() if c is not None}
 
 
 class _Root:
@@ -222,16 +289,23 @@ class _Root:
         self.pending: tuple | None = None
 
 
-def _setting(root: nn.Module) -> tuple:
-    """What a plan depends on: every module's hooks, every quantizer's mode, which layers quantize."""
+def _setting(root: nn.Module) -> tuple | None:
+    """What a plan depends on: every module's type, hooks (by handle: a hook replaced is a new setting), train/eval
+    mode, patched ``forward``, buffers set (a low-rank branch, a correction), every quantizer's mode and which layers
+    quantize; the global hooks. ``None`` where no plan can be made (TorchScript inside: its reads are not traced)."""
     from mqb.quant.quantizer import TensorQuantizer
 
     module = nn.modules.module
-    parts: list[Any] = [len(module._global_forward_hooks), len(module._global_forward_pre_hooks)]
+    parts: list[Any] = [tuple(module._global_forward_hooks), tuple(module._global_forward_pre_hooks)]
     for m in root.modules():
-        parts.append((type(m), len(m._forward_hooks), len(m._forward_pre_hooks)))
+        if isinstance(m, torch.jit.ScriptModule):
+            return None
+        hooks = (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
+        parts.append((type(m), hooks, m.training, id(m.__dict__.get("forward"))))
         if isinstance(m, TensorQuantizer):
-            parts.append(m.mode)
+            parts.append(m.mode)  # (its range buffers are data, set at the first forward for weights)
+        else:
+            parts.append(tuple(k for k, v in m._buffers.items() if v is not None))
         enabled = m.__dict__.get("quantizers_enabled")
         if enabled is not None:
             parts.append(enabled)
@@ -246,35 +320,57 @@ def _quantizers(root: nn.Module) -> Iterator[TensorQuantizer]:
             yield m
 
 
+def _clear(root: nn.Module) -> None:
+    for q in _quantizers(root):
+        q.overwrite_refs, q.overwrite_uses, q.overwrite_root = 0, 0, None
+
+
 def _before(root: nn.Module, args: tuple) -> None:
     state: _Root | None = root.__dict__.get("_mqb_in_place")
-    if state is None or state.trace is not None or active_trace() is not None:
+    if state is None:
         return
+    frame = sys._getframe(1)  # the module call running this forward: alive until it returns
+    running = getattr(_LOCAL, "running", None)
+    if running is None:
+        running = _LOCAL.running = []
+    while running and not _live(running[-1][1]):  # left by an exception that skipped the hooks
+        running.pop()
+    running.append((state, frame))
     if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return
-    setting = _setting(root)
-    if setting == state.setting:
+    if active_trace() is not None or state.trace is not None:  # (a stale trace is discarded by active_trace)
         return
-    for q in _quantizers(root):
-        q.overwrite_refs = 0
-    state.setting, state.pending = None, setting
-    state.trace = _UseTrace()
+    setting = _setting(root)
+    if setting is not None and setting == state.setting:
+        return
+    _clear(root)
+    state.setting = state.pending = None
+    if setting is None:
+        return
+    state.pending = setting
+    state.trace = _UseTrace(state, frame)
     state.trace.__enter__()
     _LOCAL.trace = state.trace
 
 
 def _after(root: nn.Module, args: tuple, output: Any) -> None:
     state: _Root | None = root.__dict__.get("_mqb_in_place")
-    if state is None or state.trace is None:
+    if state is None:
         return
-    trace, state.trace = state.trace, None
+    running = getattr(_LOCAL, "running", None)
+    if running and running[-1][0] is state:
+        running.pop()
+    trace = state.trace
+    if trace is None or getattr(_LOCAL, "trace", None) is not trace:  # not traced here (another thread's)
+        return
+    state.trace = None
     _LOCAL.trace = None
     trace.__exit__(None, None, None)
     if output is None:  # the forward raised: no plan from it
         return
     del output
-    for quantizer, refs in trace.plan().items():
-        quantizer.overwrite_refs = refs
+    for quantizer, (refs, uses) in trace.plan().items():
+        quantizer.overwrite_refs, quantizer.overwrite_uses, quantizer.overwrite_root = refs, uses, state
     state.setting = state.pending
 
 
@@ -295,8 +391,7 @@ def uninstall(model: nn.Module) -> None:
             if fn is hook:
                 del hooks[key]
     model.__dict__.pop("_mqb_in_place", None)
-    for q in _quantizers(model):
-        q.overwrite_refs = 0
+    _clear(model)
 
 
 def planned(model: nn.Module) -> list[str]:

@@ -91,8 +91,11 @@ class TensorQuantizer(nn.Module):
     #: how the fake quantization runs: ``auto``, ``eager`` or ``compiled`` (:mod:`mqb.quant.fake_quant`)
     kernel: str = "auto"
     #: > 0: the input is a temporary nothing reads again (:mod:`mqb.quant.in_place`), overwritten by its fake
-    #: quantization while it has at most this many Python references
+    #: quantization while it has at most this many Python references and storage users, during a forward of the
+    #: root that planned it (``overwrite_root``)
     overwrite_refs: int = 0
+    overwrite_uses: int = 0
+    overwrite_root: Any = None
 
     def __init__(
         self, spec: QuantSpec, axis: int | None = None, name: str = "", *, device: torch.device | str | None = None
@@ -214,7 +217,7 @@ class TensorQuantizer(nn.Module):
         trace = active_trace()
         if trace is not None:  # the forward that decides which inputs may be overwritten (mqb.quant.in_place)
             return trace.consume(self, x, refs, lambda: self._quantize(x, False))
-        return self._quantize(x, self.overwrite_refs > 0 and may_overwrite(x, refs, self.overwrite_refs))
+        return self._quantize(x, self.overwrite_refs > 0 and may_overwrite(x, refs, self))
 
     def _quantize(self, x: torch.Tensor, in_place: bool) -> torch.Tensor:
         return quantize_dequantize(

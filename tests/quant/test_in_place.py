@@ -270,3 +270,119 @@ def test_the_quantized_peak_is_the_float_peak(precision, scheme, kernel):
     fp32, quant, copy_peak = transient_peak(float_model, x), transient_peak(model, x), transient_peak(copying, x)
     assert copy_peak >= fp32 + cat_bytes  # the copy of the concatenation is what the copying path adds
     assert quant <= fp32 + cat_bytes // 16, (quant, fp32)
+
+
+class Wrap(nn.Module):
+    """``body`` planned inside the root; called on its own it must not overwrite its caller's tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre = nn.Conv3d(2, 8, 1)
+        self.body = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.relu(self.pre(x)))
+
+
+def test_a_submodule_called_on_its_own_overwrites_nothing():
+    model = quantized(net=Wrap())
+    with torch.no_grad():
+        model(data(1)[0])
+        assert {"body.0", "body.2"} <= planned_layers(model)
+        mine = torch.randn(1, 8, 8, 8, 8)
+        kept = mine.clone()
+        model.body(mine)
+    assert torch.equal(mine, kept)
+
+
+def test_a_hook_replaced_by_one_that_reads_the_input_retraces():
+    """Same number of hooks, another hook: the setting follows handles, not counts."""
+    model = quantized()
+    x = data(1, seed=2)[0]
+    handle = model.fuse.register_forward_hook(lambda module, args, out: None)
+    seen: list[torch.Tensor] = []
+    with torch.no_grad():
+        model(x)
+        handle.remove()
+        model.fuse.register_forward_hook(lambda module, args, out: seen.append(args[0].clone()))
+        model(x)
+    float_model = copy.deepcopy(model)
+    dequantize(float_model)
+    float_seen: list[torch.Tensor] = []
+    float_model.fuse.register_forward_hook(lambda module, args, out: float_seen.append(args[0].clone()))
+    with torch.no_grad():
+        float_model(x)
+    assert torch.equal(seen[-1], float_seen[-1])
+
+
+class Aux(nn.Module):
+    """In training mode the encoder's output is also read after the decoder (as MONAI's SegResNetVAE does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv3d(2, 8, 3, padding=1)
+        self.dec = nn.Conv3d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.enc(x))
+        y = self.dec(h)
+        return y + h.mean() if self.training else y
+
+
+def test_train_mode_is_part_of_the_setting():
+    model = quantized(net=Aux())
+    reference = copy.deepcopy(model)
+    in_place.uninstall(reference)
+    x = data(1, seed=6)[0]
+    with torch.no_grad():
+        model(x)
+        assert "dec" in planned_layers(model)
+        model.train(), reference.train()
+        assert torch.equal(model(x), reference(x))
+
+
+class Alias(nn.Module):
+    """Reads its intermediate through a NumPy view after the conv: no Python reference, the same storage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv3d(2, 8, 3, padding=1)
+        self.b = nn.Conv3d(8, 2, 1)
+        self.alias = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        if self.alias:
+            view = h.detach().numpy()
+            return self.b(h) + float(view.mean())
+        return self.b(h)
+
+
+def test_a_tensor_aliased_without_a_reference_is_not_overwritten():
+    model = quantized(net=Alias())
+    reference = copy.deepcopy(model)
+    in_place.uninstall(reference)
+    x = data(1, seed=10)[0]
+    with torch.no_grad():
+        model(x)
+        assert "b" in planned_layers(model)
+        model.alias = reference.alias = True  # a plain attribute: the setting does not see it
+        assert torch.equal(model(x), reference(x))
+
+
+def test_an_interrupted_trace_leaves_no_mode_behind():
+    from torch.overrides import _get_current_function_mode_stack
+
+    model = quantized()
+
+    def interrupt(module: nn.Module, args: tuple) -> None:
+        raise KeyboardInterrupt  # a BaseException: torch's always-called hooks do not run
+
+    handle = model.fuse.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        model(data(1)[0])
+    handle.remove()
+    assert in_place.active_trace() is None and not _get_current_function_mode_stack()
+    with torch.no_grad():
+        model(data(1)[0])
+    assert planned_layers(model) == PLANNED
