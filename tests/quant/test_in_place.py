@@ -9,6 +9,7 @@ The compiled kernel's cases are slow (a compilation per spec on a small CPU).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -329,16 +330,21 @@ class Aux(nn.Module):
         return y + h.mean() if self.training else y
 
 
-def test_train_mode_is_part_of_the_setting():
-    model = quantized(net=Aux())
+def check_after_a_change(net: nn.Module, layer: str, change: Callable[[nn.Module], object]) -> None:
+    """Plan ``layer`` on a traced forward, ``change`` the model (and a copying twin), then both compute the same."""
+    model = quantized(net=net)
     reference = copy.deepcopy(model)
     in_place.uninstall(reference)
     x = data(1, seed=6)[0]
     with torch.no_grad():
         model(x)
-        assert "dec" in planned_layers(model)
-        model.train(), reference.train()
+        assert layer in planned_layers(model)
+        change(model), change(reference)
         assert torch.equal(model(x), reference(x))
+
+
+def test_train_mode_is_part_of_the_setting():
+    check_after_a_change(Aux(), "dec", lambda m: m.train())
 
 
 class Alias(nn.Module):
@@ -359,15 +365,7 @@ class Alias(nn.Module):
 
 
 def test_a_tensor_aliased_without_a_reference_is_not_overwritten():
-    model = quantized(net=Alias())
-    reference = copy.deepcopy(model)
-    in_place.uninstall(reference)
-    x = data(1, seed=10)[0]
-    with torch.no_grad():
-        model(x)
-        assert "b" in planned_layers(model)
-        model.alias = reference.alias = True  # a plain attribute: the setting does not see it
-        assert torch.equal(model(x), reference(x))
+    check_after_a_change(Alias(), "b", lambda m: setattr(m, "alias", True))  # a plain attribute: not in the setting
 
 
 def test_an_interrupted_trace_leaves_no_mode_behind():
