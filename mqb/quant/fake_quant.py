@@ -50,12 +50,19 @@ def symmetric_scales(amax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor,
 
 
 def fake_quant_scaled(
-    x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, reciprocal: torch.Tensor | None
+    x: torch.Tensor,
+    spec: QuantSpec,
+    scale: torch.Tensor,
+    reciprocal: torch.Tensor | None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric fake quantization with the scales of :func:`symmetric_scales` (the format's codec)."""
+    """Symmetric fake quantization with the scales of :func:`symmetric_scales` (the format's codec); ``out``: the
+    tensor to write into (``x`` itself), for a codec that takes it (:attr:`mqb.quant.formats.Format.in_place`)."""
     quantize = FORMATS[spec.format].quantize_scaled
     assert quantize is not None
-    return quantize(x, spec, scale, reciprocal)
+    if out is None:
+        return quantize(x, spec, scale, reciprocal)
+    return quantize(x, spec, scale, reciprocal, out=out)  # type: ignore[call-arg]
 
 
 def fake_quant_symmetric(x: torch.Tensor, amax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -116,15 +123,12 @@ def quantize_dequantize(
     """
     if kernel != "eager" and choose_kernel(kernel, spec, x) == "compiled":
         return _run_compiled(x, spec, axis, amax, lo, hi, in_place=in_place)
-    if in_place and _eager_grouped_in_place(x, spec):
+    form = _eager_in_place_form(x, spec) if in_place else None
+    if form == "blocks":
         return x.copy_(_fake_quant_grouped(x, spec, axis))  # no copy of x beside the blocks and the result
-    if in_place and _eager_in_place(x, spec):
-        if amax is None:
-            amax = absmax(x, spec.granularity, axis)
-        scale, reciprocal = symmetric_scales(amax, spec)
-        quantize = FORMATS[spec.format].quantize_scaled
-        assert quantize is not None
-        return quantize(x, spec, scale, reciprocal, out=x)  # type: ignore[call-arg]
+    if form == "scaled":
+        amax = absmax(x, spec.granularity, axis) if amax is None else amax
+        return fake_quant_scaled(x, spec, *symmetric_scales(amax, spec), out=x)
     return _quantize_dequantize_eager(x, spec, axis, amax, lo, hi)
 
 
@@ -136,28 +140,15 @@ def _fake_quant_grouped(xf: torch.Tensor, spec: QuantSpec, axis: int | None) -> 
     return apply_in_groups(xf, group_axis, int(spec.group_size), lambda b: _fake_quant_blocks(b, spec, tensor_amax))
 
 
-def _eager_grouped_in_place(x: torch.Tensor, spec: QuantSpec) -> bool:
-    """Whether a grouped (block) fake quantization can be copied back into ``x``: float32, dense, no gradient."""
-    return (
-        GRANULARITIES[spec.granularity].grouped
-        and x.dtype == torch.float32
-        and x.is_contiguous()
-        and not (x.requires_grad and torch.is_grad_enabled())
-    )
-
-
-def _eager_in_place(x: torch.Tensor, spec: QuantSpec) -> bool:
-    """Whether the eager codec can overwrite ``x`` with its fake quantization: a symmetric per-element-scaled
-    format whose codec takes ``out=`` (:attr:`mqb.quant.formats.Format.in_place`), on a float32 tensor that needs
-    no gradient."""
-    fmt = FORMATS[spec.format]
-    return (
-        fmt.in_place
-        and spec.symmetric
-        and not GRANULARITIES[spec.granularity].grouped
-        and x.dtype == torch.float32
-        and not (x.requires_grad and torch.is_grad_enabled())
-    )
+def _eager_in_place_form(x: torch.Tensor, spec: QuantSpec) -> str | None:
+    """How the eager path can write its fake quantization into ``x`` (float32, needing no gradient): ``blocks``
+    (a grouped spec on a dense ``x``: the block result copied back), ``scaled`` (a symmetric per-element-scaled
+    format whose codec takes ``out=``, :attr:`mqb.quant.formats.Format.in_place`), or ``None``."""
+    if x.dtype != torch.float32 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if GRANULARITIES[spec.granularity].grouped:
+        return "blocks" if x.is_contiguous() else None
+    return "scaled" if FORMATS[spec.format].in_place and spec.symmetric else None
 
 
 def _quantize_dequantize_eager(
@@ -286,10 +277,10 @@ def _compiled_for(
     lo: torch.Tensor | None,
     hi: torch.Tensor | None,
     in_place: bool = False,
+    scaled: bool = False,
 ) -> tuple[tuple, Callable[..., torch.Tensor] | None]:
     """(key, the compiled fake quantization of one (spec, axis, input signature, in place or not)), made on first
     use; ``None`` where that key hit the recompilation limit."""
-    scaled = _scales_outside(spec, amax)
     key = (spec, axis, x.device.type, _signature(x), _group_signature(x, spec, axis))
     key += (_signature(amax), _signature(lo), _signature(hi), in_place, scaled)
     if key in _COMPILED:
@@ -354,14 +345,13 @@ def _run_compiled(
     # not only this tensor. In place only where x has that layout.
     strides = _eager_strides(x, spec, axis, amax, lo, hi)
     in_place = in_place and x.stride() == strides and not x.requires_grad
-    key, fn = _compiled_for(spec, axis, x, amax, lo, hi, in_place)
+    scaled = _scales_outside(spec, amax)
+    key, fn = _compiled_for(spec, axis, x, amax, lo, hi, in_place, scaled)
     if fn is None:
         return _quantize_dequantize_eager(x, spec, axis, amax, lo, hi)
     try:
         # x detached: dynamo keeps the shapes of nn.Parameters static, which would compile once per weight shape
-        args: tuple[torch.Tensor | None, ...] = (amax, lo, hi)
-        if _scales_outside(spec, amax):
-            args = (*symmetric_scales(amax, spec), None)  # type: ignore[arg-type]
+        args: tuple[torch.Tensor | None, ...] = (*symmetric_scales(amax, spec), None) if scaled else (amax, lo, hi)  # type: ignore[arg-type]
         if in_place:
             fn(x, *args)
             return x

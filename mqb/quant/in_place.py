@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack, _pop_mode, _push_mode
 
+from mqb.quant.live import LiveTensors
+
 if TYPE_CHECKING:
     from mqb.quant.quantizer import TensorQuantizer
 
@@ -185,7 +187,7 @@ class _UseTrace(TorchFunctionMode):
         self.state, self.frame = state, frame
         self.seq = 0
         self.serials = 0
-        self.made: dict[int, tuple[weakref.ref, int]] = {}  # id -> (ref, serial) of each tensor made
+        self.made: LiveTensors[int] = LiveTensors()  # the serial of each tensor made
         self.storages: dict[int, tuple[weakref.ref, int | None]] = {}  # storage address -> (owner, its serial)
         self.aliased: set[int] = set()
         self.last_read: dict[int, int] = {}  # serial -> seq of its last read
@@ -194,8 +196,7 @@ class _UseTrace(TorchFunctionMode):
         self.consumed: list[tuple[TensorQuantizer, int | None, int, tuple[int, int]]] = []
 
     def serial(self, t: torch.Tensor) -> int | None:
-        entry = self.made.get(id(t))
-        return entry[1] if entry is not None and entry[0]() is t else None
+        return self.made.get(t)
 
     def _see_storage(self, t: torch.Tensor, serial: int | None) -> None:
         address = _storage(t)
@@ -215,7 +216,7 @@ class _UseTrace(TorchFunctionMode):
     def _make(self, t: torch.Tensor) -> None:
         self.serials += 1
         serial = self.serials
-        self.made[id(t)] = (weakref.ref(t), serial)
+        self.made.set(t, serial)
         self.refs[serial] = weakref.ref(t)
         if t._base is not None:
             self.aliased.add(serial)

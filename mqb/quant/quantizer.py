@@ -39,6 +39,7 @@ from mqb.quant.fake_quant import (
 )
 from mqb.quant.granularity import normalize_axis
 from mqb.quant.in_place import active_trace, input_refs, may_overwrite
+from mqb.quant.live import tensor_version
 from mqb.quant.observers import Observer, make_observer
 from mqb.quant.spec import QuantSpec
 
@@ -243,14 +244,6 @@ class TensorQuantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _version(t: torch.Tensor) -> int:
-    """``t._version``, or -1 for an inference tensor (it keeps no version counter)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
 class WeightQuantizer(TensorQuantizer):
     """A :class:`TensorQuantizer` for a parameter: ranges come from the weight itself and are recomputed when the
     parameter changes (in place or by reassignment), unless ``range_frozen``.
@@ -289,7 +282,7 @@ class WeightQuantizer(TensorQuantizer):
     def _scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         amax = self.amax
         assert amax is not None
-        range_key = (id(amax), amax.data_ptr(), _version(amax))
+        range_key = (id(amax), amax.data_ptr(), tensor_version(amax))
         if self._cache is None or self._cache[0] != range_key:
             self._cache = (range_key, *symmetric_scales(amax, self.spec))
         return self._cache[1], self._cache[2]

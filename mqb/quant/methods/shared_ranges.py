@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,26 +31,17 @@ from torch.overrides import TorchFunctionMode
 
 from mqb.quant.api import default_forward, inference_state
 from mqb.quant.layers import QuantLayer
+from mqb.quant.live import LiveTensors, tensor_version
 from mqb.quant.methods.base import InputRanges, MethodReport, PTQMethod
 from mqb.quant.output import OUTPUT_QUANTIZER, attach_output_quantizer, make_output_quantizer
 
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
-def _version(t: torch.Tensor) -> int:
-    """How often ``t`` was written in place (-1 for an inference-mode tensor, which keeps no count: its values then
-    follow the tensor object)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
-
-
 class _TensorTokens:
     """Token sets per live tensor: a fresh token for a new tensor, the union of its inputs' tokens for a cat.
 
-    Keyed by ``id`` with a weak reference to check the entry is still that tensor (an id is reused once a tensor
-    is freed; ``WeakKeyDictionary`` would compare tensors with ``==``, which is element-wise).
+    Kept in :class:`mqb.quant.live.LiveTensors`.
 
     Two keys per tensor. Its *tokens* follow the tensor object, written in place or not: they group the quantizers
     that share a range (as before in-place writes were told apart, so shared ranges are unchanged). Its *values*
@@ -60,36 +50,35 @@ class _TensorTokens:
     an output quantizer belongs where the value its readers read was produced, not where the storage was."""
 
     def __init__(self) -> None:
-        self.entries: dict[int, tuple[weakref.ref, frozenset[int]]] = {}
-        self.value_entries: dict[int, tuple[weakref.ref, int, frozenset[int]]] = {}
+        self.entries: LiveTensors[frozenset[int]] = LiveTensors()
+        self.value_entries: LiveTensors[tuple[int, frozenset[int]]] = LiveTensors()
         self.counter = itertools.count()
 
     def known(self, t: torch.Tensor) -> bool:
-        entry = self.entries.get(id(t))
-        return entry is not None and entry[0]() is t
+        return self.entries.get(t) is not None
 
     def of(self, t: torch.Tensor) -> frozenset[int]:
-        if self.known(t):
-            return self.entries[id(t)][1]
-        return self.set(t, frozenset({next(self.counter)}))
+        tokens = self.entries.get(t)
+        return tokens if tokens is not None else self.set(t, frozenset({next(self.counter)}))
 
     def set(self, t: torch.Tensor, tokens: frozenset[int]) -> frozenset[int]:
-        self.entries[id(t)] = (weakref.ref(t), tokens)
-        return tokens
+        return self.entries.set(t, tokens)
+
+    def _current_values(self, t: torch.Tensor) -> frozenset[int] | None:
+        entry = self.value_entries.get(t)
+        return entry[1] if entry is not None and entry[0] == tensor_version(t) else None
 
     def value_known(self, t: torch.Tensor) -> bool:
         """Whether ``t`` was seen holding what it holds now (not written in place since)."""
-        entry = self.value_entries.get(id(t))
-        return entry is not None and entry[0]() is t and entry[1] == _version(t)
+        return self._current_values(t) is not None
 
     def values(self, t: torch.Tensor) -> frozenset[int]:
         """The values ``t`` holds now: a fresh one for a new or since rewritten tensor, its inputs' for a cat."""
-        if self.value_known(t):
-            return self.value_entries[id(t)][2]
-        return self.set_values(t, frozenset({next(self.counter)}))
+        values = self._current_values(t)
+        return values if values is not None else self.set_values(t, frozenset({next(self.counter)}))
 
     def set_values(self, t: torch.Tensor, values: frozenset[int]) -> frozenset[int]:
-        self.value_entries[id(t)] = (weakref.ref(t), _version(t), values)
+        self.value_entries.set(t, (tensor_version(t), values))
         return values
 
 
