@@ -298,18 +298,16 @@ def _setting(root: nn.Module) -> tuple | None:
 
     module = nn.modules.module
     parts: list[Any] = [tuple(module._global_forward_hooks), tuple(module._global_forward_pre_hooks)]
-    for m in root.modules():
+    for m in root.modules():  # every forward of the root: one tuple per module, from its __dict__ (~0.5 ms / 500)
         if isinstance(m, torch.jit.ScriptModule):
             return None
-        hooks = (tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
-        parts.append((type(m), hooks, m.training, id(m.__dict__.get("forward"))))
+        d = m.__dict__
         if isinstance(m, TensorQuantizer):
-            parts.append(m.mode)  # (its range buffers are data, set at the first forward for weights)
+            state: Any = d["mode"]  # (its range buffers are data, set at the first forward for weights)
         else:
-            parts.append(tuple(k for k, v in m._buffers.items() if v is not None))
-        enabled = m.__dict__.get("quantizers_enabled")
-        if enabled is not None:
-            parts.append(enabled)
+            state = tuple(k for k, v in d["_buffers"].items() if v is not None)
+        parts.append((type(m), tuple(d["_forward_hooks"]), tuple(d["_forward_pre_hooks"]), d["training"],
+                      id(d.get("forward")), state, d.get("quantizers_enabled")))  # fmt: skip
     return tuple(parts)
 
 
