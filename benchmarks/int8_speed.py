@@ -37,7 +37,9 @@ output, then quantized again by the conv after the LeakyReLU; placement v1, befo
 ``SharedInputRanges(in_place_writers=True)``), in the same rounds, with its ``vs_nncf`` next to the current one.
 
 Sizes: the serialized ONNX files and their initializer bytes (weights), FP32 vs INT8. Agreement: Dice of the
-argmax of mqb's fake-quantized prediction and of each INT8 runtime on a third phantom (target >= 0.99).
+argmax of mqb's fake-quantized prediction and of each INT8 runtime on a third phantom (target >= 0.99), next to the
+rounding floor of each fake-quantized network: the same fake quantization computed in float64 against float32
+(:func:`mqb.deploy.agreement.float64_twin`), how far two exact computations of that INT8 network are apart.
 Targets (issue): INT8 >= 3.0x faster than OpenVINO FP32 (f32 hint), weights >= 3.9x smaller.
 
 Last line: ``int8_speedup=<x> size_ratio=<y> runtime=openvino config=... model=... file_ratio=<z> [vs_nncf=<r>]``:
@@ -65,7 +67,7 @@ from hydra.utils import instantiate
 from mqb.checkpoints import load_weights
 from mqb.config import compose_eval
 from mqb.data.synthetic import make_phantom
-from mqb.deploy.agreement import logit_agreement, prediction_dice
+from mqb.deploy.agreement import float64_twin, logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
 from mqb.deploy.isa import int8_isa, recipe_for_cpu
 from mqb.deploy.layer_precision import openvino_nodes, runtime_report
@@ -244,17 +246,30 @@ def measure(
         f"INT8 file holds {int8.initializer_bytes})",
         flush=True,
     )
-    agree = []
+
+    def agreement(reference: np.ndarray, out: np.ndarray) -> str:
+        dice, steps = prediction_dice(reference, out), logit_agreement(reference, out)
+        return f"{dice['dice']:.4f} ({100 * steps['within_one_step']:.1f}%, voxels {dice['voxel_agreement']:.4f})"
+
+    agree, references, floors = [], {}, {}
     for k, fake_quant in quantized.items():
-        with torch.no_grad():
-            reference = fake_quant(x).numpy()
-        out = runtimes[k](xn)
-        steps = logit_agreement(reference, out)
-        agree.append(f"{k} {prediction_dice(reference, out)['dice']:.4f} ({100 * steps['within_one_step']:.1f}%)")
+        if id(fake_quant) not in references:  # each fake-quant network once, with its rounding floor
+            with torch.no_grad():
+                references[id(fake_quant)] = fake_quant(x).numpy()
+                twin = float64_twin(fake_quant)(x.double()).float().numpy()
+            floors[k] = agreement(references[id(fake_quant)], twin)
+        agree.append(f"{k} {agreement(references[id(fake_quant)], runtimes[k](xn))}")
     fp32_dice = prediction_dice(net(x).detach().numpy(), runtimes["ov_fp32"](xn))["dice"]
     print(
-        f"{model} agreement, {weights} weights (argmax Dice vs mqb fake-quant, and % of logits within one INT8 step "
-        "of max|logit|/127): " + ", ".join(agree) + f"; FP32 torch vs ov_fp32 {fp32_dice:.4f}",
+        f"{model} agreement, {weights} weights (argmax Dice vs mqb fake-quant, % of logits within one INT8 step "
+        "of max|logit|/127, fraction of voxels with the same label): "
+        + ", ".join(agree)
+        + f"; FP32 torch vs ov_fp32 {fp32_dice:.4f}",
+        flush=True,
+    )
+    print(
+        f"{model} rounding floor (mqb fake-quant in float64 vs float32, mqb.deploy.agreement): "
+        + ", ".join(f"{k}'s network {v}" for k, v in floors.items()),
         flush=True,
     )
     graphs = {}

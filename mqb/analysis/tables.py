@@ -670,6 +670,14 @@ def deploy_markdown(record: dict[str, Any]) -> str:
         rows.append(cells)
     if names:
         lines += [markdown_table(cols, rows)]
+    from mqb.deploy.agreement import ROUNDING_FLOOR
+
+    floor = agree.get(ROUNDING_FLOOR, {}).get("dice")
+    if floor is not None:
+        lines += [f"Rounding floor: mqb's fake quantization in float64 agrees with the float32 one at Dice {floor:.4f} "
+                  "(how far two exact computations of this INT8 network are apart: rounding at grid boundaries). "
+                  "An INT8 runtime near it deviates by arithmetic rounding only; one well below it computes "
+                  "something else.", ""]  # fmt: skip
     for rep in record.get("layer_reports", {}).values():
         lines.append(runtime_report_markdown(rep))
     return head + "\n".join(lines) + "\n"

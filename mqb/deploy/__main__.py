@@ -320,15 +320,22 @@ def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out:
 def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: int, overlap: float,
               device: torch.device | str = "cpu") -> dict:  # fmt: skip
     """Dice of argmax predictions: mqb fake-quant vs INT8 runtimes, torch FP32 vs FP32 runtimes, per test volume;
-    the two torch references run on ``device`` (the networks are moved there)."""
+    the two torch references run on ``device`` (the networks are moved there). The row ``ROUNDING_FLOOR`` is the
+    fake quantization in float64 against the float32 one: how far apart two exact computations of this INT8 network
+    are (:func:`mqb.deploy.agreement.float64_twin`), the level an INT8 runtime is judged against."""
     import numpy as np
+    import torch
 
-    from mqb.deploy.agreement import logit_agreement, prediction_dice
+    from mqb.deploy.agreement import ROUNDING_FLOOR, float64_twin, logit_agreement, prediction_dice
     from mqb.deploy.profile import sliding_window
     from mqb.deploy.runtimes import TorchRuntime
 
     fake_quant = TorchRuntime(p.quant_net.to(device), "mqb fake-quant")
     float_ref = TorchRuntime(p.float_net.to(device), "torch fp32")
+    # the rounding floor: the same fake quantization in float64 (mqb.deploy.agreement); MPS has no float64
+    floor_device = torch.device(device) if torch.device(device).type != "mps" else torch.device("cpu")
+    floor = TorchRuntime(float64_twin(p.quant_net).to(floor_device), ROUNDING_FLOOR, dtype=torch.float64)
+    runtimes = {**runtimes, ROUNDING_FLOOR: floor}
     per_runtime: dict[str, dict[str, Any]] = {}
     for i, batch in enumerate(p.dm.test_dataloader()):
         if i >= cases:
@@ -342,7 +349,7 @@ def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: 
         for name, runtime in runtimes.items():
             if isinstance(runtime, str):
                 continue
-            kind = "int8" if "int8" in name else "fp32"
+            kind = "int8" if "int8" in name or name == ROUNDING_FLOOR else "fp32"
             pred = sliding_window(runtime, image, p.roi, **kwargs).numpy()
             row = per_runtime.setdefault(runtime.name, {"reference": "mqb fake-quant" if kind == "int8" else
                                                         "torch fp32", "precision": runtime.precision,

@@ -5,6 +5,15 @@
   >= 0.99 at W8A8.
 * :func:`logit_agreement`: how close the logits are, in quantization steps of an INT8 grid over the reference's
   range (``max|y| / 127``): the fraction of voxels within one step and the largest difference.
+* :func:`float64_twin`: the *rounding floor* of both. A quantized network rounds every activation to its grid, so a
+  value that lands near a rounding boundary (k + 1/2 steps) moves a whole step when any arithmetic changes by one
+  float32 ulp, and the step travels on through the later layers. Two exact implementations of the same INT8 network
+  (mqb's float32 fake quantization, ONNX Runtime's int32 arithmetic) therefore differ at a few voxels whatever is
+  deployed, and by how much depends on the network: a network whose logits are near ties at many voxels (early in
+  training) differs more. The floor measures that for the network at hand: mqb's fake quantization computed again in
+  float64 (same calibrated ranges), compared with the float32 one. A runtime that agrees with the float32
+  reference about as well as the float64 twin does has no deployment error beyond arithmetic rounding; one well
+  below it has (a saturating INT8 dot product, a wrong scale or zero point, a layer run differently).
 """
 
 from __future__ import annotations
@@ -54,6 +63,18 @@ def prediction_dice(
         "voxel_agreement": float((ref == cand).float().mean()),
         "classes_present": int(present.any(0).sum()),
     }
+
+
+#: The agreement row (``mqb.deploy compare``) of mqb's fake quantization recomputed in float64: the rounding floor.
+ROUNDING_FLOOR = "mqb fake-quant float64"
+
+
+def float64_twin(model: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``model`` (weights, buffers and calibrated quantizer ranges converted, scales recomputed in
+    float64) for the rounding floor (module docstring); ``model`` itself is unchanged. Run it on float64 input."""
+    import copy
+
+    return copy.deepcopy(model).double().eval()
 
 
 def logit_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:

@@ -151,6 +151,9 @@ def test_cli_export_profile_compare(tmp_path: Path) -> None:
         if command == "compare":
             for name, row in record["agreement"].items():
                 assert row["dice"] >= 0.9, name
+            floor = record["agreement"]["mqb fake-quant float64"]  # the rounding floor, against the fake quant
+            assert floor["reference"] == "mqb fake-quant" and floor["precision"] == "float64"
+            assert "Rounding floor: " in (out / "deploy.md").read_text()
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mqb.analysis.tables import runtime_report_markdown as report_markdown
-from mqb.deploy.agreement import logit_agreement, prediction_dice
+from mqb.deploy.agreement import float64_twin, logit_agreement, prediction_dice
 from mqb.deploy.export import export_onnx
 from mqb.deploy.layer_precision import ort_nodes, runtime_report
 from mqb.deploy.runtimes import (
@@ -111,6 +111,27 @@ def test_agreement_dice_by_hand() -> None:
     step = np.abs(logits).max() / 127
     shifted = logit_agreement(logits, logits + 0.5 * step)
     assert shifted["within_one_step"] == 1.0 and shifted["max_steps"] == pytest.approx(0.5, rel=1e-3)
+
+
+def test_float64_twin_is_the_same_quantized_network_in_float64() -> None:
+    """The rounding floor's twin: every tensor in float64, the original untouched, and converting the twin back to
+    float32 gives the original's output to the bit (the calibrated ranges survive the round trip exactly); in
+    float64 the output moves by float32 rounding only (far below one INT8 step of the output)."""
+    net = deployable(small_net())
+    x = volume(3)
+    with torch.no_grad():
+        before = net(x)
+        twin = float64_twin(net)
+        assert all(t.dtype == torch.float32 for t in [*net.parameters(), *net.buffers()] if t.is_floating_point())
+        assert all(t.dtype == torch.float64 for t in [*twin.parameters(), *twin.buffers()] if t.is_floating_point())
+        assert torch.equal(net(x), before)
+        exact = twin(x.double())
+        assert exact.dtype == torch.float64
+        assert torch.equal(float64_twin(twin).float()(x), before)
+    step = before.abs().max() / 127
+    diff = (exact - before.double()).abs()
+    assert diff.max() <= 2 * step  # a rounding flip moves a value by one step of its layer, not more
+    assert (diff <= 1e-5 * step).float().mean() > 0.99  # nearly all equal up to float32 rounding
 
 
 # -- OpenVINO ------------------------------------------------------------------------------------------------
