@@ -676,7 +676,7 @@ def deploy_markdown(record: dict[str, Any]) -> str:
     if floor is not None:
         lines += [f"Rounding floor: mqb's fake quantization in float64 agrees with the float32 one at Dice {floor:.4f} "
                   "(how far two exact computations of this INT8 network are apart: rounding at grid boundaries). "
-                  "An INT8 runtime near it deviates by arithmetic rounding only; one well below it computes "
+                  "An INT8 runtime in its range deviates by its own rounding; one far below it computes "
                   "something else.", ""]  # fmt: skip
     for rep in record.get("layer_reports", {}).values():
         lines.append(runtime_report_markdown(rep))

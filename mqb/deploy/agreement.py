@@ -11,9 +11,10 @@
   (mqb's float32 fake quantization, ONNX Runtime's int32 arithmetic) therefore differ at a few voxels whatever is
   deployed, and by how much depends on the network: a network whose logits are near ties at many voxels (early in
   training) differs more. The floor measures that for the network at hand: mqb's fake quantization computed again in
-  float64 (same calibrated ranges), compared with the float32 one. A runtime that agrees with the float32
-  reference about as well as the float64 twin does has no deployment error beyond arithmetic rounding; one well
-  below it has (a saturating INT8 dot product, a wrong scale or zero point, a layer run differently).
+  float64 (same calibrated ranges), compared with the float32 one. A runtime's own summation order (blocked
+  layouts, fused bias, int32 accumulation) perturbs more than float64 does, so an exact runtime lands somewhat
+  below the floor but in its range; a saturating INT8 dot product, a wrong scale or zero point, or a layer run
+  differently lands far below it.
 """
 
 from __future__ import annotations
