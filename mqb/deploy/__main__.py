@@ -333,7 +333,8 @@ def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: 
     fake_quant = TorchRuntime(p.quant_net.to(device), "mqb fake-quant")
     float_ref = TorchRuntime(p.float_net.to(device), "torch fp32")
     # the rounding floor: the same fake quantization in float64 (mqb.deploy.agreement); MPS has no float64
-    floor_device = torch.device(device) if torch.device(device).type != "mps" else torch.device("cpu")
+    floor_device = torch.device(device)
+    floor_device = floor_device if floor_device.type != "mps" else torch.device("cpu")
     floor = TorchRuntime(float64_twin(p.quant_net).to(floor_device), ROUNDING_FLOOR, dtype=torch.float64)
     runtimes = {**runtimes, ROUNDING_FLOOR: floor}
     per_runtime: dict[str, dict[str, Any]] = {}
