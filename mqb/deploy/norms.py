@@ -1,0 +1,154 @@
+"""Instance / group normalization that a runtime computes as accurately as torch: mean and variance reduced one
+axis at a time.
+
+ONNX ``InstanceNormalization`` (also what the exporter writes for ``GroupNorm``: a reshape to ``[N, G, L]``,
+the op, a reshape back) normalizes each channel over its whole volume:
+
+.. math::
+
+    y = \\frac{x - \\mu}{\\sqrt{\\sigma^2 + \\epsilon}}\\,\\gamma + \\beta,\\qquad
+    \\mu = \\frac{1}{L}\\sum_i x_i,\\qquad \\sigma^2 = \\frac{1}{L}\\sum_i (x_i - \\mu)^2
+
+(Ulyanov et al. 2016, *Instance Normalization*, eq. 2; ONNX operator spec). ONNX Runtime's CPU kernel sums the
+``L = D·H·W`` terms of a channel in one float32 pass: at 96³ (884 736 voxels) its output is off by 5.9e-5 where
+torch's is off by 8e-7 (max error against float64, one ``InstanceNorm3d``), and a trained nnU-Net's FP32 output by
+3.6e-3 of its largest logit where torch's is off by 5e-7. After INT8 quantization that moves activations across
+rounding boundaries: the deployed network agreed with mqb's fake quantization less than two exact computations of
+the same network do (:func:`mqb.deploy.agreement.float64_twin`).
+
+:func:`axiswise_norms` rewrites every ``InstanceNormalization`` node into the same formula with each sum taken
+over one axis at a time (``ReduceMean`` over W, then H, then D: sums of at most ``max(D, H, W)`` terms), which ONNX
+Runtime computes with torch's accuracy. A ``[N, G, L]`` input (a group norm) is viewed as ``[N, G, a, b, c]``
+first, ``a·b·c = L`` with each factor near ``L^(1/3)`` (:func:`volume_view`). The values are the formula's, so the
+rewrite changes an output by float32 rounding only, and costs ONNX Runtime no measurable time on an INT8 nnU-Net at
+96³ (1.85 s either way on a 2-core AVX-512 VNNI EPYC).
+
+Not for OpenVINO: it fuses the plain op into its MVN kernel, which reads INT8 from a quantized convolution, and
+the rewritten form runs 20-25 % slower there and is not more accurate in the whole network (its reductions are
+merged back into one).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+
+def _shapes(model: Any) -> dict[str, tuple[list[int | None], int]]:
+    """name -> (dims, ``None`` where symbolic; ONNX element type) of every tensor whose shape ONNX shape inference
+    knows."""
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes: dict[str, tuple[list[int | None], int]] = {}
+    for info in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        tensor = info.type.tensor_type
+        if tensor.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            shapes[info.name] = (dims, tensor.elem_type)
+    return shapes
+
+
+def volume_view(length: int) -> tuple[int, int, int] | None:
+    """``(a, b, c)`` with ``a·b·c == length``: ``c`` the largest divisor of ``length`` not above its cube root,
+    ``b`` the largest divisor of ``length / c`` not above its square root; ``None`` where ``length`` is prime (no
+    view shortens the sums)."""
+
+    def largest_divisor_up_to(n: int, bound: int) -> int:
+        return next(d for d in range(max(bound, 1), 0, -1) if n % d == 0)
+
+    cube_root = round(length ** (1 / 3))
+    cube_root -= cube_root**3 > length
+    c = largest_divisor_up_to(length, cube_root)
+    b = largest_divisor_up_to(length // c, math.isqrt(length // c))
+    return None if b == c == 1 else (length // (b * c), b, c)
+
+
+def _opset(model: Any) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+class _Nodes:
+    """The nodes and constants replacing one norm, named ``<norm>/<suffix>``."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        self.graph, self.name, self.opset, self.nodes = model.graph, name, _opset(model), []
+
+    def const(self, suffix: str, value: np.ndarray) -> str:
+        from onnx import numpy_helper
+
+        tensor = numpy_helper.from_array(value, f"{self.name}/{suffix}")
+        self.graph.initializer.append(tensor)
+        return tensor.name
+
+    def op(self, kind: str, inputs: list[str], suffix: str, out: str | None = None, **attrs: Any) -> str:
+        from onnx import helper
+
+        out = out or f"{self.name}/{suffix}"
+        self.nodes.append(helper.make_node(kind, inputs, [out], name=f"{self.name}/{suffix}", **attrs))
+        return out
+
+    def mean(self, x: str, axes: list[int], what: str) -> str:
+        """``ReduceMean`` over each axis in turn (keeping dims)."""
+        for axis in axes:
+            if self.opset >= 18:  # axes became an input in opset 18
+                x = self.op("ReduceMean", [x, self.const(f"{what}_{axis}_axes", np.array([axis], np.int64))],
+                            f"{what}_{axis}", keepdims=1)  # fmt: skip
+            else:
+                x = self.op("ReduceMean", [x], f"{what}_{axis}", axes=[axis], keepdims=1)
+        return x
+
+
+def _axiswise(model: Any, node: Any, dims: list[int | None], elem_type: int) -> list[Any] | None:
+    """The nodes computing ``node`` (an ``InstanceNormalization`` whose input has static ``dims[1:]``) with
+    axis-wise sums, or ``None`` where its input cannot be viewed so."""
+    from onnx import TensorProto
+
+    new = _Nodes(model, node.name or node.output[0])
+    x, rank, grouped = node.input[0], len(dims), len(dims) == 3
+    if grouped:  # [N, G, L] (a group norm): view as [N, G, a, b, c]
+        view = volume_view(int(dims[2]))  # type: ignore[arg-type]
+        if view is None:
+            return None
+        x = new.op("Reshape", [x, new.const("view_shape", np.array([0, 0, *view], np.int64))], "view")
+        rank = 5
+    axes = list(range(rank - 1, 1, -1))
+    centred = new.op("Sub", [x, new.mean(x, axes, "mean")], "centred")
+    variance = new.mean(new.op("Mul", [centred, centred], "square"), axes, "variance")
+    eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+    dtype = np.float16 if elem_type == TensorProto.FLOAT16 else np.float32
+    shifted = new.op("Add", [variance, new.const("epsilon", np.array(eps, dtype))], "variance_eps")
+    inv_std = new.op("Reciprocal", [new.op("Sqrt", [shifted], "std")], "inv_std")
+    per_channel = new.const("per_channel", np.array([-1] + [1] * (rank - 2), np.int64))
+    gain = new.op("Mul", [inv_std, new.op("Reshape", [node.input[1], per_channel], "gamma")], "gain")
+    beta = new.op("Reshape", [node.input[2], per_channel], "beta")
+    y = new.op("Add", [new.op("Mul", [centred, gain], "scaled"), beta], "y", out=None if grouped else node.output[0])
+    if grouped:  # back to [N, G, L]
+        new.op("Reshape", [y, new.op("Shape", [node.input[0]], "shape")], "unview", out=node.output[0])
+    return new.nodes
+
+
+def axiswise_norms(model: Any) -> int:
+    """Rewrite each ``InstanceNormalization`` of an ``onnx.ModelProto`` into mean and variance reduced one axis at
+    a time, in place; returns how many.
+
+    The new nodes are named ``<norm>/...`` (runtime reports find the norm by that prefix) and the output keeps its
+    name. Left as they are: norms whose input size shape inference cannot tell, and ``[N, G, L]`` inputs with ``L``
+    prime.
+    """
+    shapes = _shapes(model)
+    rewritten = 0
+    nodes: list[Any] = []
+    for node in model.graph.node:
+        dims, elem_type = shapes.get(node.input[0], ([], 0)) if node.op_type == "InstanceNormalization" else ([], 0)
+        spatial = dims[2:]
+        new = None
+        if len(dims) >= 3 and None not in spatial:
+            new = _axiswise(model, node, dims, elem_type)
+        nodes.extend(new or [node])
+        rewritten += new is not None
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return rewritten
