@@ -678,6 +678,12 @@ def deploy_markdown(record: dict[str, Any]) -> str:
                   "(how far two exact computations of this INT8 network are apart: rounding at grid boundaries). "
                   "An INT8 runtime in its range deviates by its own rounding; one far below it computes "
                   "something else.", ""]  # fmt: skip
+    rewrites = {name: entry["graph_rewrites"] for name, entry in {**agree, **profile}.items()
+                if entry.get("graph_rewrites")}  # fmt: skip
+    if rewrites:  # what a runtime ran differs in form (not in value) from the file: say so, to do the same outside
+        forms = "; ".join(f"{name}: " + ", ".join(f"{k} x{v}" for k, v in rw.items()) for name, rw in rewrites.items())
+        lines += [f"Graph forms run (loaded-graph rewrites, the files unchanged; mqb.deploy.runtimes / "
+                  f"mqb.deploy.norms): {forms}.", ""]  # fmt: skip
     for rep in record.get("layer_reports", {}).values():
         lines.append(runtime_report_markdown(rep))
     return head + "\n".join(lines) + "\n"

@@ -269,6 +269,7 @@ def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, settin
             "patch_latency": timed[name],
             "throughput": throughput(timed[name]["median_s"], patch.shape),
             "versions": runtime.versions(),
+            "graph_rewrites": getattr(runtime, "graph_rewrites", {}),
         }
         try:
             prof["memory"] = isolated_memory(runtime.spec, tuple(patch.shape))
@@ -354,6 +355,7 @@ def agreement(p: Prepared, runtimes: dict[str, Any], cases: int, sw_batch_size: 
             pred = sliding_window(runtime, image, p.roi, **kwargs).numpy()
             row = per_runtime.setdefault(runtime.name, {"reference": "mqb fake-quant" if kind == "int8" else
                                                         "torch fp32", "precision": runtime.precision,
+                                                        "graph_rewrites": getattr(runtime, "graph_rewrites", {}),
                                                         "cases": []})  # fmt: skip
             case = prediction_dice(refs[kind], pred)
             if tuple(patch.shape[2:]) == p.roi:

@@ -123,6 +123,11 @@ class OrtRuntime:
         self.spec: dict[str, Any] = {"kind": "onnxruntime", "path": str(self.path), "threads": threads, "name": name,
                                      "axiswise_norms": axiswise_norms}  # fmt: skip
 
+    @property
+    def graph_rewrites(self) -> dict[str, int]:
+        """What was rewritten in the loaded graph before the session was built (the file is not changed)."""
+        return {"axiswise_norms": self.norms_rewritten} if self.norms_rewritten else {}
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
@@ -535,6 +540,9 @@ class OpenVINORuntime:
         #: ``int8+<float precision>`` for a QDQ model (INT8 layers, the rest in the float precision)
         self.precision = f"int8+{self.float_precision}" if quantized else self.float_precision
         self.name = name or f"openvino-cpu-{self.precision}"
+        #: what was rewritten in the loaded graph before compiling (the file is not changed)
+        self.graph_rewrites = {k: v for k, v in (("fake_quantize_form", self.fake_quantized),
+                                                 ("narrow_fake_quantize", self.folded_clips)) if v}  # fmt: skip
         self.spec = {
             "kind": "openvino",
             "path": str(self.path),

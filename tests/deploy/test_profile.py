@@ -154,6 +154,11 @@ def test_cli_export_profile_compare(tmp_path: Path) -> None:
             floor = record["agreement"]["mqb fake-quant float64"]  # the rounding floor, against the fake quant
             assert floor["reference"] == "mqb fake-quant" and floor["precision"] == "float64"
             assert "Rounding floor: " in (out / "deploy.md").read_text()
+            assert record["agreement"]["onnxruntime int8"]["graph_rewrites"] == {}  # batch norm: no norm to rewrite
+            ov = record["agreement"].get("openvino int8", {}).get("graph_rewrites", {})
+            if ov:  # OpenVINO ran the Q/DQ pairs in NNCF's FakeQuantize form: deploy.md says so, to do the same
+                md = (out / "deploy.md").read_text()
+                assert f"openvino int8: fake_quantize_form x{ov['fake_quantize_form']}" in md
 
 
 @pytest.mark.slow
