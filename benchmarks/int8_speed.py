@@ -8,7 +8,8 @@ Each is quantized W8A8 with mqb (INT8 per-channel weights, per-tensor static act
 synthetic CT phantoms, and exported by ``mqb.deploy.export_onnx`` with mqb's own scales. Runtimes, timed round by
 round (median of ``--rounds`` after one warm-up):
 
-* ``ort_fp32`` / ``ort_int8``: ONNX Runtime CPU EP on the FP32 / QDQ ONNX;
+* ``ort_fp32`` / ``ort_int8``: ONNX Runtime CPU EP on the FP32 / QDQ ONNX (instance norms with axis-wise
+  reductions, :mod:`mqb.deploy.norms`: its fused kernel's float32 sum over a whole volume is not torch's accuracy);
 * ``ov_fp32``: OpenVINO CPU, ``INFERENCE_PRECISION_HINT=f32`` (the FP32 reference of the speedup);
 * ``ov_default``: OpenVINO's default precision on the FP32 ONNX (bf16 on CPUs with AVX512-BF16 / AMX);
 * ``ov_int8``: OpenVINO reading the QDQ ONNX, float remainder (norms, activations) in f32;

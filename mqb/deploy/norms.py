@@ -135,17 +135,19 @@ def axiswise_norms(model: Any) -> int:
     a time, in place; returns how many.
 
     The new nodes are named ``<norm>/...`` (runtime reports find the norm by that prefix) and the output keeps its
-    name. Left as they are: norms whose input size shape inference cannot tell, and ``[N, G, L]`` inputs with ``L``
-    prime.
+    name. Left as they are: norms whose input rank shape inference cannot tell, ``[N, G, L]`` inputs whose ``L`` it
+    cannot tell or is prime, and every norm of a model of 2 GiB or more (protobuf's limit: shape inference cannot
+    read it).
     """
+    if model.ByteSize() >= 2**31:
+        return 0
     shapes = _shapes(model)
     rewritten = 0
     nodes: list[Any] = []
     for node in model.graph.node:
         dims, elem_type = shapes.get(node.input[0], ([], 0)) if node.op_type == "InstanceNormalization" else ([], 0)
-        spatial = dims[2:]
-        new = None
-        if len(dims) >= 3 and None not in spatial:
+        new = None  # rank 4+: any spatial size (ReduceMean takes the axis); rank 3 needs L to find the view
+        if len(dims) >= 4 or (len(dims) == 3 and dims[2] is not None):
             new = _axiswise(model, node, dims, elem_type)
         nodes.extend(new or [node])
         rewritten += new is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -101,3 +102,22 @@ def test_ort_runtime_rewrites_the_loaded_graph_not_the_file(tmp_path) -> None:
         torch_error = np.abs(net(x).double().numpy() - truth).max()
     error = np.abs(accurate(x.numpy()).astype(np.float64) - truth).max()
     assert error <= 8 * torch_error
+
+
+def test_axiswise_norms_with_symbolic_spatial_sizes(tmp_path) -> None:
+    """A file exported with dynamic D, H, W: the rank is enough, one graph serves every volume size."""
+    norm, _ = _norm("instance3d")
+    path = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():  # the tracer's notes on InstanceNorm's Python-side checks
+        warnings.simplefilter("ignore")
+        torch.onnx.export(norm, (torch.rand(1, 4, 8, 8, 8),), str(path), input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "n", 2: "d", 3: "h", 4: "w"}}, dynamo=False)  # fmt: skip
+    model = onnx.load(str(path))
+    assert axiswise_norms(model) == 1
+    session = _session(model)
+    for shape in ((1, 4, 24, 32, 40), (2, 4, 40, 24, 8)):
+        x = torch.rand(*shape) + 0.5
+        with torch.no_grad():
+            truth = norm.double()(x.double()).numpy()
+            norm.float()
+        np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], truth, rtol=0, atol=2e-5)
