@@ -224,8 +224,9 @@ def build_runtimes(p: Prepared, families: list[str]) -> dict[str, Any]:
             built[name] = f"unavailable: {type(err).__name__}: {' '.join(str(err).split())[-300:]}"
 
     if "onnxruntime" in families:
-        add("onnxruntime fp32", lambda: OrtRuntime(p.fp32.path, name="onnxruntime fp32"))
-        add("onnxruntime int8", lambda: OrtRuntime(p.int8.path, name="onnxruntime int8"))
+        axiswise = bool(p.cfg.deploy.axiswise_norms)
+        add("onnxruntime fp32", lambda: OrtRuntime(p.fp32.path, name="onnxruntime fp32", axiswise_norms=axiswise))
+        add("onnxruntime int8", lambda: OrtRuntime(p.int8.path, name="onnxruntime int8", axiswise_norms=axiswise))
     if "openvino" in families:
         add("openvino fp32", lambda: OpenVINORuntime(p.fp32.path, precision="f32", shape=shape, name="openvino fp32"))
         add("openvino default", lambda: OpenVINORuntime(p.fp32.path, precision=None, shape=shape))
@@ -309,7 +310,8 @@ def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out:
             profiled(patch)
             nodes = openvino_nodes(profiled.compiled)
         elif type(runtime) is OrtRuntime:
-            profiled_ort = OrtRuntime(runtime.path, profile=True, profile_dir=out)
+            profiled_ort = OrtRuntime(runtime.path, profile=True, profile_dir=out,
+                                      axiswise_norms=runtime.spec["axiswise_norms"])  # fmt: skip
             profiled_ort(patch)
             nodes = ort_nodes(profiled_ort.end_profiling())
         else:

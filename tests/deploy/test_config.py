@@ -20,7 +20,7 @@ def test_the_group_has_its_choices_and_cpu_is_the_default() -> None:
     deploy = compose_eval([]).deploy
     assert deploy.name == "cpu" and list(deploy.runtimes) == list(DEPLOY_RUNTIMES)
     assert deploy.scheme == "deploy" and deploy.narrow_range and deploy.share_quantization and not deploy.strict
-    assert deploy.profile.repeats == 5 and deploy.profile.volume and deploy.out is None
+    assert deploy.profile.repeats == 5 and deploy.profile.volume and deploy.out is None and deploy.axiswise_norms
 
 
 @pytest.mark.parametrize("choice", CHOICES)

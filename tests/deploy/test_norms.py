@@ -121,3 +121,20 @@ def test_axiswise_norms_with_symbolic_spatial_sizes(tmp_path) -> None:
             truth = norm.double()(x.double()).numpy()
             norm.float()
         np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], truth, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("axiswise", [True, False])
+def test_mqb_deploy_runs_onnx_runtime_as_deploy_axiswise_norms_says(tmp_path, axiswise: bool) -> None:
+    from types import SimpleNamespace
+
+    from mqb.config import compose_eval
+    from mqb.deploy.__main__ import build_runtimes
+
+    norm, shape = _norm("instance3d")
+    x = torch.rand(1, *shape[1:])
+    export = SimpleNamespace(path=export_onnx(norm, x, tmp_path / "n.onnx").path)
+    cfg = compose_eval([f"deploy.axiswise_norms={str(axiswise).lower()}"])
+    built = build_runtimes(SimpleNamespace(cfg=cfg, fp32=export, int8=export, example=x), ["onnxruntime"])
+    assert {name: rt.graph_rewrites for name, rt in built.items()} == {
+        name: ({"axiswise_norms": 1} if axiswise else {}) for name in ("onnxruntime fp32", "onnxruntime int8")
+    }
