@@ -680,7 +680,7 @@ def deploy_markdown(record: dict[str, Any]) -> str:
                   "something else.", ""]  # fmt: skip
     rewrites = {name: entry["graph_rewrites"] for name, entry in {**agree, **profile}.items()
                 if entry.get("graph_rewrites")}  # fmt: skip
-    if rewrites:  # what a runtime ran differs in form (not in value) from the file: say so, to do the same outside
+    if rewrites:  # what a runtime ran differs in form from the file (same formula): say so, to do the same outside
         forms = "; ".join(f"{name}: " + ", ".join(f"{k} x{v}" for k, v in rw.items()) for name, rw in rewrites.items())
         lines += [f"Graph forms run (loaded-graph rewrites, the files unchanged; mqb.deploy.runtimes / "
                   f"mqb.deploy.norms): {forms}.", ""]  # fmt: skip

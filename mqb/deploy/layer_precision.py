@@ -166,16 +166,22 @@ def layer_table(layers: list[LayerExport], nodes: list[RuntimeNode]) -> list[Lay
         if not layer.in_graph:
             continue
         node = _find(nodes, layer)
+        runtime_type, time_us = (node.type, node.time_us) if node else (None, None)
+        parts = [n for n in nodes if layer.onnx_node and n.name.startswith(layer.onnx_node + "/")]
+        if node is not None and node in parts:  # a norm run as several nodes (mqb.deploy.norms: <norm>/...)
+            runtime_type = f"{layer.onnx_node.rsplit('/', 1)[-1]} as {len(parts)} nodes (axis-wise)"
+            times = [n.time_us for n in parts if n.time_us is not None]
+            time_us = sum(times) if times else None
         rows.append(
             LayerRow(
                 layer=layer.name,
                 kind=layer.kind,
                 export_mode=layer.mode,
                 runtime_node=node.name if node else None,
-                runtime_type=node.type if node else None,
+                runtime_type=runtime_type,
                 runtime_precision=node.precision if node else None,
                 kernel=node.kernel if node else None,
-                time_us=node.time_us if node else None,
+                time_us=time_us,
                 reason=layer.reason,
             )
         )

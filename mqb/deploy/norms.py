@@ -16,10 +16,11 @@ torch's is off by 8e-7 (max error against float64, one ``InstanceNorm3d``), and 
 rounding boundaries: the deployed network agreed with mqb's fake quantization less than two exact computations of
 the same network do (:func:`mqb.deploy.agreement.float64_twin`).
 
-:func:`axiswise_norms` rewrites every ``InstanceNormalization`` node into the same formula with each sum taken
-over one axis at a time (``ReduceMean`` over W, then H, then D: sums of at most ``max(D, H, W)`` terms), which ONNX
-Runtime computes with torch's accuracy. A ``[N, G, L]`` input (a group norm) is viewed as ``[N, G, a, b, c]``
-first, ``a·b·c = L`` with each factor near ``L^(1/3)`` (:func:`volume_view`). The values are the formula's, so the
+:func:`axiswise_norms` rewrites every ``InstanceNormalization`` node of the main graph into the same formula with
+each sum taken over one axis at a time (``ReduceMean`` over W, then H, then D: sums of at most ``max(D, H, W)``
+terms), which ONNX Runtime computes within 3x of torch's error (2.0-2.7x in ``tests/deploy/test_norms.py``, its
+fused kernel 11-33x). A ``[N, G, L]`` input (a group norm) is viewed as ``[N, G, a, b, c]`` first, ``a·b·c = L``
+with each factor near ``L^(1/3)`` (:func:`volume_view`). The values are the formula's, so the
 rewrite changes an output by float32 rounding only, and costs ONNX Runtime no measurable time on an INT8 nnU-Net at
 96³ (1.85 s either way on a 2-core AVX-512 VNNI EPYC). That network's INT8 agreement with mqb's fake quantization
 (argmax Dice) goes from 0.987 / 0.988 to 0.990 / 0.991 on VNNI / AVX2-only kernels: its rounding floor, 0.990 /
@@ -37,6 +38,9 @@ import math
 from typing import Any
 
 import numpy as np
+
+#: ONNX element type -> numpy type of the float inputs InstanceNormalization takes (the epsilon constant's type)
+FLOAT_TYPES = {10: np.float16, 1: np.float32, 11: np.float64}  # TensorProto.FLOAT16, FLOAT, DOUBLE
 
 
 def _shapes(model: Any) -> dict[str, tuple[list[int | None], int]]:
@@ -56,8 +60,9 @@ def _shapes(model: Any) -> dict[str, tuple[list[int | None], int]]:
 
 def volume_view(length: int) -> tuple[int, int, int] | None:
     """``(a, b, c)`` with ``a·b·c == length``: ``c`` the largest divisor of ``length`` not above its cube root,
-    ``b`` the largest divisor of ``length / c`` not above its square root; ``None`` where ``length`` is prime (no
-    view shortens the sums)."""
+    ``b`` the largest divisor of ``length / c`` not above its square root; ``None`` where ``length`` is prime. How
+    much the sums shorten depends on the divisors: ``2·p`` (``p`` prime) gives ``(p, 1, 2)``, sums of ``p`` terms.
+    """
 
     def largest_divisor_up_to(n: int, bound: int) -> int:
         return next(d for d in range(max(bound, 1), 0, -1) if n % d == 0)
@@ -107,8 +112,6 @@ class _Nodes:
 def _axiswise(model: Any, node: Any, dims: list[int | None], elem_type: int) -> list[Any] | None:
     """The nodes computing ``node`` (an ``InstanceNormalization`` whose input has static ``dims[1:]``) with
     axis-wise sums, or ``None`` where its input cannot be viewed so."""
-    from onnx import TensorProto
-
     new = _Nodes(model, node.name or node.output[0])
     x, rank, grouped = node.input[0], len(dims), len(dims) == 3
     if grouped:  # [N, G, L] (a group norm): view as [N, G, a, b, c]
@@ -121,7 +124,7 @@ def _axiswise(model: Any, node: Any, dims: list[int | None], elem_type: int) -> 
     centred = new.op("Sub", [x, new.mean(x, axes, "mean")], "centred")
     variance = new.mean(new.op("Mul", [centred, centred], "square"), axes, "variance")
     eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-    dtype = np.float16 if elem_type == TensorProto.FLOAT16 else np.float32
+    dtype = FLOAT_TYPES[elem_type]
     shifted = new.op("Add", [variance, new.const("epsilon", np.array(eps, dtype))], "variance_eps")
     inv_std = new.op("Reciprocal", [new.op("Sqrt", [shifted], "std")], "inv_std")
     per_channel = new.const("per_channel", np.array([-1] + [1] * (rank - 2), np.int64))
@@ -134,13 +137,13 @@ def _axiswise(model: Any, node: Any, dims: list[int | None], elem_type: int) -> 
 
 
 def axiswise_norms(model: Any) -> int:
-    """Rewrite each ``InstanceNormalization`` of an ``onnx.ModelProto`` into mean and variance reduced one axis at
-    a time, in place; returns how many.
+    """Rewrite each ``InstanceNormalization`` of an ``onnx.ModelProto``'s main graph (not inside ``If`` / ``Loop``
+    bodies) into mean and variance reduced one axis at a time, in place; returns how many.
 
-    The new nodes are named ``<norm>/...`` (runtime reports find the norm by that prefix) and the output keeps its
-    name. Left as they are: norms whose input rank shape inference cannot tell, ``[N, G, L]`` inputs whose ``L`` it
-    cannot tell or is prime, and every norm of a model of 2 GiB or more (protobuf's limit: shape inference cannot
-    read it).
+    The new nodes are named ``<norm>/...`` (runtime reports add up their times as the norm's) and the output keeps
+    its name. Left as they are: norms whose input rank or float type shape inference cannot tell, ``[N, G, L]``
+    inputs whose ``L`` it cannot tell or is prime, and every norm of a model of 2 GiB or more (protobuf's limit:
+    shape inference cannot read it).
     """
     if model.ByteSize() >= 2**31:
         return 0
@@ -150,7 +153,7 @@ def axiswise_norms(model: Any) -> int:
     for node in model.graph.node:
         dims, elem_type = shapes.get(node.input[0], ([], 0)) if node.op_type == "InstanceNormalization" else ([], 0)
         new = None  # rank 4+: any spatial size (ReduceMean takes the axis); rank 3 needs L to find the view
-        if len(dims) >= 4 or (len(dims) == 3 and dims[2] is not None):
+        if elem_type in FLOAT_TYPES and (len(dims) >= 4 or (len(dims) == 3 and dims[2] is not None)):
             new = _axiswise(model, node, dims, elem_type)
         nodes.extend(new or [node])
         rewritten += new is not None

@@ -77,10 +77,11 @@ class OrtRuntime:
             :mod:`mqb.deploy.layer_precision`).
         profile_dir: where the profiling JSON goes (default: next to the model).
         providers: execution providers (default CPU only).
-        axiswise_norms: run each large ``InstanceNormalization`` (and group norm) with its mean and variance
-            reduced one axis at a time (:func:`mqb.deploy.norms.axiswise_norms`, applied to the loaded graph; the
-            file is not changed): ONNX Runtime's own kernel sums a whole volume in float32, 25-120x less
-            accurately than torch at 96³. ``norms_rewritten`` says how many; ``False`` runs the file as it is.
+        axiswise_norms: run each ``InstanceNormalization`` (and group norm) with its mean and variance reduced one
+            axis at a time (:func:`mqb.deploy.norms.axiswise_norms`, applied to the loaded graph; the file is not
+            changed): ONNX Runtime's CPU kernel sums a whole volume in one float32 pass, 25-120x less accurately
+            than torch at 96³. ``norms_rewritten`` says how many; ``False`` runs the file as it is, and so does a
+            file that ``onnx`` cannot read (an ORT-format ``.ort`` model).
     """
 
     def __init__(
@@ -111,11 +112,13 @@ class OrtRuntime:
             options.profile_file_prefix = str(prefix / f"{self.path.stem}.ort_profile")
         source: str | bytes = str(self.path)
         self.norms_rewritten = 0
-        if axiswise_norms:
-            model = onnx.load(str(self.path))
-            self.norms_rewritten = rewrite_norms(model)
-            if self.norms_rewritten:
-                source = model.SerializeToString()
+        if axiswise_norms and self.path.suffix != ".ort":
+            graph = onnx.load(str(self.path), load_external_data=False)  # the nodes only, to see if there is a norm
+            if any(node.op_type == "InstanceNormalization" for node in graph.graph.node):
+                model = onnx.load(str(self.path))
+                self.norms_rewritten = rewrite_norms(model)
+                if self.norms_rewritten:
+                    source = model.SerializeToString()
         self.session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.name = name

@@ -138,3 +138,36 @@ def test_mqb_deploy_runs_onnx_runtime_as_deploy_axiswise_norms_says(tmp_path, ax
     assert {name: rt.graph_rewrites for name, rt in built.items()} == {
         name: ({"axiswise_norms": 1} if axiswise else {}) for name in ("onnxruntime fp32", "onnxruntime int8")
     }
+
+
+def test_float64_norms_are_rewritten_in_float64(tmp_path) -> None:
+    norm, shape = _norm("instance3d")
+    norm = norm.double()
+    x = torch.rand(1, *shape[1:], dtype=torch.float64) + 0.5
+    model = onnx.load(str(export_onnx(norm, x, tmp_path / "d.onnx").path))
+    assert axiswise_norms(model) == 1
+    session = _session(model)
+    with torch.no_grad():
+        y = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(y, norm(x).numpy(), rtol=0, atol=1e-10)  # float32 would be ~1e-6 off
+
+
+def test_onnx_runtime_layer_report_times_a_rewritten_norm_as_one_layer(tmp_path) -> None:
+    """A quantized norm input (``experiment=int8_deploy``) run axis-wise: its row adds up its nodes' times."""
+    from mqb.deploy.layer_precision import ort_nodes, runtime_report
+    from mqb.deploy.runtimes import OrtRuntime
+    from mqb.quant import calibrate, quantize
+    from tests.deploy import InPlaceNormAct, deploy_recipe, volume
+
+    net = quantize(InPlaceNormAct(), deploy_recipe(include=("conv", "norm")))
+    calibrate(net, [volume(1), volume(2)])
+    result = export_onnx(net.eval(), volume(0), tmp_path / "n.onnx")
+    runtime = OrtRuntime(result.path, profile=True, profile_dir=tmp_path)
+    runtime(volume(3).numpy())
+    nodes = ort_nodes(runtime.end_profiling())
+    (layer,) = [r for r in result.layers if r.mode == "int8-input"]
+    parts = [n for n in nodes if n.name.startswith(layer.onnx_node + "/")]
+    assert len(parts) >= 10 and runtime.norms_rewritten == 1  # 6 ReduceMean, Sub, Mul, Sqrt, ...
+    (row,) = [r for r in runtime_report(runtime.name, result.layers, nodes)["layers"] if r["layer"] == layer.name]
+    assert row["runtime_type"] == f"InstanceNormalization as {len(parts)} nodes (axis-wise)"
+    assert row["time_us"] == pytest.approx(sum(n.time_us for n in parts))
