@@ -457,6 +457,24 @@ def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool
     return counts
 
 
+@contextlib.contextmanager
+def explicit_norm_affine(model: nn.Module, like: torch.Tensor) -> Iterator[int]:
+    """Give every instance norm without affine parameters ``weight = 1``, ``bias = 0`` (the same values) for the
+    export, with the dtype and device of ``like`` (the export's input); yields how many. The ONNX exporter writes
+    ``InstanceNormalization``'s scale and bias from the channel count otherwise, and refuses ("instance_norm for
+    unknown channel size") where tracing lost it, e.g. after a Concat of a tensor upsampled to a size read from
+    another (MedFormer's decoder)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.weight is None]
+    try:
+        for norm in norms:
+            norm.weight = nn.Parameter(like.new_ones(norm.num_features), requires_grad=False)
+            norm.bias = nn.Parameter(like.new_zeros(norm.num_features), requires_grad=False)
+        yield len(norms)
+    finally:
+        for norm in norms:
+            norm.weight = norm.bias = None
+
+
 def export_onnx(
     model: nn.Module,
     example: torch.Tensor,
@@ -505,7 +523,12 @@ def export_onnx(
     tmp = path.with_name(f".{path.name}.tmp")
     dynamic_axes = {"image": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
     try:
-        with export_mode(model, rows, narrow_range), torch.no_grad(), warnings.catch_warnings():
+        with (
+            export_mode(model, rows, narrow_range),
+            explicit_norm_affine(model, example),
+            torch.no_grad(),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,

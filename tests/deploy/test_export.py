@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,35 @@ def test_sizes_counted_by_hand(exported, tmp_path) -> None:
     by_hand = 4 * sum(p.numel() for p in params) / (int8 + floats)
     assert fp32.weight_bytes / result.weight_bytes == pytest.approx(by_hand)
     assert result.file_bytes == result.path.stat().st_size
+
+
+class _UpsampledConcatNorm(nn.Module):
+    """MedFormer's decoder pattern: upsample to a size read from the skip tensor, concatenate, then an instance norm
+    without affine parameters (tracing loses the channel count the exporter needs for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv3d(1, 4, 3, stride=2, padding=1)
+        self.skip = nn.Conv3d(1, 2, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(6)
+        self.head = nn.Conv3d(6, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skip = self.skip(x)
+        up = nn.functional.interpolate(self.down(x), size=skip.shape[2:], mode="trilinear")
+        return self.head(torch.relu(self.norm(torch.cat([up, skip], dim=1))))
+
+
+def test_instance_norm_without_affine_exports_after_a_traced_concat(tmp_path) -> None:
+    torch.manual_seed(0)
+    net = _UpsampledConcatNorm().eval()
+    x = volume(0)
+    with pytest.raises(Exception, match="unknown channel size"), warnings.catch_warnings():  # the exporter alone
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(tmp_path / "plain.onnx"), dynamo=False, input_names=["image"],
+                          dynamic_axes={"image": {0: "batch"}})  # fmt: skip
+    result = export_onnx(net, x, tmp_path / "net.onnx")
+    assert net.norm.weight is None and net.norm.bias is None and not list(net.norm.parameters())  # put back
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], net(x).numpy(), rtol=0, atol=1e-5)
