@@ -193,7 +193,7 @@ class DeployConfig:
     #: auto (where this CPU's INT8 dot product saturates), enable, disable
     overflow_fix: str = "auto"
     #: ONNX Runtime runs instance / group norms with mean and variance reduced one axis at a time
-    #: (``mqb.deploy.norms``, on the loaded graph; the file is unchanged): its fused kernel's one-pass float32 sum
+    #: (``mqb.deploy.norms``, on a copy; the file is unchanged): its fused kernel's one-pass float32 sum
     #: over a volume is 25-120x less accurate than torch. false: run the file's norms as written
     axiswise_norms: bool = True
     #: ONNX opset of both exports (>= 13: per-channel DequantizeLinear)

@@ -682,7 +682,7 @@ def deploy_markdown(record: dict[str, Any]) -> str:
                 if entry.get("graph_rewrites")}  # fmt: skip
     if rewrites:  # what a runtime ran differs in form from the file (same formula): say so, to do the same outside
         forms = "; ".join(f"{name}: " + ", ".join(f"{k} x{v}" for k, v in rw.items()) for name, rw in rewrites.items())
-        lines += [f"Graph forms run (loaded-graph rewrites, the files unchanged; mqb.deploy.runtimes / "
+        lines += [f"Graph forms run (rewritten on loading, the files unchanged; mqb.deploy.runtimes / "
                   f"mqb.deploy.norms): {forms}.", ""]  # fmt: skip
     for rep in record.get("layer_reports", {}).values():
         lines.append(runtime_report_markdown(rep))

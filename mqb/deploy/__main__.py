@@ -273,7 +273,7 @@ def profile_all(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, settin
             "graph_rewrites": getattr(runtime, "graph_rewrites", {}),
         }
         try:
-            prof["memory"] = isolated_memory(runtime.spec, tuple(patch.shape))
+            prof["memory"] = isolated_memory(getattr(runtime, "memory_spec", runtime.spec), tuple(patch.shape))
         except (RuntimeError, subprocess.TimeoutExpired) as err:
             prof["memory"] = {"error": str(err)[-500:]}
         if volume is not None:

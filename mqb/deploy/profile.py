@@ -54,6 +54,18 @@ def current_rss_bytes() -> int:
     return _status_bytes("VmRSS")
 
 
+def release_freed_memory() -> None:
+    """``malloc_trim(0)`` where glibc has it: heap pages freed by Python go back to the OS, so that RSS shows what
+    is held (no effect on values)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_rss() -> bool:
     """Reset the kernel's RSS high-water mark (Linux ``clear_refs`` 5); ``False`` if not possible."""
     try:

@@ -78,10 +78,10 @@ class OrtRuntime:
         profile_dir: where the profiling JSON goes (default: next to the model).
         providers: execution providers (default CPU only).
         axiswise_norms: run each ``InstanceNormalization`` (and group norm) with its mean and variance reduced one
-            axis at a time (:func:`mqb.deploy.norms.axiswise_norms`, applied to the loaded graph; the file is not
-            changed): ONNX Runtime's CPU kernel sums a whole volume in one float32 pass, 25-120x less accurately
-            than torch at 96³. ``norms_rewritten`` says how many; ``False`` runs the file as it is, and so does a
-            file that ``onnx`` cannot read (an ORT-format ``.ort`` model).
+            axis at a time (:func:`mqb.deploy.norms.axiswise_copy`: a rewritten copy in a temporary folder, kept
+            while the runtime lives, ``session_path``; the file is not changed). ONNX Runtime's CPU kernel sums a
+            whole volume in one float32 pass, 25-120x less accurately than torch at 96³. ``norms_rewritten`` says
+            how many; ``False`` runs the file as it is, and so does an ORT-format ``.ort`` model.
     """
 
     def __init__(
@@ -95,10 +95,10 @@ class OrtRuntime:
         name: str = "onnxruntime-cpu",
         axiswise_norms: bool = True,
     ) -> None:
-        import onnx
         import onnxruntime as ort
 
-        from mqb.deploy.norms import axiswise_norms as rewrite_norms
+        from mqb.deploy.norms import axiswise_copy
+        from mqb.deploy.profile import release_freed_memory
 
         self.path = Path(path)
         options = ort.SessionOptions()
@@ -110,16 +110,15 @@ class OrtRuntime:
             options.enable_profiling = True
             prefix = Path(profile_dir) if profile_dir is not None else self.path.parent
             options.profile_file_prefix = str(prefix / f"{self.path.stem}.ort_profile")
-        source: str | bytes = str(self.path)
         self.norms_rewritten = 0
+        #: the file the session was built from: the rewritten copy (kept while this runtime lives), or ``path``
+        self.session_path = self.path
         if axiswise_norms and self.path.suffix != ".ort":
-            graph = onnx.load(str(self.path), load_external_data=False)  # the nodes only, to see if there is a norm
-            if any(node.op_type == "InstanceNormalization" for node in graph.graph.node):
-                model = onnx.load(str(self.path))
-                self.norms_rewritten = rewrite_norms(model)
-                if self.norms_rewritten:
-                    source = model.SerializeToString()
-        self.session = ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+            self._copies = tempfile.TemporaryDirectory(prefix="mqb-ort-")
+            self.session_path, self.norms_rewritten = axiswise_copy(self.path, self._copies.name)
+            release_freed_memory()  # the rewrite's parsed copies go back to the OS
+        self.session = ort.InferenceSession(str(self.session_path), options,
+                                            providers=providers or ["CPUExecutionProvider"])  # fmt: skip
         self.input_name = self.session.get_inputs()[0].name
         self.name = name
         self.precision = "int8 qdq" if has_qdq(self.path) else "fp32"
@@ -127,8 +126,14 @@ class OrtRuntime:
                                      "axiswise_norms": axiswise_norms}  # fmt: skip
 
     @property
+    def memory_spec(self) -> dict[str, Any]:
+        """The spec that loads this session's graph as it is, for a memory measurement in a fresh process
+        (:func:`mqb.deploy.profile.isolated_memory`): ONNX Runtime's own memory, without the rewrite's."""
+        return {**self.spec, "path": str(self.session_path), "axiswise_norms": False}
+
+    @property
     def graph_rewrites(self) -> dict[str, int]:
-        """What was rewritten in the loaded graph before the session was built (the file is not changed)."""
+        """What was rewritten in the graph the session was built from (a copy; the file is not changed)."""
         return {"axiswise_norms": self.norms_rewritten} if self.norms_rewritten else {}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
