@@ -30,7 +30,9 @@ import functools
 import itertools
 import os
 import platform
+import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -114,8 +116,9 @@ class OrtRuntime:
         #: the file the session was built from: the rewritten copy (kept while this runtime lives), or ``path``
         self.session_path = self.path
         if axiswise_norms and self.path.suffix != ".ort":
-            self._copies = tempfile.TemporaryDirectory(prefix="mqb-ort-")
-            self.session_path, self.norms_rewritten = axiswise_copy(self.path, self._copies.name)
+            copies = tempfile.mkdtemp(prefix="mqb-ort-")
+            weakref.finalize(self, shutil.rmtree, copies, ignore_errors=True)  # removed with the runtime
+            self.session_path, self.norms_rewritten = axiswise_copy(self.path, copies)
             release_freed_memory()  # the rewrite's parsed copies go back to the OS
         self.session = ort.InferenceSession(str(self.session_path), options,
                                             providers=providers or ["CPUExecutionProvider"])  # fmt: skip

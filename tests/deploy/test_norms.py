@@ -4,6 +4,7 @@ torch, measured against torch in float64 (the truth) with torch's own float32 er
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import warnings
 
@@ -107,6 +108,10 @@ def test_ort_runtime_rewrites_the_loaded_graph_not_the_file(tmp_path) -> None:
         torch_error = np.abs(net(x).double().numpy() - truth).max()
     error = np.abs(accurate(x.numpy()).astype(np.float64) - truth).max()
     assert error <= 8 * torch_error
+    folder = accurate.session_path.parent
+    del accurate, copy
+    gc.collect()
+    assert not folder.exists()  # the rewritten copy goes with its runtime
 
 
 def test_axiswise_norms_with_symbolic_spatial_sizes(tmp_path) -> None:
