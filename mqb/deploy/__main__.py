@@ -310,8 +310,8 @@ def layer_reports(p: Prepared, runtimes: dict[str, Any], patch: np.ndarray, out:
             profiled(patch)
             nodes = openvino_nodes(profiled.compiled)
         elif type(runtime) is OrtRuntime:
-            profiled_ort = OrtRuntime(runtime.path, profile=True, profile_dir=out,
-                                      axiswise_norms=runtime.spec["axiswise_norms"])  # fmt: skip
+            # the graph the timed session runs (its axis-wise copy, if any), not rewritten a second time
+            profiled_ort = OrtRuntime(runtime.session_path, profile=True, profile_dir=out, axiswise_norms=False)
             profiled_ort(patch)
             nodes = ort_nodes(profiled_ort.end_profiling())
         else:

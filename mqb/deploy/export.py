@@ -458,9 +458,9 @@ def _rewrite_graph(path: Path, rows: list[LayerExport], share_quantization: bool
 
 
 @contextlib.contextmanager
-def explicit_norm_affine(model: nn.Module, like: torch.Tensor) -> Iterator[int]:
+def explicit_norm_affine(model: nn.Module, like: torch.Tensor) -> Iterator[None]:
     """Give every instance norm without affine parameters ``weight = 1``, ``bias = 0`` (the same values) for the
-    export, with the dtype and device of ``like`` (the export's input); yields how many. The ONNX exporter writes
+    export, with the dtype and device of ``like`` (the export's input). The ONNX exporter writes
     ``InstanceNormalization``'s scale and bias from the channel count otherwise, and refuses ("instance_norm for
     unknown channel size") where tracing lost it, e.g. after a Concat of a tensor upsampled to a size read from
     another (MedFormer's decoder)."""
@@ -469,7 +469,7 @@ def explicit_norm_affine(model: nn.Module, like: torch.Tensor) -> Iterator[int]:
         for norm in norms:
             norm.weight = nn.Parameter(like.new_ones(norm.num_features), requires_grad=False)
             norm.bias = nn.Parameter(like.new_zeros(norm.num_features), requires_grad=False)
-        yield len(norms)
+        yield
     finally:
         for norm in norms:
             norm.weight = norm.bias = None

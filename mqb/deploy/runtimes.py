@@ -115,7 +115,9 @@ class OrtRuntime:
         self.norms_rewritten = 0
         #: the file the session was built from: the rewritten copy (kept while this runtime lives), or ``path``
         self.session_path = self.path
-        if axiswise_norms and self.path.suffix != ".ort":
+        #: the op types of the file's main graph (read once, without its external data)
+        self.op_types = op_types(self.path) if self.path.suffix != ".ort" else frozenset()
+        if axiswise_norms and "InstanceNormalization" in self.op_types:
             copies = tempfile.mkdtemp(prefix="mqb-ort-")
             weakref.finalize(self, shutil.rmtree, copies, ignore_errors=True)  # removed with the runtime
             self.session_path, self.norms_rewritten = axiswise_copy(self.path, copies)
@@ -124,7 +126,7 @@ class OrtRuntime:
                                             providers=providers or ["CPUExecutionProvider"])  # fmt: skip
         self.input_name = self.session.get_inputs()[0].name
         self.name = name
-        self.precision = "int8 qdq" if has_qdq(self.path) else "fp32"
+        self.precision = "int8 qdq" if QDQ_OPS & self.op_types else "fp32"
         self.spec: dict[str, Any] = {"kind": "onnxruntime", "path": str(self.path), "threads": threads, "name": name,
                                      "axiswise_norms": axiswise_norms}  # fmt: skip
 
@@ -132,6 +134,8 @@ class OrtRuntime:
     def memory_spec(self) -> dict[str, Any]:
         """The spec that loads this session's graph as it is, for a memory measurement in a fresh process
         (:func:`mqb.deploy.profile.isolated_memory`): ONNX Runtime's own memory, without the rewrite's."""
+        if self.session_path == self.path:
+            return self.spec
         return {**self.spec, "path": str(self.session_path), "axiswise_norms": False}
 
     @property
@@ -157,12 +161,19 @@ class OrtRuntime:
         }
 
 
-def has_qdq(path: str | os.PathLike[str]) -> bool:
-    """Whether an ONNX file has QuantizeLinear / DequantizeLinear nodes."""
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def op_types(path: str | os.PathLike[str]) -> frozenset[str]:
+    """The op types of an ONNX file's main graph (read without its external data)."""
     import onnx
 
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.node)
+    return frozenset(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def has_qdq(path: str | os.PathLike[str]) -> bool:
+    """Whether an ONNX file has QuantizeLinear / DequantizeLinear nodes."""
+    return bool(QDQ_OPS & op_types(path))
 
 
 # -- OpenVINO ------------------------------------------------------------------------------------------------------
@@ -551,9 +562,6 @@ class OpenVINORuntime:
         #: ``int8+<float precision>`` for a QDQ model (INT8 layers, the rest in the float precision)
         self.precision = f"int8+{self.float_precision}" if quantized else self.float_precision
         self.name = name or f"openvino-cpu-{self.precision}"
-        #: what was rewritten in the loaded graph before compiling (the file is not changed)
-        self.graph_rewrites = {k: v for k, v in (("fake_quantize_form", self.fake_quantized),
-                                                 ("narrow_fake_quantize", self.folded_clips)) if v}  # fmt: skip
         self.spec = {
             "kind": "openvino",
             "path": str(self.path),
@@ -564,6 +572,12 @@ class OpenVINORuntime:
             "fake_quantize": fake_quantize,
             "name": name,
         }
+
+    @property
+    def graph_rewrites(self) -> dict[str, int]:
+        """What was rewritten in the loaded graph before compiling (the file is not changed)."""
+        return {k: v for k, v in (("fake_quantize_form", self.fake_quantized),
+                                  ("narrow_fake_quantize", self.folded_clips)) if v}  # fmt: skip
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
@@ -637,7 +651,7 @@ class TensorRTRuntime(OrtRuntime):
         providers = [("TensorrtExecutionProvider", options), "CUDAExecutionProvider"]
         # TensorRT's normalization layer reduces in parallel on the GPU: the graph stays as written
         super().__init__(path, providers=providers, name="tensorrt", axiswise_norms=False)
-        self.precision = ("int8+fp16" if fp16 else "int8") if has_qdq(path) else ("fp16" if fp16 else "fp32")
+        self.precision = ("int8+fp16" if fp16 else "int8") if QDQ_OPS & self.op_types else ("fp16" if fp16 else "fp32")
         self.spec = {"kind": "tensorrt", "path": str(path), "fp16": fp16, "cache_dir": cache_dir}
 
     def versions(self) -> dict[str, str]:

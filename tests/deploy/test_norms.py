@@ -99,6 +99,7 @@ def test_ort_runtime_rewrites_the_loaded_graph_not_the_file(tmp_path) -> None:
     assert runtime_from_spec(as_written.spec).norms_rewritten == 0
     # a memory measurement loads the rewritten copy as it is (ONNX Runtime's own memory, not the rewrite's)
     assert accurate.session_path != path and accurate.session_path.is_file() and as_written.session_path == path
+    assert as_written.memory_spec == as_written.spec  # nothing rewritten: the runtime's own spec (TensorRT's too)
     copy = runtime_from_spec(accurate.memory_spec)
     assert copy.norms_rewritten == 0 and copy.session_path == accurate.session_path
     np.testing.assert_array_equal(copy(x.numpy()), accurate(x.numpy()))
